@@ -1,0 +1,168 @@
+//! Scalar reference kernels: plain loops, the twin every SIMD kernel is tested against.
+
+use crate::format::KvFormat;
+use crate::half::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+
+/// See [`super::encode_row`].
+pub fn encode_row(format: KvFormat, src: &[f32], dst: &mut [u8]) {
+    match format {
+        KvFormat::F32 => {
+            for (value, out) in src.iter().zip(dst.chunks_exact_mut(4)) {
+                out.copy_from_slice(&value.to_le_bytes());
+            }
+        }
+        KvFormat::F16 => {
+            for (value, out) in src.iter().zip(dst.chunks_exact_mut(2)) {
+                out.copy_from_slice(&f32_to_f16(*value).to_le_bytes());
+            }
+        }
+        KvFormat::Bf16 => {
+            for (value, out) in src.iter().zip(dst.chunks_exact_mut(2)) {
+                out.copy_from_slice(&f32_to_bf16(*value).to_le_bytes());
+            }
+        }
+    }
+}
+
+/// See [`super::decode_row`].
+pub fn decode_row(format: KvFormat, src: &[u8], dst: &mut [f32]) {
+    match format {
+        KvFormat::F32 => {
+            for (out, bytes) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *out = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            }
+        }
+        KvFormat::F16 => {
+            for (out, bytes) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *out = f16_to_f32(u16::from_le_bytes([bytes[0], bytes[1]]));
+            }
+        }
+        KvFormat::Bf16 => {
+            for (out, bytes) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *out = bf16_to_f32(u16::from_le_bytes([bytes[0], bytes[1]]));
+            }
+        }
+    }
+}
+
+/// Element `index` of a stored row.
+#[inline]
+fn element(format: KvFormat, row: &[u8], index: usize) -> f32 {
+    match format {
+        KvFormat::F32 => {
+            let b = &row[index * 4..index * 4 + 4];
+            f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        }
+        KvFormat::F16 => f16_to_f32(u16::from_le_bytes([row[index * 2], row[index * 2 + 1]])),
+        KvFormat::Bf16 => bf16_to_f32(u16::from_le_bytes([row[index * 2], row[index * 2 + 1]])),
+    }
+}
+
+/// Rows that fit in all the slices; see the module docs of [`super`].
+fn rows_in(format: KvFormat, rows: &[u8], head_dim: usize, per_head: usize) -> usize {
+    let row_bytes = format.row_bytes(head_dim).unwrap_or(usize::MAX).max(1);
+    per_head.min(rows.len() / row_bytes)
+}
+
+/// See [`super::dot_rows`].
+pub fn dot_rows(
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    queries: &[f32],
+    group: usize,
+    scores: &mut [f32],
+) {
+    if group == 0 || head_dim == 0 {
+        return;
+    }
+    let per_head = scores.len() / group;
+    debug_assert_eq!(queries.len(), group * head_dim);
+    let n_rows = rows_in(format, rows, head_dim, per_head);
+    let row_bytes = format.row_bytes(head_dim).unwrap_or(0);
+    for (head, query) in queries.chunks_exact(head_dim).take(group).enumerate() {
+        for r in 0..n_rows {
+            let row = &rows[r * row_bytes..(r + 1) * row_bytes];
+            let mut sum = 0.0f32;
+            for (d, q) in query.iter().enumerate() {
+                sum += q * element(format, row, d);
+            }
+            scores[head * per_head + r] = sum;
+        }
+    }
+}
+
+/// See [`super::accumulate_rows`].
+pub fn accumulate_rows(
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    weights: &[f32],
+    group: usize,
+    out: &mut [f32],
+) {
+    if group == 0 || head_dim == 0 {
+        return;
+    }
+    let per_head = weights.len() / group;
+    debug_assert_eq!(out.len(), group * head_dim);
+    let n_rows = rows_in(format, rows, head_dim, per_head);
+    let row_bytes = format.row_bytes(head_dim).unwrap_or(0);
+    for (head, acc) in out.chunks_exact_mut(head_dim).take(group).enumerate() {
+        for r in 0..n_rows {
+            let weight = weights[head * per_head + r];
+            let row = &rows[r * row_bytes..(r + 1) * row_bytes];
+            for (d, value) in acc.iter_mut().enumerate() {
+                *value += weight * element(format, row, d);
+            }
+        }
+    }
+}
+
+/// See [`super::exp_shifted_sum`].
+pub fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
+    let mut sum = 0.0f32;
+    for value in values.iter_mut() {
+        *value = exp(*value - shift);
+        sum += *value;
+    }
+    sum
+}
+
+/// See [`super::max`].
+pub fn max(values: &[f32]) -> f32 {
+    values.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+/// `e^x` for `f32` without `std`: range reduction `x = k·ln2 + r`, |r| ≤ ln2/2, then a degree-6
+/// polynomial for `e^r` (relative error below 2e-7 over the whole range), scaled by `2^k`.
+#[inline]
+pub fn exp(x: f32) -> f32 {
+    if x.is_nan() {
+        return x;
+    }
+    if x < -103.0 {
+        return 0.0;
+    }
+    if x > 88.7 {
+        return f32::INFINITY;
+    }
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let k = (x * core::f32::consts::LOG2_E + if x < 0.0 { -0.5 } else { 0.5 }) as i32;
+    let kf = k as f32;
+    let r = (x - kf * LN2_HI) - kf * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.666_666_6e-1
+                    + r * (4.166_664_6e-2 + r * (8.333_684e-3 + r * 1.388_731_6e-3)))));
+    // 2^k in two steps so that k down to -149 (subnormal results) stays representable.
+    let half = k / 2;
+    p * pow2(half) * pow2(k - half)
+}
+
+#[inline]
+fn pow2(k: i32) -> f32 {
+    f32::from_bits(((k + 127).clamp(0, 255) as u32) << 23)
+}

@@ -1,0 +1,2 @@
+//! The `kvcache` command-line tool.
+fn main() {}
