@@ -40,7 +40,7 @@ pub mod attention;
 #[allow(unsafe_code)]
 pub mod model;
 
-pub use cache::{KvCache, SeqId};
+// pub use cache::{KvCache, SeqId};
 pub use error::Error;
 pub use format::KvFormat;
-pub use spec::{CacheSpec, Layout};
+// pub use spec::{CacheSpec, Layout};
