@@ -1,1 +1,165 @@
-//! (being written)
+//! Carving the caller's memory into the cache's regions.
+//!
+//! The cache never allocates: it lives in one byte slice the caller hands over (a `static`
+//! buffer, a stack array, memory-mapped SRAM, or under the `alloc` feature a [`HeapArena`]
+//! obtained through the crate's own [`ArenaAllocator`] trait). The slice may have any
+//! alignment; [`carve`] aligns the start to [`SEGMENT_ALIGN`] and splits the rest into the block
+//! data region and the `u32` metadata words.
+//!
+//! ```text
+//! [pad to 64][block 0][block 1]…[block N-1][metadata u32 words …][unused]
+//! ```
+
+use crate::error::Error;
+use crate::spec::SEGMENT_ALIGN;
+
+/// The two regions carved out of an arena.
+pub(crate) struct Regions<'a> {
+    /// `blocks × block_bytes` bytes, starting on a [`SEGMENT_ALIGN`] boundary.
+    pub data: &'a mut [u8],
+    /// Metadata words (reference counts, free stack, sequence table, page tables).
+    pub words: &'a mut [u32],
+}
+
+/// Splits `arena` into `data_bytes` of block storage (aligned to [`SEGMENT_ALIGN`]) followed by
+/// `words` metadata words. `data_bytes` must be a multiple of [`SEGMENT_ALIGN`] (so the words
+/// that follow are 4-byte aligned).
+pub(crate) fn carve(
+    arena: &mut [u8],
+    data_bytes: usize,
+    words: usize,
+) -> Result<Regions<'_>, Error> {
+    let available = arena.len();
+    let too_small = |needed: usize| Error::ArenaTooSmall { needed, available };
+    let word_bytes = words.checked_mul(4).ok_or(Error::SizeOverflow)?;
+    let worst_case = data_bytes
+        .checked_add(word_bytes)
+        .and_then(|b| b.checked_add(SEGMENT_ALIGN - 1))
+        .ok_or(Error::SizeOverflow)?;
+    let pad = arena.as_ptr().align_offset(SEGMENT_ALIGN);
+    if pad > SEGMENT_ALIGN || pad + data_bytes + word_bytes > available {
+        return Err(too_small(worst_case));
+    }
+    let (_, rest) = arena.split_at_mut(pad);
+    let (data, rest) = rest.split_at_mut(data_bytes);
+    let (word_region, _) = rest.split_at_mut(word_bytes);
+    debug_assert_eq!(data_bytes % SEGMENT_ALIGN, 0);
+    // SAFETY: every bit pattern is a valid `u32`, and `align_to_mut` only hands out the part of
+    // the slice that is correctly aligned for `u32`; the prefix is empty because the region
+    // starts `pad + data_bytes` bytes into an allocation aligned to 64 at `pad`, and
+    // `data_bytes` is a multiple of 64 (checked again below, never assumed).
+    let (prefix, words_slice, _) = unsafe { word_region.align_to_mut::<u32>() };
+    if !prefix.is_empty() || words_slice.len() != words {
+        return Err(too_small(worst_case));
+    }
+    Ok(Regions {
+        data,
+        words: words_slice,
+    })
+}
+
+/// A source of raw memory for a [`HeapArena`], standing in for the unstable
+/// `core::alloc::Allocator` trait.
+///
+/// # Safety
+/// `allocate` must return either `None` or a pointer to `bytes` bytes aligned to `align` that
+/// stay valid and unaliased until passed to `deallocate` with the same size and alignment.
+#[cfg(feature = "alloc")]
+pub unsafe trait ArenaAllocator {
+    /// Allocates `bytes` bytes aligned to `align` (`bytes > 0`, `align` a power of two).
+    fn allocate(&self, bytes: usize, align: usize) -> Option<core::ptr::NonNull<u8>>;
+    /// Returns memory obtained from `allocate` with the same `bytes` and `align`.
+    ///
+    /// # Safety
+    /// `ptr` must come from `self.allocate(bytes, align)` and not be used afterwards.
+    unsafe fn deallocate(&self, ptr: core::ptr::NonNull<u8>, bytes: usize, align: usize);
+}
+
+/// The global allocator (`alloc::alloc`).
+#[cfg(feature = "alloc")]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GlobalAllocator;
+
+// SAFETY: forwards to the global allocator with a layout built from the same size and
+// alignment in both calls.
+#[cfg(feature = "alloc")]
+unsafe impl ArenaAllocator for GlobalAllocator {
+    fn allocate(&self, bytes: usize, align: usize) -> Option<core::ptr::NonNull<u8>> {
+        let layout = core::alloc::Layout::from_size_align(bytes, align).ok()?;
+        if layout.size() == 0 {
+            return None;
+        }
+        // SAFETY: the layout has a non-zero size.
+        core::ptr::NonNull::new(unsafe { alloc::alloc::alloc(layout) })
+    }
+
+    unsafe fn deallocate(&self, ptr: core::ptr::NonNull<u8>, bytes: usize, align: usize) {
+        if let Ok(layout) = core::alloc::Layout::from_size_align(bytes, align) {
+            // SAFETY: the caller passes a pointer from `allocate` with this same layout.
+            unsafe { alloc::alloc::dealloc(ptr.as_ptr(), layout) }
+        }
+    }
+}
+
+/// An arena in memory obtained once from an [`ArenaAllocator`], zero-filled, freed on drop.
+#[cfg(feature = "alloc")]
+pub struct HeapArena<A: ArenaAllocator = GlobalAllocator> {
+    ptr: core::ptr::NonNull<u8>,
+    len: usize,
+    allocator: A,
+}
+
+#[cfg(feature = "alloc")]
+impl<A: ArenaAllocator> HeapArena<A> {
+    /// Allocates `bytes` bytes (aligned to 64) from `allocator`.
+    pub fn new_in(bytes: usize, allocator: A) -> Result<Self, Error> {
+        if bytes == 0 {
+            return Err(Error::ArenaTooSmall {
+                needed: 1,
+                available: 0,
+            });
+        }
+        let ptr = allocator
+            .allocate(bytes, SEGMENT_ALIGN)
+            .ok_or(Error::ArenaTooSmall {
+                needed: bytes,
+                available: 0,
+            })?;
+        // SAFETY: `ptr` points to `bytes` writable bytes (the allocator's contract); zeroing
+        // makes every byte initialized before a slice is formed over them.
+        unsafe { core::ptr::write_bytes(ptr.as_ptr(), 0, bytes) };
+        Ok(HeapArena {
+            ptr,
+            len: bytes,
+            allocator,
+        })
+    }
+
+    /// The arena's bytes, to pass to [`crate::KvCache::new`].
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` owns `len` initialized bytes for as long as `self` lives, and the
+        // `&mut self` borrow makes this the only live reference to them.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl HeapArena<GlobalAllocator> {
+    /// Allocates `bytes` bytes from the global allocator.
+    pub fn new(bytes: usize) -> Result<Self, Error> {
+        HeapArena::new_in(bytes, GlobalAllocator)
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<A: ArenaAllocator> Drop for HeapArena<A> {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `allocate(len, SEGMENT_ALIGN)` on this allocator and no
+        // borrow of it outlives `self`.
+        unsafe { self.allocator.deallocate(self.ptr, self.len, SEGMENT_ALIGN) }
+    }
+}
+
+// SAFETY: a HeapArena owns its memory exclusively, like a Box<[u8]>.
+#[cfg(feature = "alloc")]
+unsafe impl<A: ArenaAllocator + Send> Send for HeapArena<A> {}

@@ -1,1 +1,890 @@
-//! (being written)
+//! Sequences and their page tables over the block pool: the KV cache proper.
+//!
+//! Each live sequence has a length (tokens reserved so far) and a page table mapping logical
+//! block `i` (positions `i·block_tokens ..`) to a physical block. The usual step is
+//! [`KvCache::reserve`] (make room for `n` new tokens, allocating blocks) followed, per layer,
+//! by [`KvCache::write`] of each new token's K and V rows, and then attention over the
+//! sequence (see [`crate::attention`]).
+//!
+//! Blocks are shared by [`KvCache::fork`] and copied on the first write into a shared block
+//! (copy-on-write); [`KvCache::reserve`] already copies a shared partial tail block, so that
+//! the writes that follow a successful reserve cannot run out of blocks. With a sliding window
+//! in the spec, blocks that no future query can see are returned to the pool as the sequence
+//! grows (sink blocks are kept).
+//!
+//! Every operation validates all of its input before it changes anything: an `Err` means the
+//! cache, the pool and every sequence's data are exactly as before the call.
+
+use core::ops::Range;
+
+use crate::arena::carve;
+use crate::error::Error;
+use crate::format::KvFormat;
+use crate::kernels;
+use crate::pool::{BlockId, BlockPool};
+use crate::spec::{CacheSpec, Kind, Layout, SEQ_WORDS};
+
+/// Page-table entry of a logical block that holds no physical block (evicted by the window,
+/// or past the sequence's end).
+const NO_BLOCK: u32 = u32::MAX;
+
+// Words of a sequence-table entry.
+const GENERATION: usize = 0;
+const LIVE: usize = 1;
+const LEN: usize = 2;
+const EVICT_END: usize = 3;
+
+/// Handle of a sequence: a slot index and the slot's generation, so that an id kept after
+/// [`KvCache::remove`] is refused instead of naming the slot's next occupant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SeqId {
+    slot: u32,
+    generation: u32,
+}
+
+impl SeqId {
+    /// The sequence-table slot (below the spec's `max_seqs`).
+    pub const fn slot(self) -> usize {
+        self.slot as usize
+    }
+
+    /// Packs the id into one integer (for the C ABI); see [`SeqId::from_raw`].
+    pub const fn to_raw(self) -> u64 {
+        ((self.generation as u64) << 32) | self.slot as u64
+    }
+
+    /// Unpacks an id made by [`SeqId::to_raw`]. Any value is accepted; a wrong one is refused
+    /// by the cache with [`Error::UnknownSequence`].
+    pub const fn from_raw(raw: u64) -> SeqId {
+        SeqId {
+            slot: raw as u32,
+            generation: (raw >> 32) as u32,
+        }
+    }
+}
+
+/// Accounting for the whole cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Live sequences.
+    pub sequences: usize,
+    /// Physical blocks in the pool.
+    pub blocks_total: usize,
+    /// Blocks on the free stack.
+    pub blocks_free: usize,
+    /// Blocks referenced by at least one sequence.
+    pub blocks_used: usize,
+    /// Bytes of one block.
+    pub block_bytes: usize,
+    /// Bytes of blocks in use (`blocks_used × block_bytes`).
+    pub bytes_used: usize,
+    /// Tokens over all live sequences (a shared prefix counts once per sequence).
+    pub tokens: usize,
+    /// Token slots in used blocks that hold no token of any sequence (partly filled blocks).
+    pub waste_slots: usize,
+}
+
+/// Accounting for one sequence.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeqStats {
+    /// Tokens reserved (positions `0..len`).
+    pub len: usize,
+    /// Tokens still stored (fewer than `len` when the window evicted some).
+    pub stored_tokens: usize,
+    /// Physical blocks its page table references.
+    pub blocks: usize,
+    /// Of those, blocks shared with another sequence.
+    pub shared_blocks: usize,
+    /// Slots in its blocks past its tokens.
+    pub waste_slots: usize,
+    /// `blocks × block_bytes`.
+    pub bytes: usize,
+}
+
+/// One block of a sequence as the attention kernels stream it.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockRef<'c> {
+    layout: &'c Layout,
+    data: &'c [u8],
+    /// Position of the block's first slot.
+    pub first_position: usize,
+    /// Slots of this block that hold the sequence's tokens (1..=block_tokens).
+    pub tokens: usize,
+}
+
+impl<'c> BlockRef<'c> {
+    /// The `tokens` stored rows of (layer, kind, head), contiguous:
+    /// `tokens × row_bytes(kind)` bytes. Indices out of range give an empty slice.
+    pub fn rows(&self, layer: usize, kind: Kind, kv_head: usize) -> &'c [u8] {
+        let spec = self.layout.spec();
+        if layer >= spec.layers || kv_head >= spec.kv_heads {
+            return &[];
+        }
+        let start = self.layout.segment_offset(layer, kind, kv_head);
+        let len = self.tokens * self.layout.row_bytes(kind);
+        self.data.get(start..start + len).unwrap_or(&[])
+    }
+}
+
+/// The KV cache: a block pool, a sequence table and page tables, all inside one arena.
+pub struct KvCache<'a> {
+    layout: Layout,
+    /// `blocks × block_bytes`, block `b` at `b·block_bytes`.
+    data: &'a mut [u8],
+    pool: BlockPool<'a>,
+    /// `max_seqs × SEQ_WORDS`: generation, live flag, length, window eviction end.
+    seq_table: &'a mut [u32],
+    /// `max_seqs × max_blocks_per_seq` physical block ids (`NO_BLOCK` when none).
+    page_tables: &'a mut [u32],
+    /// One word per block, used by [`KvCache::check_invariants`].
+    scratch: &'a mut [u32],
+    live: usize,
+    /// Logical blocks at the start of each sequence that hold sink tokens (never evicted).
+    sink_blocks: usize,
+}
+
+impl<'a> KvCache<'a> {
+    /// Builds a cache with as many blocks as fit in `arena` (any alignment).
+    pub fn new(spec: CacheSpec, arena: &'a mut [u8]) -> Result<Self, Error> {
+        let layout = Layout::new(spec)?;
+        let blocks = layout.blocks_fitting(arena.len());
+        if blocks == 0 {
+            let needed = layout.arena_bytes(1)?;
+            return Err(Error::ArenaTooSmall {
+                needed,
+                available: arena.len(),
+            });
+        }
+        Self::with_blocks(spec, blocks, arena)
+    }
+
+    /// Builds a cache of exactly `blocks` blocks; `arena` needs
+    /// [`Layout::arena_bytes`]`(blocks)` bytes.
+    pub fn with_blocks(spec: CacheSpec, blocks: usize, arena: &'a mut [u8]) -> Result<Self, Error> {
+        let layout = Layout::new(spec)?;
+        if blocks == 0 {
+            return Err(Error::ZeroDimension("blocks"));
+        }
+        let needed = layout.arena_bytes(blocks)?;
+        let available = arena.len();
+        let data_bytes = blocks * layout.block_bytes();
+        let seq_words = spec.max_seqs * SEQ_WORDS;
+        let table_words = spec.max_seqs * layout.max_blocks_per_seq();
+        let words = 3 * blocks + seq_words + table_words;
+        let regions = carve(arena, data_bytes, words)
+            .map_err(|_| Error::ArenaTooSmall { needed, available })?;
+        let (refcounts, rest) = regions.words.split_at_mut(blocks);
+        let (free_stack, rest) = rest.split_at_mut(blocks);
+        let (scratch, rest) = rest.split_at_mut(blocks);
+        let (seq_table, page_tables) = rest.split_at_mut(seq_words);
+        seq_table.fill(0);
+        page_tables.fill(NO_BLOCK);
+        let sink_blocks = if spec.window == 0 {
+            0
+        } else {
+            spec.sink_tokens.div_ceil(spec.block_tokens)
+        };
+        Ok(KvCache {
+            layout,
+            data: regions.data,
+            pool: BlockPool::new(refcounts, free_stack),
+            seq_table,
+            page_tables,
+            scratch,
+            live: 0,
+            sink_blocks,
+        })
+    }
+
+    /// The derived layout (sizes and strides).
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The spec the cache was built with.
+    pub fn spec(&self) -> &CacheSpec {
+        self.layout.spec()
+    }
+
+    /// Physical blocks in the pool.
+    pub fn capacity_blocks(&self) -> usize {
+        self.pool.capacity()
+    }
+
+    /// Free blocks in the pool.
+    pub fn free_blocks(&self) -> usize {
+        self.pool.free_count()
+    }
+
+    // ----- sequence table -------------------------------------------------------------------
+
+    fn words(&self, slot: usize) -> &[u32] {
+        &self.seq_table[slot * SEQ_WORDS..(slot + 1) * SEQ_WORDS]
+    }
+
+    fn words_mut(&mut self, slot: usize) -> &mut [u32] {
+        &mut self.seq_table[slot * SEQ_WORDS..(slot + 1) * SEQ_WORDS]
+    }
+
+    fn table(&self, slot: usize) -> &[u32] {
+        let per = self.layout.max_blocks_per_seq();
+        &self.page_tables[slot * per..(slot + 1) * per]
+    }
+
+    fn table_mut(&mut self, slot: usize) -> &mut [u32] {
+        let per = self.layout.max_blocks_per_seq();
+        &mut self.page_tables[slot * per..(slot + 1) * per]
+    }
+
+    /// The slot of a live sequence, or `UnknownSequence`.
+    fn slot_of(&self, seq: SeqId) -> Result<usize, Error> {
+        let slot = seq.slot();
+        if slot >= self.spec().max_seqs {
+            return Err(Error::UnknownSequence);
+        }
+        let words = self.words(slot);
+        if words[LIVE] != 1 || words[GENERATION] != seq.generation {
+            return Err(Error::UnknownSequence);
+        }
+        Ok(slot)
+    }
+
+    fn len_of(&self, slot: usize) -> usize {
+        self.words(slot)[LEN] as usize
+    }
+
+    /// Logical blocks `sink_blocks .. evict_end` of the slot were dropped by the window.
+    fn evicted_range(&self, slot: usize) -> Range<usize> {
+        let end = self.words(slot)[EVICT_END] as usize;
+        self.sink_blocks..end.max(self.sink_blocks)
+    }
+
+    fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.spec().block_tokens)
+    }
+
+    /// Adds an empty sequence.
+    pub fn add_sequence(&mut self) -> Result<SeqId, Error> {
+        let slot = self.free_slot()?;
+        let words = self.words_mut(slot);
+        let generation = words[GENERATION].wrapping_add(1);
+        words.copy_from_slice(&[generation, 1, 0, 0]);
+        self.live += 1;
+        Ok(SeqId {
+            slot: slot as u32,
+            generation,
+        })
+    }
+
+    fn free_slot(&self) -> Result<usize, Error> {
+        (0..self.spec().max_seqs)
+            .find(|&slot| self.words(slot)[LIVE] == 0)
+            .ok_or(Error::TooManySequences)
+    }
+
+    /// Live sequences.
+    pub fn sequences(&self) -> usize {
+        self.live
+    }
+
+    /// Tokens reserved in the sequence (the next token goes to this position).
+    pub fn len(&self, seq: SeqId) -> Result<usize, Error> {
+        Ok(self.len_of(self.slot_of(seq)?))
+    }
+
+    /// True when the id names a live sequence.
+    pub fn contains(&self, seq: SeqId) -> bool {
+        self.slot_of(seq).is_ok()
+    }
+
+    // ----- growing ---------------------------------------------------------------------------
+
+    /// Blocks that reserving `n` more tokens in `slot` takes from the pool (new blocks plus a
+    /// copy of a shared partial tail block), and the new length.
+    fn reserve_cost(&self, slot: usize, n: usize) -> Result<(usize, usize), Error> {
+        let len = self.len_of(slot);
+        let max = self.spec().max_seq_tokens;
+        let new_len = len
+            .checked_add(n)
+            .filter(|&l| l <= max)
+            .ok_or(Error::TooLong {
+                requested: len.saturating_add(n),
+                max,
+            })?;
+        let old_blocks = self.blocks_for(len);
+        let mut cost = self.blocks_for(new_len) - old_blocks;
+        if n > 0 && len % self.spec().block_tokens != 0 {
+            let tail = self.table(slot)[old_blocks - 1];
+            if self.pool.refcount(BlockId(tail)) > 1 {
+                cost += 1;
+            }
+        }
+        Ok((cost, new_len))
+    }
+
+    /// Makes room for `n` new tokens at the end of `seq` and returns their positions. After it
+    /// succeeds, writing those positions never needs another block.
+    pub fn reserve(&mut self, seq: SeqId, n: usize) -> Result<Range<usize>, Error> {
+        let slot = self.slot_of(seq)?;
+        let (cost, new_len) = self.reserve_cost(slot, n)?;
+        if cost > self.pool.free_count() {
+            return Err(Error::OutOfBlocks {
+                needed: cost,
+                free: self.pool.free_count(),
+            });
+        }
+        Ok(self.apply_reserve(slot, new_len))
+    }
+
+    /// Reserves `n` tokens in each sequence of a ragged batch, all or nothing.
+    pub fn reserve_batch(&mut self, requests: &[(SeqId, usize)]) -> Result<(), Error> {
+        let mut total = 0usize;
+        for (i, &(seq, n)) in requests.iter().enumerate() {
+            let slot = self.slot_of(seq)?;
+            if requests[..i].iter().any(|&(other, _)| other == seq) {
+                return Err(Error::DuplicateSequence);
+            }
+            let (cost, _) = self.reserve_cost(slot, n)?;
+            total = total.saturating_add(cost);
+        }
+        if total > self.pool.free_count() {
+            return Err(Error::OutOfBlocks {
+                needed: total,
+                free: self.pool.free_count(),
+            });
+        }
+        for &(seq, n) in requests {
+            // Validated above: cannot fail, and the pool holds enough blocks for all.
+            let slot = self.slot_of(seq)?;
+            let (_, new_len) = self.reserve_cost(slot, n)?;
+            self.apply_reserve(slot, new_len);
+        }
+        Ok(())
+    }
+
+    /// Grows `slot` to `new_len`; the caller has checked that the pool has the blocks.
+    fn apply_reserve(&mut self, slot: usize, new_len: usize) -> Range<usize> {
+        let len = self.len_of(slot);
+        let old_blocks = self.blocks_for(len);
+        if new_len > len && len % self.spec().block_tokens != 0 {
+            // Cannot fail: counted in the cost.
+            let _ = self.make_private(slot, old_blocks - 1);
+        }
+        for logical in old_blocks..self.blocks_for(new_len) {
+            let block = self.pool.allocate().map_or(NO_BLOCK, |b| b.0);
+            self.table_mut(slot)[logical] = block;
+        }
+        self.words_mut(slot)[LEN] = new_len as u32;
+        self.evict_outside_window(slot, len);
+        len..new_len
+    }
+
+    /// With a window, drops the blocks that no query at position `>= from` can see.
+    fn evict_outside_window(&mut self, slot: usize, from: usize) {
+        let window = self.spec().window;
+        if window == 0 || from + 1 <= window {
+            return;
+        }
+        // Queries at `from` and later see keys from `from + 1 - window` on.
+        let first_visible = from + 1 - window;
+        let new_end = first_visible / self.spec().block_tokens;
+        let range = self.evicted_range(slot);
+        for logical in range.end..new_end {
+            let block = core::mem::replace(&mut self.table_mut(slot)[logical], NO_BLOCK);
+            if block != NO_BLOCK {
+                self.pool.release(BlockId(block));
+            }
+        }
+        if new_end > range.end {
+            self.words_mut(slot)[EVICT_END] = new_end as u32;
+        }
+    }
+
+    /// Copies logical block `logical` of `slot` to a fresh block if it is shared.
+    fn make_private(&mut self, slot: usize, logical: usize) -> Result<(), Error> {
+        let shared = self.table(slot)[logical];
+        if self.pool.refcount(BlockId(shared)) <= 1 {
+            return Ok(());
+        }
+        let fresh = self
+            .pool
+            .allocate()
+            .ok_or(Error::OutOfBlocks { needed: 1, free: 0 })?;
+        let block_bytes = self.layout.block_bytes();
+        let from = shared as usize * block_bytes;
+        self.data
+            .copy_within(from..from + block_bytes, fresh.index() * block_bytes);
+        self.pool.release(BlockId(shared));
+        self.table_mut(slot)[logical] = fresh.0;
+        Ok(())
+    }
+
+    // ----- writing and reading ---------------------------------------------------------------
+
+    /// Checks a run of `tokens` positions from `first` in `slot` for writing and returns the
+    /// logical blocks it touches.
+    fn check_run(&self, slot: usize, first: usize, tokens: usize) -> Result<Range<usize>, Error> {
+        let len = self.len_of(slot);
+        let end = first
+            .checked_add(tokens)
+            .filter(|&e| e <= len && tokens > 0);
+        let end = end.ok_or(Error::BadPosition {
+            position: first.saturating_add(tokens),
+            len,
+        })?;
+        let block_tokens = self.spec().block_tokens;
+        let blocks = first / block_tokens..end.div_ceil(block_tokens);
+        let evicted = self.evicted_range(slot);
+        if blocks.start < evicted.end && evicted.start < blocks.end {
+            let position = first.max(evicted.start * block_tokens);
+            return Err(Error::Evicted { position });
+        }
+        Ok(blocks)
+    }
+
+    /// Stores one token's keys and values for one layer. `k` and `v` are
+    /// `[kv_heads][head_dim]`; `position` must be below the sequence's length.
+    pub fn write(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        position: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), Error> {
+        self.write_run(seq, layer, position, k, v)
+    }
+
+    /// Stores keys and values for a run of consecutive tokens of one layer, starting at
+    /// `first`. `k` and `v` are `[tokens][kv_heads][head_dim]`. Shared blocks in the run are
+    /// copied first (copy-on-write); if the pool cannot supply the copies nothing is written.
+    pub fn write_run(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        first: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), Error> {
+        let slot = self.slot_of(seq)?;
+        let spec = *self.spec();
+        if layer >= spec.layers {
+            return Err(Error::BadIndex("layer"));
+        }
+        let token_elems = spec.kv_heads * spec.head_dim;
+        if k.len() % token_elems != 0 || k.is_empty() {
+            return Err(Error::BadShape("k"));
+        }
+        if v.len() != k.len() {
+            return Err(Error::BadShape("v"));
+        }
+        for format in [spec.k_format, spec.v_format] {
+            if !format.is_float() && k.iter().chain(v).any(|x| !x.is_finite()) {
+                return Err(Error::NonFinite);
+            }
+        }
+        let tokens = k.len() / token_elems;
+        let blocks = self.check_run(slot, first, tokens)?;
+        let copies = blocks
+            .clone()
+            .filter(|&b| self.pool.refcount(BlockId(self.table(slot)[b])) > 1)
+            .count();
+        if copies > self.pool.free_count() {
+            return Err(Error::OutOfBlocks {
+                needed: copies,
+                free: self.pool.free_count(),
+            });
+        }
+        for logical in blocks {
+            self.make_private(slot, logical)?;
+        }
+        for (t, (k_token, v_token)) in k
+            .chunks_exact(token_elems)
+            .zip(v.chunks_exact(token_elems))
+            .enumerate()
+        {
+            let position = first + t;
+            let block = self.table(slot)[position / spec.block_tokens] as usize;
+            let base = block * self.layout.block_bytes();
+            let slot_in_block = position % spec.block_tokens;
+            for (kind, values, format) in [
+                (Kind::K, k_token, spec.k_format),
+                (Kind::V, v_token, spec.v_format),
+            ] {
+                let row_bytes = self.layout.row_bytes(kind);
+                for (head, row) in values.chunks_exact(spec.head_dim).enumerate() {
+                    let at = base + self.layout.row_offset(layer, kind, head, slot_in_block);
+                    kernels::encode_row(format, row, &mut self.data[at..at + row_bytes]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one stored row back as `f32` (`out.len() == head_dim`).
+    pub fn read_row(
+        &self,
+        seq: SeqId,
+        layer: usize,
+        kind: Kind,
+        kv_head: usize,
+        position: usize,
+        out: &mut [f32],
+    ) -> Result<(), Error> {
+        let slot = self.slot_of(seq)?;
+        let spec = self.spec();
+        if layer >= spec.layers {
+            return Err(Error::BadIndex("layer"));
+        }
+        if kv_head >= spec.kv_heads {
+            return Err(Error::BadIndex("kv_head"));
+        }
+        if out.len() != spec.head_dim {
+            return Err(Error::BadShape("out"));
+        }
+        self.check_run(slot, position, 1)?;
+        let block = self.table(slot)[position / spec.block_tokens] as usize;
+        let at = block * self.layout.block_bytes()
+            + self
+                .layout
+                .row_offset(layer, kind, kv_head, position % spec.block_tokens);
+        let format: KvFormat = self.layout.format(kind);
+        kernels::decode_row(
+            format,
+            &self.data[at..at + self.layout.row_bytes(kind)],
+            out,
+        );
+        Ok(())
+    }
+
+    /// Reads one token's keys and values of one layer (`[kv_heads][head_dim]` each).
+    pub fn read(
+        &self,
+        seq: SeqId,
+        layer: usize,
+        position: usize,
+        k_out: &mut [f32],
+        v_out: &mut [f32],
+    ) -> Result<(), Error> {
+        let spec = self.spec();
+        let elems = spec.kv_heads * spec.head_dim;
+        if k_out.len() != elems {
+            return Err(Error::BadShape("k_out"));
+        }
+        if v_out.len() != elems {
+            return Err(Error::BadShape("v_out"));
+        }
+        let head_dim = spec.head_dim;
+        for (head, (k_row, v_row)) in k_out
+            .chunks_exact_mut(head_dim)
+            .zip(v_out.chunks_exact_mut(head_dim))
+            .enumerate()
+        {
+            self.read_row(seq, layer, Kind::K, head, position, k_row)?;
+            self.read_row(seq, layer, Kind::V, head, position, v_row)?;
+        }
+        Ok(())
+    }
+
+    /// Logical block `logical` of `seq`: its bytes and how many of its slots hold tokens.
+    pub fn block(&self, seq: SeqId, logical: usize) -> Result<BlockRef<'_>, Error> {
+        let slot = self.slot_of(seq)?;
+        self.block_of_slot(slot, logical)
+    }
+
+    pub(crate) fn block_of_slot(&self, slot: usize, logical: usize) -> Result<BlockRef<'_>, Error> {
+        let len = self.len_of(slot);
+        let block_tokens = self.spec().block_tokens;
+        let first_position = logical.saturating_mul(block_tokens);
+        if first_position >= len {
+            return Err(Error::BadPosition {
+                position: first_position,
+                len,
+            });
+        }
+        if self.evicted_range(slot).contains(&logical) {
+            return Err(Error::Evicted {
+                position: first_position,
+            });
+        }
+        let block = self.table(slot)[logical] as usize;
+        let block_bytes = self.layout.block_bytes();
+        let data = self
+            .data
+            .get(block * block_bytes..(block + 1) * block_bytes)
+            .ok_or(Error::BadIndex("block"))?;
+        Ok(BlockRef {
+            layout: &self.layout,
+            data,
+            first_position,
+            tokens: (len - first_position).min(block_tokens),
+        })
+    }
+
+    /// Slot and length of a live sequence (for the attention module).
+    pub(crate) fn slot_and_len(&self, seq: SeqId) -> Result<(usize, usize), Error> {
+        let slot = self.slot_of(seq)?;
+        Ok((slot, self.len_of(slot)))
+    }
+
+    // ----- sharing and shrinking -------------------------------------------------------------
+
+    /// A new sequence sharing every block of `seq` (same length, same tokens). Either one's
+    /// first write into a shared block copies it.
+    pub fn fork(&mut self, seq: SeqId) -> Result<SeqId, Error> {
+        let parent = self.slot_of(seq)?;
+        let child = self.free_slot()?;
+        let count = self.blocks_for(self.len_of(parent));
+        let per = self.layout.max_blocks_per_seq();
+        self.page_tables
+            .copy_within(parent * per..parent * per + count, child * per);
+        for logical in 0..count {
+            let block = self.table(child)[logical];
+            if block != NO_BLOCK {
+                self.pool.retain(BlockId(block));
+            }
+        }
+        let (len, evict_end) = (self.words(parent)[LEN], self.words(parent)[EVICT_END]);
+        let words = self.words_mut(child);
+        let generation = words[GENERATION].wrapping_add(1);
+        words.copy_from_slice(&[generation, 1, len, evict_end]);
+        self.live += 1;
+        Ok(SeqId {
+            slot: child as u32,
+            generation,
+        })
+    }
+
+    /// Shortens `seq` to `new_len` tokens (rolling back, e.g. rejected speculative tokens);
+    /// blocks past the new end are released. With a window, the tokens the next query would
+    /// see must still be stored.
+    pub fn truncate(&mut self, seq: SeqId, new_len: usize) -> Result<(), Error> {
+        let slot = self.slot_of(seq)?;
+        let len = self.len_of(slot);
+        if new_len > len {
+            return Err(Error::BadPosition {
+                position: new_len,
+                len,
+            });
+        }
+        let evicted = self.evicted_range(slot);
+        let window = self.spec().window;
+        if !evicted.is_empty() {
+            let first_stored = evicted.end * self.spec().block_tokens;
+            if new_len + 1 < first_stored + window {
+                return Err(Error::Evicted {
+                    position: (new_len + 1).saturating_sub(window),
+                });
+            }
+        }
+        for logical in self.blocks_for(new_len)..self.blocks_for(len) {
+            let block = core::mem::replace(&mut self.table_mut(slot)[logical], NO_BLOCK);
+            if block != NO_BLOCK {
+                self.pool.release(BlockId(block));
+            }
+        }
+        self.words_mut(slot)[LEN] = new_len as u32;
+        Ok(())
+    }
+
+    /// Removes `seq`; its blocks return to the pool once no other sequence shares them.
+    pub fn remove(&mut self, seq: SeqId) -> Result<(), Error> {
+        let slot = self.slot_of(seq)?;
+        self.truncate_all(slot);
+        let words = self.words_mut(slot);
+        words[LIVE] = 0;
+        words[LEN] = 0;
+        words[EVICT_END] = 0;
+        self.live -= 1;
+        Ok(())
+    }
+
+    fn truncate_all(&mut self, slot: usize) {
+        for logical in 0..self.blocks_for(self.len_of(slot)) {
+            let block = core::mem::replace(&mut self.table_mut(slot)[logical], NO_BLOCK);
+            if block != NO_BLOCK {
+                self.pool.release(BlockId(block));
+            }
+        }
+    }
+
+    // ----- accounting ------------------------------------------------------------------------
+
+    /// Ids of the live sequences, in slot order, written to `out`; returns how many there are
+    /// (only the first `out.len()` are written).
+    pub fn sequence_ids(&self, out: &mut [SeqId]) -> usize {
+        let mut count = 0;
+        for slot in 0..self.spec().max_seqs {
+            let words = self.words(slot);
+            if words[LIVE] == 1 {
+                if let Some(entry) = out.get_mut(count) {
+                    *entry = SeqId {
+                        slot: slot as u32,
+                        generation: words[GENERATION],
+                    };
+                }
+                count += 1;
+            }
+        }
+        count
+    }
+
+    fn tokens_in_block(&self, slot: usize, logical: usize) -> usize {
+        let block_tokens = self.spec().block_tokens;
+        (self.len_of(slot) - logical * block_tokens).min(block_tokens)
+    }
+
+    /// Accounting for one sequence.
+    pub fn seq_stats(&self, seq: SeqId) -> Result<SeqStats, Error> {
+        let slot = self.slot_of(seq)?;
+        let block_tokens = self.spec().block_tokens;
+        let mut stats = SeqStats {
+            len: self.len_of(slot),
+            ..SeqStats::default()
+        };
+        for logical in 0..self.blocks_for(stats.len) {
+            let block = self.table(slot)[logical];
+            if block == NO_BLOCK {
+                continue;
+            }
+            let tokens = self.tokens_in_block(slot, logical);
+            stats.blocks += 1;
+            stats.stored_tokens += tokens;
+            stats.waste_slots += block_tokens - tokens;
+            if self.pool.refcount(BlockId(block)) > 1 {
+                stats.shared_blocks += 1;
+            }
+        }
+        stats.bytes = stats.blocks * self.layout.block_bytes();
+        Ok(stats)
+    }
+
+    /// Accounting for the whole cache. Unused slots of a block shared by several sequences
+    /// count once, against the sequence that fills it furthest.
+    pub fn stats(&self) -> CacheStats {
+        let block_tokens = self.spec().block_tokens;
+        let blocks_total = self.pool.capacity();
+        let blocks_free = self.pool.free_count();
+        let mut stats = CacheStats {
+            sequences: self.live,
+            blocks_total,
+            blocks_free,
+            blocks_used: blocks_total - blocks_free,
+            block_bytes: self.layout.block_bytes(),
+            bytes_used: (blocks_total - blocks_free) * self.layout.block_bytes(),
+            ..CacheStats::default()
+        };
+        for slot in self.live_slots() {
+            let len = self.len_of(slot);
+            stats.tokens += len;
+            // Only a sequence's last block can be partly filled.
+            if len % block_tokens == 0 {
+                continue;
+            }
+            let tail_logical = len / block_tokens;
+            let block = self.table(slot)[tail_logical];
+            let fill = len % block_tokens;
+            if block == NO_BLOCK || !self.fills_furthest(slot, tail_logical, block, fill) {
+                continue;
+            }
+            stats.waste_slots += block_tokens - fill;
+        }
+        stats
+    }
+
+    fn live_slots(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.spec().max_seqs).filter(|&slot| self.words(slot)[LIVE] == 1)
+    }
+
+    /// True when no other page-table entry pointing at `block` holds more of its slots (ties:
+    /// the lowest slot wins), so that a shared block's waste is counted once.
+    fn fills_furthest(&self, slot: usize, logical: usize, block: u32, fill: usize) -> bool {
+        if self.pool.refcount(BlockId(block)) <= 1 {
+            return true;
+        }
+        for other in self.live_slots() {
+            for other_logical in 0..self.blocks_for(self.len_of(other)) {
+                if (other, other_logical) == (slot, logical)
+                    || self.table(other)[other_logical] != block
+                {
+                    continue;
+                }
+                let other_fill = self.tokens_in_block(other, other_logical);
+                if other_fill > fill || (other_fill == fill && other < slot) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Checks the structural invariants and returns the first one broken:
+    /// - every page-table entry of a live sequence below its block count points at a block in
+    ///   the pool, except the window-evicted ones, which hold no block; entries past the end
+    ///   hold no block;
+    /// - each block's reference count equals the number of entries pointing at it;
+    /// - the free stack holds exactly the blocks with count zero, each once;
+    /// - the live-sequence count matches the table.
+    ///
+    /// Linear in blocks plus page-table entries; uses the arena's scratch words.
+    pub fn check_invariants(&mut self) -> Result<(), &'static str> {
+        let capacity = self.pool.capacity();
+        self.scratch.fill(0);
+        let mut live = 0;
+        let per = self.layout.max_blocks_per_seq();
+        for slot in 0..self.spec().max_seqs {
+            let words = self.words(slot);
+            if words[LIVE] > 1 {
+                return Err("sequence live flag is neither 0 nor 1");
+            }
+            let count = if words[LIVE] == 1 {
+                self.blocks_for(self.len_of(slot))
+            } else {
+                0
+            };
+            if words[LIVE] == 1 {
+                live += 1;
+                if self.len_of(slot) > self.spec().max_seq_tokens {
+                    return Err("sequence longer than max_seq_tokens");
+                }
+            }
+            let evicted = self.evicted_range(slot);
+            for logical in 0..per {
+                let block = self.page_tables[slot * per + logical];
+                let expect_block = logical < count && !evicted.contains(&logical);
+                if !expect_block {
+                    if block != NO_BLOCK {
+                        return Err("page-table entry outside the sequence holds a block");
+                    }
+                    continue;
+                }
+                let Some(seen) = self.scratch.get_mut(block as usize) else {
+                    return Err("page-table entry points outside the pool");
+                };
+                *seen += 1;
+            }
+        }
+        if live != self.live {
+            return Err("live sequence count is wrong");
+        }
+        for block in 0..capacity {
+            if self.scratch[block] != self.pool.refcount(BlockId(block as u32)) {
+                return Err("reference count differs from the page-table entries");
+            }
+        }
+        let used = (0..capacity).filter(|&b| self.scratch[b] != 0).count();
+        if used + self.pool.free_count() != capacity {
+            return Err("free stack size differs from the blocks with count zero");
+        }
+        for &block in self.pool.free_blocks() {
+            let Some(seen) = self.scratch.get_mut(block as usize) else {
+                return Err("free stack holds a block outside the pool");
+            };
+            if *seen != 0 {
+                return Err("free stack holds a block in use or twice");
+            }
+            *seen = u32::MAX;
+        }
+        Ok(())
+    }
+}

@@ -87,18 +87,27 @@ impl fmt::Display for Error {
             Error::SizeOverflow => f.write_str("a derived size overflows"),
             Error::InvalidSpec(field) => write!(f, "spec field `{field}` is out of range"),
             Error::ArenaTooSmall { needed, available } => {
-                write!(f, "arena too small: {needed} bytes needed, {available} given")
+                write!(
+                    f,
+                    "arena too small: {needed} bytes needed, {available} given"
+                )
             }
             Error::UnknownSequence => f.write_str("unknown or removed sequence"),
             Error::TooManySequences => f.write_str("all sequence slots are in use"),
             Error::TooLong { requested, max } => {
-                write!(f, "sequence would hold {requested} tokens, the limit is {max}")
+                write!(
+                    f,
+                    "sequence would hold {requested} tokens, the limit is {max}"
+                )
             }
             Error::OutOfBlocks { needed, free } => {
                 write!(f, "out of blocks: {needed} needed, {free} free")
             }
             Error::BadPosition { position, len } => {
-                write!(f, "position or length {position} is invalid for a sequence of {len} tokens")
+                write!(
+                    f,
+                    "position or length {position} is invalid for a sequence of {len} tokens"
+                )
             }
             Error::Evicted { position } => {
                 write!(f, "position {position} was dropped by the sliding window")
@@ -107,7 +116,10 @@ impl fmt::Display for Error {
             Error::BadShape(what) => write!(f, "`{what}` has the wrong length"),
             Error::DuplicateSequence => f.write_str("a sequence appears twice in one batch"),
             Error::ScratchTooSmall { needed, available } => {
-                write!(f, "scratch too small: {needed} f32 needed, {available} given")
+                write!(
+                    f,
+                    "scratch too small: {needed} f32 needed, {available} given"
+                )
             }
             Error::NonFinite => f.write_str("NaN or infinite value"),
         }

@@ -41,7 +41,9 @@ impl KvFormat {
 
     /// Parses a name as printed by [`KvFormat::name`].
     pub fn from_name(name: &str) -> Option<KvFormat> {
-        KvFormat::ALL.into_iter().find(|format| format.name() == name)
+        KvFormat::ALL
+            .into_iter()
+            .find(|format| format.name() == name)
     }
 
     /// True when rows are stored exactly as floats (no quantization error beyond rounding).

@@ -123,7 +123,10 @@ mod tests {
             let below = f16_to_f32(h.wrapping_sub(1)) as f64;
             let above = f16_to_f32(h + 1) as f64;
             let err = (back - x as f64).abs();
-            assert!(err <= (below - x as f64).abs() && (h == 0x7c00 || err <= (above - x as f64).abs()), "{x}");
+            assert!(
+                err <= (below - x as f64).abs() && (h == 0x7c00 || err <= (above - x as f64).abs()),
+                "{x}"
+            );
             x *= 1.013;
         }
     }

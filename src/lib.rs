@@ -24,23 +24,23 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+#[allow(unsafe_code)]
+pub mod arena;
+pub mod attention;
+pub mod cache;
 pub mod error;
 pub mod format;
 pub mod half;
-pub mod spec;
-#[allow(unsafe_code)]
-pub mod arena;
-pub mod pool;
-pub mod cache;
 #[allow(unsafe_code)]
 pub mod kernels;
-pub mod attention;
+pub mod pool;
+pub mod spec;
 
 #[cfg(feature = "std")]
 #[allow(unsafe_code)]
 pub mod model;
 
-// pub use cache::{KvCache, SeqId};
+pub use cache::{KvCache, SeqId};
 pub use error::Error;
 pub use format::KvFormat;
-// pub use spec::{CacheSpec, Layout};
+pub use spec::{CacheSpec, Layout};

@@ -1,1 +1,375 @@
-//! (being written)
+//! Model geometry, storage formats and the byte layout derived from them.
+//!
+//! [`CacheSpec`] is what the caller asks for; [`Layout`] is every size and stride derived from
+//! it once, with checked arithmetic, so that nothing later can overflow.
+//!
+//! # Memory format of one block
+//!
+//! A physical block holds `block_tokens` token slots for **every** layer, so one page-table
+//! entry serves all layers. Inside a block, layer by layer, the keys of every KV head come
+//! first, then the values; each (layer, K/V, head) *segment* is `block_tokens` rows, one per
+//! token slot, each row `head_dim` elements in the K (or V) format followed by that row's
+//! scales if the format has any. Segments start on 64-byte boundaries.
+//!
+//! ```text
+//! block b ─┬─ layer 0 ─┬─ K head 0: [slot 0 row][slot 1 row]…[slot T-1 row] (pad to 64)
+//!          │           ├─ K head 1: …
+//!          │           ├─ …
+//!          │           ├─ V head 0: [slot 0 row]…[slot T-1 row] (pad to 64)
+//!          │           └─ V head H-1
+//!          ├─ layer 1 ─ …
+//!          └─ layer L-1
+//! row (f16, head_dim D): D × 2 bytes, little-endian, element d at byte 2·d
+//! ```
+//!
+//! The byte offset of (block `b`, layer `l`, K, head `h`, slot `s`) is
+//! `b·block_bytes + l·layer_bytes + h·k_segment_bytes + s·k_row_bytes`; for V add
+//! `kv_heads·k_segment_bytes` and use the V strides. [`Layout::row_offset`] computes it.
+
+use crate::error::Error;
+use crate::format::KvFormat;
+
+/// Alignment, in bytes, of every segment inside a block and of the block region in the arena.
+pub const SEGMENT_ALIGN: usize = 64;
+
+/// Whether a row belongs to the keys or the values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Keys.
+    K,
+    /// Values.
+    V,
+}
+
+/// What the caller asks for: model geometry, block size, formats and limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheSpec {
+    /// Transformer layers (each has its own keys and values).
+    pub layers: usize,
+    /// Query heads per layer.
+    pub q_heads: usize,
+    /// Key/value heads per layer; `q_heads` must be a multiple (MHA: equal, MQA: 1).
+    pub kv_heads: usize,
+    /// Elements per head vector.
+    pub head_dim: usize,
+    /// Token slots per physical block.
+    pub block_tokens: usize,
+    /// Storage format of keys.
+    pub k_format: KvFormat,
+    /// Storage format of values.
+    pub v_format: KvFormat,
+    /// Sequences that may be live at once.
+    pub max_seqs: usize,
+    /// Longest sequence, in tokens (at most `u32::MAX`).
+    pub max_seq_tokens: usize,
+    /// Sliding window in tokens: a query at position `p` sees keys `p-window+1 ..= p` (plus the
+    /// sink tokens). `0` means no window: every earlier key is seen.
+    pub window: usize,
+    /// With a window, the first `sink_tokens` positions stay visible to every query and are
+    /// never evicted. Ignored without a window.
+    pub sink_tokens: usize,
+}
+
+impl CacheSpec {
+    /// A spec for the given geometry with defaults: 16-token blocks, f16 keys and values,
+    /// 8 sequences of up to 4096 tokens, no window.
+    pub const fn new(layers: usize, q_heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        CacheSpec {
+            layers,
+            q_heads,
+            kv_heads,
+            head_dim,
+            block_tokens: 16,
+            k_format: KvFormat::F16,
+            v_format: KvFormat::F16,
+            max_seqs: 8,
+            max_seq_tokens: 4096,
+            window: 0,
+            sink_tokens: 0,
+        }
+    }
+
+    /// SmolLM2-135M: 30 layers, 9 query heads on 3 KV heads, head dim 64.
+    pub const fn smollm2_135m() -> Self {
+        CacheSpec::new(30, 9, 3, 64)
+    }
+
+    /// Llama-3-8B: 32 layers, 32 query heads on 8 KV heads, head dim 128.
+    pub const fn llama3_8b() -> Self {
+        CacheSpec::new(32, 32, 8, 128)
+    }
+
+    /// Query heads that share one KV head (`q_heads / kv_heads`).
+    pub const fn group(&self) -> usize {
+        if self.kv_heads == 0 {
+            0
+        } else {
+            self.q_heads / self.kv_heads
+        }
+    }
+}
+
+/// Every size and stride derived from a [`CacheSpec`], checked once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    spec: CacheSpec,
+    k_row_bytes: usize,
+    v_row_bytes: usize,
+    k_segment_bytes: usize,
+    v_segment_bytes: usize,
+    layer_bytes: usize,
+    block_bytes: usize,
+    max_blocks_per_seq: usize,
+}
+
+/// `u32` words of metadata per sequence slot (see [`crate::cache`]).
+pub(crate) const SEQ_WORDS: usize = 4;
+
+fn round_up(value: usize, align: usize) -> Option<usize> {
+    value.checked_add(align - 1).map(|v| v / align * align)
+}
+
+impl Layout {
+    /// Validates `spec` and derives the layout.
+    pub fn new(spec: CacheSpec) -> Result<Layout, Error> {
+        let positive = [
+            ("layers", spec.layers),
+            ("q_heads", spec.q_heads),
+            ("kv_heads", spec.kv_heads),
+            ("head_dim", spec.head_dim),
+            ("block_tokens", spec.block_tokens),
+            ("max_seqs", spec.max_seqs),
+            ("max_seq_tokens", spec.max_seq_tokens),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(Error::ZeroDimension(name));
+            }
+        }
+        if spec.q_heads % spec.kv_heads != 0 {
+            return Err(Error::HeadsNotMultiple {
+                q_heads: spec.q_heads,
+                kv_heads: spec.kv_heads,
+            });
+        }
+        if spec.max_seq_tokens > u32::MAX as usize {
+            return Err(Error::InvalidSpec("max_seq_tokens"));
+        }
+        if spec.max_seqs > u32::MAX as usize / 2 || spec.block_tokens > u32::MAX as usize {
+            return Err(Error::InvalidSpec("max_seqs"));
+        }
+        if spec.window != 0 && spec.sink_tokens > spec.max_seq_tokens {
+            return Err(Error::InvalidSpec("sink_tokens"));
+        }
+        let overflow = Error::SizeOverflow;
+        let k_row_bytes = spec.k_format.row_bytes(spec.head_dim).ok_or(overflow)?;
+        let v_row_bytes = spec.v_format.row_bytes(spec.head_dim).ok_or(overflow)?;
+        let k_segment_bytes = k_row_bytes
+            .checked_mul(spec.block_tokens)
+            .and_then(|b| round_up(b, SEGMENT_ALIGN))
+            .ok_or(overflow)?;
+        let v_segment_bytes = v_row_bytes
+            .checked_mul(spec.block_tokens)
+            .and_then(|b| round_up(b, SEGMENT_ALIGN))
+            .ok_or(overflow)?;
+        let layer_bytes = k_segment_bytes
+            .checked_add(v_segment_bytes)
+            .and_then(|b| b.checked_mul(spec.kv_heads))
+            .ok_or(overflow)?;
+        let block_bytes = layer_bytes.checked_mul(spec.layers).ok_or(overflow)?;
+        let max_blocks_per_seq = spec.max_seq_tokens.div_ceil(spec.block_tokens);
+        let layout = Layout {
+            spec,
+            k_row_bytes,
+            v_row_bytes,
+            k_segment_bytes,
+            v_segment_bytes,
+            layer_bytes,
+            block_bytes,
+            max_blocks_per_seq,
+        };
+        // The metadata for zero blocks must be representable; block counts are checked later.
+        layout.arena_bytes(0)?;
+        Ok(layout)
+    }
+
+    /// The spec this layout was derived from.
+    pub const fn spec(&self) -> &CacheSpec {
+        &self.spec
+    }
+
+    /// Bytes of one stored row of `kind`.
+    pub const fn row_bytes(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::K => self.k_row_bytes,
+            Kind::V => self.v_row_bytes,
+        }
+    }
+
+    /// Storage format of `kind`.
+    pub const fn format(&self, kind: Kind) -> KvFormat {
+        match kind {
+            Kind::K => self.spec.k_format,
+            Kind::V => self.spec.v_format,
+        }
+    }
+
+    /// Bytes of one (layer, kind, head) segment: `block_tokens` rows, padded to 64.
+    pub const fn segment_bytes(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::K => self.k_segment_bytes,
+            Kind::V => self.v_segment_bytes,
+        }
+    }
+
+    /// Bytes of one layer's part of a block (K and V of every KV head).
+    pub const fn layer_bytes(&self) -> usize {
+        self.layer_bytes
+    }
+
+    /// Bytes of one physical block (every layer).
+    pub const fn block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+
+    /// Page-table entries per sequence: `ceil(max_seq_tokens / block_tokens)`.
+    pub const fn max_blocks_per_seq(&self) -> usize {
+        self.max_blocks_per_seq
+    }
+
+    /// Offset of a segment inside a block. Indices must be in range (checked by callers).
+    pub const fn segment_offset(&self, layer: usize, kind: Kind, kv_head: usize) -> usize {
+        let within = match kind {
+            Kind::K => kv_head * self.k_segment_bytes,
+            Kind::V => self.spec.kv_heads * self.k_segment_bytes + kv_head * self.v_segment_bytes,
+        };
+        layer * self.layer_bytes + within
+    }
+
+    /// Offset of one row inside a block (`slot < block_tokens`).
+    pub const fn row_offset(&self, layer: usize, kind: Kind, kv_head: usize, slot: usize) -> usize {
+        self.segment_offset(layer, kind, kv_head) + slot * self.row_bytes(kind)
+    }
+
+    /// Cache bytes per token at full blocks: K and V rows of every layer and head, with the
+    /// segment padding spread over the block's slots.
+    pub fn bytes_per_token(&self) -> f64 {
+        self.block_bytes as f64 / self.spec.block_tokens as f64
+    }
+
+    /// `u32` words of metadata for `blocks` blocks: reference counts, free stack and a scratch
+    /// array (one word per block each), the sequence table and the page tables.
+    fn metadata_words(&self, blocks: usize) -> Option<usize> {
+        let per_block = blocks.checked_mul(3)?;
+        let seq_table = self.spec.max_seqs.checked_mul(SEQ_WORDS)?;
+        let page_tables = self.spec.max_seqs.checked_mul(self.max_blocks_per_seq)?;
+        per_block.checked_add(seq_table)?.checked_add(page_tables)
+    }
+
+    /// Exact arena bytes a cache of `blocks` blocks needs, whatever the arena's alignment
+    /// (it includes `SEGMENT_ALIGN - 1` bytes of slack for aligning the start).
+    pub fn arena_bytes(&self, blocks: usize) -> Result<usize, Error> {
+        if blocks > u32::MAX as usize - 1 {
+            return Err(Error::SizeOverflow);
+        }
+        let data = blocks
+            .checked_mul(self.block_bytes)
+            .ok_or(Error::SizeOverflow)?;
+        let words = self.metadata_words(blocks).ok_or(Error::SizeOverflow)?;
+        words
+            .checked_mul(4)
+            .and_then(|m| m.checked_add(data))
+            .and_then(|b| b.checked_add(SEGMENT_ALIGN - 1))
+            .ok_or(Error::SizeOverflow)
+    }
+
+    /// The most blocks whose [`Layout::arena_bytes`] fits in `bytes` (0 if not even one).
+    pub fn blocks_fitting(&self, bytes: usize) -> usize {
+        let Ok(fixed) = self.arena_bytes(0) else {
+            return 0;
+        };
+        let Some(room) = bytes.checked_sub(fixed) else {
+            return 0;
+        };
+        let per_block = self.block_bytes + 3 * 4;
+        (room / per_block).min(u32::MAX as usize - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smollm2_f16_is_23040_bytes_per_token() {
+        let layout = Layout::new(CacheSpec::smollm2_135m()).unwrap();
+        assert_eq!(layout.bytes_per_token(), 23_040.0);
+        assert_eq!(layout.row_bytes(Kind::K), 128);
+        assert_eq!(layout.segment_bytes(Kind::V), 2048);
+        assert_eq!(
+            layout.row_offset(1, Kind::V, 2, 3),
+            6 * 2048 * 1 + 3 * 2048 + 2 * 2048 + 3 * 128
+        );
+    }
+
+    #[test]
+    fn offsets_tile_the_block_without_overlap() {
+        let mut spec = CacheSpec::new(3, 6, 2, 5);
+        spec.block_tokens = 3;
+        spec.v_format = KvFormat::F32;
+        let layout = Layout::new(spec).unwrap();
+        let mut covered = std::vec![0u8; layout.block_bytes()];
+        for layer in 0..3 {
+            for kind in [Kind::K, Kind::V] {
+                for head in 0..2 {
+                    for slot in 0..3 {
+                        let start = layout.row_offset(layer, kind, head, slot);
+                        for byte in &mut covered[start..start + layout.row_bytes(kind)] {
+                            *byte += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(covered.iter().all(|&c| c <= 1));
+        assert_eq!(
+            covered.iter().filter(|&&c| c == 1).count(),
+            3 * 2 * 3 * (10 + 20)
+        );
+    }
+
+    #[test]
+    fn arena_bytes_and_blocks_fitting_are_inverse() {
+        let layout = Layout::new(CacheSpec::new(2, 4, 2, 8)).unwrap();
+        for blocks in [0, 1, 2, 7, 100] {
+            let bytes = layout.arena_bytes(blocks).unwrap();
+            assert_eq!(layout.blocks_fitting(bytes), blocks);
+            assert_eq!(
+                layout.blocks_fitting(bytes + layout.block_bytes() + 11),
+                blocks
+            );
+            if blocks > 0 {
+                assert_eq!(layout.blocks_fitting(bytes - 1), blocks - 1);
+            }
+        }
+    }
+
+    #[test]
+    fn bad_specs_are_rejected() {
+        let mut spec = CacheSpec::new(2, 10, 3, 8);
+        assert_eq!(
+            Layout::new(spec),
+            Err(Error::HeadsNotMultiple {
+                q_heads: 10,
+                kv_heads: 3
+            })
+        );
+        spec = CacheSpec::new(2, 4, 2, 0);
+        assert_eq!(Layout::new(spec), Err(Error::ZeroDimension("head_dim")));
+        spec = CacheSpec::new(2, 4, 2, 8);
+        spec.max_seq_tokens = 1 << 40;
+        assert_eq!(Layout::new(spec), Err(Error::InvalidSpec("max_seq_tokens")));
+        spec = CacheSpec::new(usize::MAX / 2, 4, 2, usize::MAX / 8);
+        assert_eq!(Layout::new(spec), Err(Error::SizeOverflow));
+    }
+}

@@ -131,7 +131,9 @@ pub fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
 
 /// See [`super::max`].
 pub fn max(values: &[f32]) -> f32 {
-    values.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+    values
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
 /// `e^x` for `f32` without `std`: range reduction `x = k·ln2 + r`, |r| ≤ ln2/2, then a degree-6
