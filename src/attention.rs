@@ -1,1 +1,588 @@
-//! (being written)
+//! Attention over the paged cache: decode, prefill and chunked prefill for ragged batches.
+//!
+//! A batch is a list of [`BatchEntry`]: a sequence and a run of `tokens` query positions
+//! starting at `first_position` (one token for a decode step, many for a prefill chunk; the
+//! rows must already be written to the cache). The queries of all entries are concatenated,
+//! each entry `[tokens][q_heads][head_dim]`, and the output has the same shape. The query at
+//! absolute position `p` attends to the keys `0..=p` of its own sequence (causal); with a
+//! window `W` only to `p-W+1..=p` plus the sink tokens.
+//!
+//! # How it runs
+//!
+//! The work is cut into *work items*: one (entry, tile of up to `query_tile` query tokens,
+//! KV head, key split). An item streams the cached blocks of its key range once; each K and V
+//! row is loaded once and used for every query of the tile and every query head of the group
+//! (GQA/MQA). Softmax is computed online, block by block (running max `m`, running sum `l`,
+//! running weighted value `acc`), so no score row longer than one block is ever stored and the
+//! scratch memory does not depend on the context length.
+//!
+//! An item leaves a *partial state* `(m, l, acc)`; [`AttentionPlan::merge`] combines the
+//! splits of a key range in split order (so the result does not depend on which thread ran
+//! which item) and normalises. A host runtime can run items on its own threads
+//! ([`AttentionPlan::run_item`]); [`attention`] runs them one after another with caller scratch,
+//! and under `std` [`attention_threaded`] runs them on `std::thread::scope` threads.
+
+use crate::cache::{KvCache, SeqId};
+use crate::error::Error;
+use crate::kernels;
+use crate::spec::Kind;
+
+/// One sequence's part of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchEntry {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Absolute position of the entry's first query token.
+    pub first_position: usize,
+    /// Query tokens (positions `first_position .. first_position + tokens`, all below the
+    /// sequence's length).
+    pub tokens: usize,
+}
+
+/// Tuning and semantics knobs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionOptions {
+    /// Score scale; `None` means `1 / sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    /// Key splits per (entry, tile, head): more splits, more parallel items (split-K). At
+    /// least 1.
+    pub splits: usize,
+    /// Query tokens handled together by one item (they share every K/V row load). At least 1.
+    pub query_tile: usize,
+}
+
+impl Default for AttentionOptions {
+    fn default() -> Self {
+        AttentionOptions {
+            scale: None,
+            splits: 1,
+            query_tile: 8,
+        }
+    }
+}
+
+/// One work item, decoded from its index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkItem {
+    /// Index into the batch.
+    pub entry: usize,
+    /// First query token of the tile (relative to the entry).
+    pub token_start: usize,
+    /// Query tokens in the tile.
+    pub tokens: usize,
+    /// KV head.
+    pub kv_head: usize,
+    /// Key split index (`0..splits`).
+    pub split: usize,
+}
+
+/// A validated batch for one layer, cut into work items.
+pub struct AttentionPlan<'c, 'a, 'b> {
+    cache: &'c KvCache<'a>,
+    layer: usize,
+    entries: &'b [BatchEntry],
+    scale: f32,
+    splits: usize,
+    query_tile: usize,
+    items: usize,
+}
+
+impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
+    /// Validates the batch: live sequences, positions below each sequence's length, the
+    /// needed keys still stored (not evicted by the window), a valid layer.
+    pub fn new(
+        cache: &'c KvCache<'a>,
+        layer: usize,
+        entries: &'b [BatchEntry],
+        options: &AttentionOptions,
+    ) -> Result<Self, Error> {
+        let spec = cache.spec();
+        if layer >= spec.layers {
+            return Err(Error::BadIndex("layer"));
+        }
+        if options.splits == 0 {
+            return Err(Error::ZeroDimension("splits"));
+        }
+        if options.query_tile == 0 {
+            return Err(Error::ZeroDimension("query_tile"));
+        }
+        let scale = options
+            .scale
+            .unwrap_or(1.0 / libm_sqrt(spec.head_dim as f32));
+        if !scale.is_finite() {
+            return Err(Error::NonFinite);
+        }
+        let mut items = 0usize;
+        for entry in entries {
+            let (_, len) = cache.slot_and_len(entry.seq)?;
+            let end = entry
+                .first_position
+                .checked_add(entry.tokens)
+                .filter(|&e| e <= len);
+            if end.is_none() {
+                return Err(Error::BadPosition {
+                    position: entry.first_position.saturating_add(entry.tokens),
+                    len,
+                });
+            }
+            if entry.tokens > 0 {
+                // Every block the entry's queries need must still be stored.
+                let last = entry.first_position + entry.tokens - 1;
+                let needed = NeededBlocks::new(
+                    spec.window,
+                    spec.sink_tokens,
+                    spec.block_tokens,
+                    entry.first_position,
+                    last,
+                );
+                for index in 0..needed.count() {
+                    cache.block(entry.seq, needed.logical(index))?;
+                }
+            }
+            let tiles = entry.tokens.div_ceil(options.query_tile);
+            items = tiles
+                .checked_mul(spec.kv_heads)
+                .and_then(|i| i.checked_mul(options.splits))
+                .and_then(|i| i.checked_add(items))
+                .ok_or(Error::SizeOverflow)?;
+        }
+        Ok(AttentionPlan {
+            cache,
+            layer,
+            entries,
+            scale,
+            splits: options.splits,
+            query_tile: options.query_tile,
+            items,
+        })
+    }
+
+    /// Number of work items.
+    pub fn work_items(&self) -> usize {
+        self.items
+    }
+
+    /// Query vectors handled by one item at most: `query_tile × group`.
+    fn max_rows(&self) -> usize {
+        self.query_tile * self.cache.spec().group()
+    }
+
+    /// `f32` elements of one item's partial state: `max_rows × (head_dim + 2)`.
+    pub fn partial_len(&self) -> usize {
+        self.max_rows() * (self.cache.spec().head_dim + 2)
+    }
+
+    /// `f32` scratch one worker needs to run items: gathered queries and one block of scores.
+    pub fn scratch_len(&self) -> usize {
+        self.max_rows() * (self.cache.spec().head_dim + self.cache.spec().block_tokens)
+    }
+
+    /// `f32` elements of queries (and of the output) the batch needs.
+    pub fn queries_len(&self) -> usize {
+        let spec = self.cache.spec();
+        self.entries.iter().map(|e| e.tokens).sum::<usize>() * spec.q_heads * spec.head_dim
+    }
+
+    /// Decodes an item index. Items are ordered entry, tile, KV head, split.
+    pub fn item(&self, index: usize) -> Option<WorkItem> {
+        let kv_heads = self.cache.spec().kv_heads;
+        let per_tile = kv_heads * self.splits;
+        let mut rest = index;
+        for (entry_index, entry) in self.entries.iter().enumerate() {
+            let tiles = entry.tokens.div_ceil(self.query_tile);
+            if rest < tiles * per_tile {
+                let tile = rest / per_tile;
+                let token_start = tile * self.query_tile;
+                return Some(WorkItem {
+                    entry: entry_index,
+                    token_start,
+                    tokens: (entry.tokens - token_start).min(self.query_tile),
+                    kv_head: rest % per_tile / self.splits,
+                    split: rest % self.splits,
+                });
+            }
+            rest -= tiles * per_tile;
+        }
+        None
+    }
+
+    /// Offset, in `f32`, of an entry's first query in the concatenated queries.
+    fn entry_offset(&self, entry: usize) -> usize {
+        let spec = self.cache.spec();
+        self.entries[..entry]
+            .iter()
+            .map(|e| e.tokens)
+            .sum::<usize>()
+            * spec.q_heads
+            * spec.head_dim
+    }
+
+    /// Runs item `index`: reads its queries from `queries` (the whole batch's), leaves its
+    /// partial state in `partial` (`partial_len()` elements) using `scratch`
+    /// (`scratch_len()` elements).
+    pub fn run_item(
+        &self,
+        index: usize,
+        queries: &[f32],
+        partial: &mut [f32],
+        scratch: &mut [f32],
+    ) -> Result<(), Error> {
+        let item = self.item(index).ok_or(Error::BadIndex("work item"))?;
+        if queries.len() != self.queries_len() {
+            return Err(Error::BadShape("queries"));
+        }
+        if partial.len() < self.partial_len() {
+            return Err(Error::BadShape("partial"));
+        }
+        if scratch.len() < self.scratch_len() {
+            return Err(Error::ScratchTooSmall {
+                needed: self.scratch_len(),
+                available: scratch.len(),
+            });
+        }
+        let spec = *self.cache.spec();
+        let (head_dim, group, block_tokens) = (spec.head_dim, spec.group(), spec.block_tokens);
+        let entry = self.entries[item.entry];
+        let rows = item.tokens * group;
+        let (query_buf, rest) = scratch.split_at_mut(self.max_rows() * head_dim);
+        let query_buf = &mut query_buf[..rows * head_dim];
+        let scores_buf = &mut rest[..rows * block_tokens];
+        let (state, acc) = partial.split_at_mut(2 * self.max_rows());
+        let (running_max, running_sum) = state.split_at_mut(self.max_rows());
+        let (running_max, running_sum) = (&mut running_max[..rows], &mut running_sum[..rows]);
+        let acc = &mut acc[..rows * head_dim];
+        running_max.fill(f32::NEG_INFINITY);
+        running_sum.fill(0.0);
+        acc.fill(0.0);
+
+        // Gather the tile's queries for this KV head, [token][head in group][head_dim], scaled.
+        let base = self.entry_offset(item.entry);
+        for t in 0..item.tokens {
+            let from =
+                base + ((item.token_start + t) * spec.q_heads + item.kv_head * group) * head_dim;
+            let to = t * group * head_dim;
+            for (dst, src) in query_buf[to..to + group * head_dim]
+                .iter_mut()
+                .zip(&queries[from..from + group * head_dim])
+            {
+                *dst = src * self.scale;
+            }
+        }
+
+        let first_query = entry.first_position + item.token_start;
+        let last_query = first_query + item.tokens - 1;
+        let needed = NeededBlocks::new(
+            spec.window,
+            spec.sink_tokens,
+            block_tokens,
+            first_query,
+            last_query,
+        );
+        let (from, to) = split_range(needed.count(), self.splits, item.split);
+        for list_index in from..to {
+            let logical = needed.logical(list_index);
+            let block = self.cache.block(entry.seq, logical)?;
+            // Keys of this block that the tile may see at all: up to the last query.
+            let keys = block.tokens.min(last_query + 1 - block.first_position);
+            let k_rows = &block.rows(self.layer, Kind::K, item.kv_head)
+                [..keys * self.cache.layout().row_bytes(Kind::K)];
+            let v_rows = &block.rows(self.layer, Kind::V, item.kv_head)
+                [..keys * self.cache.layout().row_bytes(Kind::V)];
+            let scores = &mut scores_buf[..rows * keys];
+            kernels::dot_rows(spec.k_format, k_rows, head_dim, query_buf, rows, scores);
+            let mask = Mask {
+                window: spec.window,
+                sinks: spec.sink_tokens,
+                first_key: block.first_position,
+            };
+            if mask.needed(first_query, last_query, keys) {
+                for t in 0..item.tokens {
+                    let position = first_query + t;
+                    for row in
+                        scores[t * group * keys..(t + 1) * group * keys].chunks_exact_mut(keys)
+                    {
+                        mask.apply(position, row);
+                    }
+                }
+            }
+            // Online softmax update, one query row at a time.
+            for r in 0..rows {
+                let row = &mut scores[r * keys..(r + 1) * keys];
+                let block_max = kernels::max(row);
+                if block_max == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                    continue;
+                }
+                let new_max = block_max.max(running_max[r]);
+                let correction = kernels::scalar::exp(running_max[r] - new_max);
+                let sum = kernels::exp_shifted_sum(row, new_max);
+                if correction != 1.0 {
+                    for value in &mut acc[r * head_dim..(r + 1) * head_dim] {
+                        *value *= correction;
+                    }
+                }
+                running_sum[r] = running_sum[r] * correction + sum;
+                running_max[r] = new_max;
+            }
+            kernels::accumulate_rows(spec.v_format, v_rows, head_dim, scores, rows, acc);
+        }
+        Ok(())
+    }
+
+    /// Merges the partial states of every item (`partials`: `work_items() × partial_len()`,
+    /// item `i` at `i × partial_len()`) into `out` (same shape as the queries).
+    pub fn merge(&self, partials: &[f32], out: &mut [f32]) -> Result<(), Error> {
+        if out.len() != self.queries_len() {
+            return Err(Error::BadShape("out"));
+        }
+        let partial_len = self.partial_len();
+        if partials.len() < self.items * partial_len {
+            return Err(Error::BadShape("partials"));
+        }
+        for first in (0..self.items).step_by(self.splits) {
+            let group_states = &partials[first * partial_len..(first + self.splits) * partial_len];
+            self.merge_splits(first, group_states, out)?;
+        }
+        Ok(())
+    }
+
+    /// Combines the `splits` partial states of one (entry, tile, head) and writes the output.
+    fn merge_splits(
+        &self,
+        first_item: usize,
+        states: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), Error> {
+        let item = self.item(first_item).ok_or(Error::BadIndex("work item"))?;
+        let spec = self.cache.spec();
+        let (head_dim, group) = (spec.head_dim, spec.group());
+        let max_rows = self.max_rows();
+        let partial_len = self.partial_len();
+        let base = self.entry_offset(item.entry);
+        for r in 0..item.tokens * group {
+            let (t, j) = (r / group, r % group);
+            let mut max = f32::NEG_INFINITY;
+            for state in states.chunks_exact(partial_len) {
+                max = max.max(state[r]);
+            }
+            let at = base
+                + ((item.token_start + t) * spec.q_heads + item.kv_head * group + j) * head_dim;
+            let dst = &mut out[at..at + head_dim];
+            dst.fill(0.0);
+            let mut sum = 0.0f32;
+            for state in states.chunks_exact(partial_len) {
+                if state[r] == f32::NEG_INFINITY {
+                    continue;
+                }
+                let weight = kernels::scalar::exp(state[r] - max);
+                sum += state[max_rows + r] * weight;
+                let acc = &state[2 * max_rows + r * head_dim..2 * max_rows + (r + 1) * head_dim];
+                for (d, a) in dst.iter_mut().zip(acc) {
+                    *d += a * weight;
+                }
+            }
+            if sum > 0.0 {
+                let inverse = 1.0 / sum;
+                for d in dst.iter_mut() {
+                    *d *= inverse;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `f32` scratch [`attention`] needs for a batch: one worker's scratch plus two partial
+/// states. Independent of the context length.
+pub fn attention_scratch_len(cache: &KvCache<'_>, options: &AttentionOptions) -> usize {
+    let spec = cache.spec();
+    let rows = options.query_tile.max(1) * spec.group();
+    rows * (spec.head_dim + spec.block_tokens)
+        + 2 * rows * (spec.head_dim + 2) * options.splits.max(1)
+}
+
+/// Attention for a batch on the calling thread, in caller scratch (no allocation).
+/// `queries` and `out` are the concatenated `[tokens][q_heads][head_dim]` of every entry;
+/// `scratch` needs [`attention_scratch_len`] elements.
+pub fn attention(
+    cache: &KvCache<'_>,
+    layer: usize,
+    entries: &[BatchEntry],
+    queries: &[f32],
+    out: &mut [f32],
+    scratch: &mut [f32],
+    options: &AttentionOptions,
+) -> Result<(), Error> {
+    let plan = AttentionPlan::new(cache, layer, entries, options)?;
+    if queries.len() != plan.queries_len() {
+        return Err(Error::BadShape("queries"));
+    }
+    if out.len() != plan.queries_len() {
+        return Err(Error::BadShape("out"));
+    }
+    let needed = attention_scratch_len(cache, options);
+    if scratch.len() < needed {
+        return Err(Error::ScratchTooSmall {
+            needed,
+            available: scratch.len(),
+        });
+    }
+    let (work, partials) = scratch.split_at_mut(plan.scratch_len());
+    let group_len = plan.partial_len() * plan.splits;
+    let partials = &mut partials[..group_len];
+    for first in (0..plan.work_items()).step_by(plan.splits) {
+        for split in 0..plan.splits {
+            let partial =
+                &mut partials[split * plan.partial_len()..(split + 1) * plan.partial_len()];
+            plan.run_item(first + split, queries, partial, work)?;
+        }
+        plan.merge_splits(first, partials, out)?;
+    }
+    Ok(())
+}
+
+/// Attention for a batch with its work items spread over `threads` scoped threads (`std`).
+/// The result is bitwise the same for every thread count.
+#[cfg(feature = "std")]
+pub fn attention_threaded(
+    cache: &KvCache<'_>,
+    layer: usize,
+    entries: &[BatchEntry],
+    queries: &[f32],
+    out: &mut [f32],
+    threads: usize,
+    options: &AttentionOptions,
+) -> Result<(), Error> {
+    let plan = AttentionPlan::new(cache, layer, entries, options)?;
+    if queries.len() != plan.queries_len() {
+        return Err(Error::BadShape("queries"));
+    }
+    let partial_len = plan.partial_len();
+    let mut partials = std::vec![0.0f32; plan.work_items() * partial_len];
+    let threads = threads.clamp(1, plan.work_items().max(1));
+    let per_thread = plan.work_items().div_ceil(threads).max(1);
+    let plan_ref = &plan;
+    let results: std::vec::Vec<Result<(), Error>> = std::thread::scope(|scope| {
+        let handles: std::vec::Vec<_> = partials
+            .chunks_mut(per_thread * partial_len)
+            .enumerate()
+            .map(|(chunk, states)| {
+                scope.spawn(move || {
+                    let mut scratch = std::vec![0.0f32; plan_ref.scratch_len()];
+                    for (i, state) in states.chunks_exact_mut(partial_len).enumerate() {
+                        plan_ref.run_item(chunk * per_thread + i, queries, state, &mut scratch)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(Err(Error::BadIndex("thread"))))
+            .collect()
+    });
+    for result in results {
+        result?;
+    }
+    plan.merge(&partials, out)
+}
+
+/// First key position the query at `position` sees in the window, and whether sinks apply.
+fn key_window(window: usize, sinks: usize, position: usize) -> (usize, bool) {
+    if window == 0 || position + 1 <= window {
+        (0, false)
+    } else {
+        (position + 1 - window, sinks > 0)
+    }
+}
+
+/// The logical blocks a tile of queries needs, in order: sink blocks (when the window has
+/// moved past them), then the blocks from the first query's window start to the last query.
+struct NeededBlocks {
+    sink_blocks: usize,
+    first: usize,
+    last: usize,
+}
+
+impl NeededBlocks {
+    fn new(
+        window: usize,
+        sinks: usize,
+        block_tokens: usize,
+        first_query: usize,
+        last_query: usize,
+    ) -> Self {
+        let (start, with_sinks) = key_window(window, sinks, first_query);
+        let first = start / block_tokens;
+        let sink_blocks = if with_sinks {
+            sinks.div_ceil(block_tokens).min(first)
+        } else {
+            0
+        };
+        NeededBlocks {
+            sink_blocks,
+            first,
+            last: last_query / block_tokens,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.sink_blocks + (self.last + 1 - self.first)
+    }
+
+    fn logical(&self, index: usize) -> usize {
+        if index < self.sink_blocks {
+            index
+        } else {
+            self.first + index - self.sink_blocks
+        }
+    }
+}
+
+/// The `split`-th of `splits` near-equal contiguous parts of `0..count`.
+fn split_range(count: usize, splits: usize, split: usize) -> (usize, usize) {
+    (count * split / splits, count * (split + 1) / splits)
+}
+
+/// Causal and window masking of one block's scores.
+struct Mask {
+    window: usize,
+    sinks: usize,
+    first_key: usize,
+}
+
+impl Mask {
+    fn visible(&self, query: usize, key: usize) -> bool {
+        key <= query && (self.window == 0 || key + self.window > query || key < self.sinks)
+    }
+
+    /// True when some key of the block is hidden from some query of `first..=last`.
+    fn needed(&self, first: usize, last: usize, keys: usize) -> bool {
+        let last_key = self.first_key + keys - 1;
+        let causal_ok = last_key <= first;
+        let window_ok =
+            self.window == 0 || self.first_key + self.window > last || last_key < self.sinks;
+        !(causal_ok && window_ok)
+    }
+
+    fn apply(&self, query: usize, scores: &mut [f32]) {
+        for (i, score) in scores.iter_mut().enumerate() {
+            if !self.visible(query, self.first_key + i) {
+                *score = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// `sqrt` without `std` (Newton's method from a bit-level first guess; exact to an ulp or two,
+/// used once per plan).
+fn libm_sqrt(x: f32) -> f32 {
+    if x <= 0.0 || !x.is_finite() {
+        return if x == 0.0 { 0.0 } else { f32::NAN };
+    }
+    let mut y = f32::from_bits((x.to_bits() >> 1) + 0x1fc0_0000);
+    for _ in 0..4 {
+        y = 0.5 * (y + x / y);
+    }
+    y
+}

@@ -435,7 +435,7 @@ impl<'a> KvCache<'a> {
         let block_tokens = self.spec().block_tokens;
         let blocks = first / block_tokens..end.div_ceil(block_tokens);
         let evicted = self.evicted_range(slot);
-        if blocks.start < evicted.end && evicted.start < blocks.end {
+        if !evicted.is_empty() && blocks.start < evicted.end && evicted.start < blocks.end {
             let position = first.max(evicted.start * block_tokens);
             return Err(Error::Evicted { position });
         }

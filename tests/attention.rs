@@ -1,0 +1,512 @@
+//! Paged attention against a naive f64 oracle over contiguous keys and values.
+
+use kvcache::attention::{
+    attention, attention_scratch_len, attention_threaded, AttentionOptions, BatchEntry,
+};
+use kvcache::spec::Kind;
+use kvcache::{CacheSpec, Error, KvCache, KvFormat, Layout, SeqId};
+use proptest::prelude::*;
+
+/// Small deterministic generator (SplitMix64) for test data.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn value(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.value()).collect()
+    }
+}
+
+/// The oracle: three plain loops in f64 over contiguous K and V (`[position][head_dim]`).
+fn naive_attention(
+    query: &[f32],
+    keys: &[Vec<f32>],
+    values: &[Vec<f32>],
+    visible: &[bool],
+    scale: f64,
+) -> Vec<f64> {
+    let scores: Vec<f64> = keys
+        .iter()
+        .map(|k| {
+            k.iter()
+                .zip(query)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>()
+                * scale
+        })
+        .collect();
+    let max = scores
+        .iter()
+        .zip(visible)
+        .filter(|(_, &v)| v)
+        .map(|(s, _)| *s)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = scores
+        .iter()
+        .zip(visible)
+        .map(|(s, &v)| if v { (s - max).exp() } else { 0.0 })
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut out = vec![0.0f64; query.len()];
+    for (w, v) in weights.iter().zip(values) {
+        for (o, &x) in out.iter_mut().zip(v) {
+            *o += w / total * x as f64;
+        }
+    }
+    out
+}
+
+/// A sequence's tokens as stored (read back from the cache), per layer and KV head.
+fn stored(cache: &KvCache, seq: SeqId, layer: usize, kind: Kind, head: usize) -> Vec<Vec<f32>> {
+    let len = cache.len(seq).unwrap();
+    let head_dim = cache.spec().head_dim;
+    (0..len)
+        .map(|p| {
+            let mut row = vec![0.0; head_dim];
+            // Evicted positions read as zeros; the oracle never looks at them.
+            let _ = cache.read_row(seq, layer, kind, head, p, &mut row);
+            row
+        })
+        .collect()
+}
+
+fn visible(window: usize, sinks: usize, query: usize, len: usize) -> Vec<bool> {
+    (0..len)
+        .map(|k| k <= query && (window == 0 || k + window > query || k < sinks))
+        .collect()
+}
+
+/// Appends `n` random tokens to `seq` in every layer.
+fn append(cache: &mut KvCache, seq: SeqId, n: usize, rng: &mut Rng) {
+    let spec = *cache.spec();
+    let range = cache.reserve(seq, n).unwrap();
+    let elems = n * spec.kv_heads * spec.head_dim;
+    for layer in 0..spec.layers {
+        cache
+            .write_run(seq, layer, range.start, &rng.vec(elems), &rng.vec(elems))
+            .unwrap();
+    }
+}
+
+/// Checks `out` against the oracle for every entry, token and query head; returns the largest
+/// error relative to the largest |value| in the output.
+fn check_against_oracle(
+    cache: &KvCache,
+    layer: usize,
+    entries: &[BatchEntry],
+    queries: &[f32],
+    out: &[f32],
+    scale: f64,
+) -> f64 {
+    let spec = *cache.spec();
+    let (head_dim, group) = (spec.head_dim, spec.group());
+    let mut worst = 0.0f64;
+    let mut offset = 0;
+    for entry in entries {
+        let len = cache.len(entry.seq).unwrap();
+        let keys: Vec<_> = (0..spec.kv_heads)
+            .map(|h| stored(cache, entry.seq, layer, Kind::K, h))
+            .collect();
+        let values: Vec<_> = (0..spec.kv_heads)
+            .map(|h| stored(cache, entry.seq, layer, Kind::V, h))
+            .collect();
+        for t in 0..entry.tokens {
+            let position = entry.first_position + t;
+            let mask = visible(spec.window, spec.sink_tokens, position, len);
+            for head in 0..spec.q_heads {
+                let at = offset + (t * spec.q_heads + head) * head_dim;
+                let expect = naive_attention(
+                    &queries[at..at + head_dim],
+                    &keys[head / group],
+                    &values[head / group],
+                    &mask,
+                    scale,
+                );
+                for (got, want) in out[at..at + head_dim].iter().zip(&expect) {
+                    worst = worst.max((*got as f64 - want).abs());
+                }
+            }
+        }
+        offset += entry.tokens * spec.q_heads * head_dim;
+    }
+    worst
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    heads: (usize, usize),
+    head_dim: usize,
+    block_tokens: usize,
+    format: (KvFormat, KvFormat),
+    window: usize,
+    sinks: usize,
+    lengths: Vec<(usize, usize)>, // (context before, new query tokens)
+    splits: usize,
+    threads: usize,
+    query_tile: usize,
+    fork: bool,
+    seed: u64,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    let heads = prop_oneof![
+        Just((4, 4)),
+        Just((6, 2)),
+        Just((9, 3)),
+        Just((8, 1)),
+        Just((1, 1)),
+        Just((12, 4))
+    ];
+    let head_dim = prop_oneof![
+        1..=9usize,
+        Just(16),
+        Just(63),
+        Just(64),
+        Just(127),
+        Just(128),
+        129..=256usize
+    ];
+    let format = prop_oneof![
+        3 => Just((KvFormat::F32, KvFormat::F32)),
+        1 => Just((KvFormat::F16, KvFormat::F16)),
+        1 => Just((KvFormat::Bf16, KvFormat::F16)),
+        1 => Just((KvFormat::F32, KvFormat::Bf16)),
+    ];
+    let window = prop_oneof![3 => Just(0usize), 1 => 1..40usize];
+    (
+        heads,
+        head_dim,
+        1..=20usize,
+        format,
+        window,
+        0..6usize,
+        proptest::collection::vec((0..70usize, 1..12usize), 1..4),
+        1..5usize,
+        1..4usize,
+        1..6usize,
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(
+                heads,
+                head_dim,
+                block_tokens,
+                format,
+                window,
+                sinks,
+                lengths,
+                splits,
+                threads,
+                query_tile,
+                fork,
+                seed,
+            )| Case {
+                heads,
+                head_dim,
+                block_tokens,
+                format,
+                window,
+                sinks,
+                lengths,
+                splits,
+                threads,
+                query_tile,
+                fork,
+                seed,
+            },
+        )
+}
+
+fn run_case(case: &Case) -> Result<(), TestCaseError> {
+    let mut rng = Rng(case.seed);
+    let mut spec = CacheSpec::new(2, case.heads.0, case.heads.1, case.head_dim);
+    spec.block_tokens = case.block_tokens;
+    spec.k_format = case.format.0;
+    spec.v_format = case.format.1;
+    spec.window = case.window;
+    spec.sink_tokens = case.sinks;
+    spec.max_seqs = 8;
+    spec.max_seq_tokens = 128;
+    let layout = Layout::new(spec).unwrap();
+    let mut arena = vec![0u8; layout.arena_bytes(300).unwrap()];
+    let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    let mut entries = Vec::new();
+    for &(context, tokens) in &case.lengths {
+        let mut seq = cache.add_sequence().unwrap();
+        if context > 0 {
+            append(&mut cache, seq, context, &mut rng);
+        }
+        if case.fork && context > 0 {
+            // Attend from a fork that shares the prefix and was truncated.
+            let child = cache.fork(seq).unwrap();
+            cache.truncate(child, context - context / 3).unwrap_or(());
+            seq = child;
+        }
+        let first_position = cache.len(seq).unwrap();
+        append(&mut cache, seq, tokens, &mut rng);
+        entries.push(BatchEntry {
+            seq,
+            first_position,
+            tokens,
+        });
+    }
+    cache.check_invariants().unwrap();
+    let total_tokens: usize = entries.iter().map(|e| e.tokens).sum();
+    let elems = total_tokens * spec.q_heads * spec.head_dim;
+    let queries = rng.vec(elems);
+    let options = AttentionOptions {
+        scale: None,
+        splits: case.splits,
+        query_tile: case.query_tile,
+    };
+    let scale = 1.0 / (spec.head_dim as f64).sqrt();
+    for layer in 0..spec.layers {
+        let mut out = vec![f32::NAN; elems];
+        let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
+        attention(
+            &cache,
+            layer,
+            &entries,
+            &queries,
+            &mut out,
+            &mut scratch,
+            &options,
+        )
+        .unwrap();
+        let worst = check_against_oracle(&cache, layer, &entries, &queries, &out, scale);
+        // Values are in [-1, 1]; f32 arithmetic over at most a few hundred terms.
+        prop_assert!(worst < 1e-5, "error {worst} for {case:?}");
+        let mut threaded = vec![f32::NAN; elems];
+        attention_threaded(
+            &cache,
+            layer,
+            &entries,
+            &queries,
+            &mut threaded,
+            case.threads,
+            &options,
+        )
+        .unwrap();
+        prop_assert_eq!(&threaded, &out, "thread count changed the result");
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 150, ..ProptestConfig::default() })]
+
+    #[test]
+    fn paged_attention_matches_the_f64_oracle(case in case()) {
+        run_case(&case)?;
+    }
+}
+
+#[test]
+fn chunked_prefill_equals_one_call_over_the_prompt() {
+    for (q_heads, kv_heads, head_dim, chunk) in
+        [(9, 3, 64, 7), (4, 4, 33, 16), (8, 1, 128, 5), (6, 2, 16, 1)]
+    {
+        let mut spec = CacheSpec::new(1, q_heads, kv_heads, head_dim);
+        spec.k_format = KvFormat::F32;
+        spec.v_format = KvFormat::F32;
+        spec.max_seq_tokens = 100;
+        let layout = Layout::new(spec).unwrap();
+        let mut arena = vec![0u8; layout.arena_bytes(20).unwrap()];
+        let mut cache = KvCache::new(spec, &mut arena).unwrap();
+        let mut rng = Rng(7);
+        let prompt = 61;
+        let kv_elems = prompt * kv_heads * head_dim;
+        let (keys, values) = (rng.vec(kv_elems), rng.vec(kv_elems));
+        let queries = rng.vec(prompt * q_heads * head_dim);
+        let token_q = q_heads * head_dim;
+        let token_kv = kv_heads * head_dim;
+        let options = AttentionOptions::default();
+        let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
+
+        let whole = cache.add_sequence().unwrap();
+        cache.reserve(whole, prompt).unwrap();
+        cache.write_run(whole, 0, 0, &keys, &values).unwrap();
+        let mut expect = vec![0.0; prompt * token_q];
+        let entry = BatchEntry {
+            seq: whole,
+            first_position: 0,
+            tokens: prompt,
+        };
+        attention(
+            &cache,
+            0,
+            &[entry],
+            &queries,
+            &mut expect,
+            &mut scratch,
+            &options,
+        )
+        .unwrap();
+
+        let chunked = cache.add_sequence().unwrap();
+        let mut got = vec![0.0; prompt * token_q];
+        for start in (0..prompt).step_by(chunk) {
+            let n = chunk.min(prompt - start);
+            cache.reserve(chunked, n).unwrap();
+            cache
+                .write_run(
+                    chunked,
+                    0,
+                    start,
+                    &keys[start * token_kv..(start + n) * token_kv],
+                    &values[start * token_kv..(start + n) * token_kv],
+                )
+                .unwrap();
+            let entry = BatchEntry {
+                seq: chunked,
+                first_position: start,
+                tokens: n,
+            };
+            let range = start * token_q..(start + n) * token_q;
+            attention(
+                &cache,
+                0,
+                &[entry],
+                &queries[range.clone()],
+                &mut got[range],
+                &mut scratch,
+                &options,
+            )
+            .unwrap();
+        }
+        for (a, b) in got.iter().zip(&expect) {
+            assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+        }
+        let worst = check_against_oracle(
+            &cache,
+            0,
+            &[entry],
+            &queries,
+            &expect,
+            1.0 / (head_dim as f64).sqrt(),
+        );
+        assert!(worst < 1e-5, "{worst}");
+    }
+}
+
+#[test]
+fn half_precision_caches_stay_within_their_rounding() {
+    // f16 / bf16 storage against the oracle on the *original* f32 values: the error is the
+    // format's rounding (2^-11 and 2^-8 relative per element), not the algorithm's.
+    for (format, bound) in [(KvFormat::F16, 2e-3), (KvFormat::Bf16, 1.5e-2)] {
+        let mut spec = CacheSpec::new(1, 9, 3, 64);
+        spec.k_format = format;
+        spec.v_format = format;
+        spec.max_seq_tokens = 600;
+        let layout = Layout::new(spec).unwrap();
+        let mut arena = vec![0u8; layout.arena_bytes(40).unwrap()];
+        let mut cache = KvCache::new(spec, &mut arena).unwrap();
+        let mut rng = Rng(11);
+        let seq = cache.add_sequence().unwrap();
+        let len = 500;
+        let (keys, values) = (rng.vec(len * 3 * 64), rng.vec(len * 3 * 64));
+        cache.reserve(seq, len).unwrap();
+        cache.write_run(seq, 0, 0, &keys, &values).unwrap();
+        let queries: Vec<f32> = rng.vec(9 * 64).iter().map(|q| q * 4.0).collect();
+        let mut out = vec![0.0; 9 * 64];
+        let options = AttentionOptions::default();
+        let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
+        let entry = BatchEntry {
+            seq,
+            first_position: len - 1,
+            tokens: 1,
+        };
+        attention(
+            &cache,
+            0,
+            &[entry],
+            &queries,
+            &mut out,
+            &mut scratch,
+            &options,
+        )
+        .unwrap();
+        let mut worst = 0.0f64;
+        for head in 0..9 {
+            let kv = head / 3;
+            let rows = |data: &[f32]| {
+                (0..len)
+                    .map(|p| data[(p * 3 + kv) * 64..(p * 3 + kv + 1) * 64].to_vec())
+                    .collect::<Vec<_>>()
+            };
+            let expect = naive_attention(
+                &queries[head * 64..(head + 1) * 64],
+                &rows(&keys),
+                &rows(&values),
+                &vec![true; len],
+                0.125,
+            );
+            for (got, want) in out[head * 64..(head + 1) * 64].iter().zip(&expect) {
+                worst = worst.max((*got as f64 - want).abs());
+            }
+        }
+        assert!(worst < bound, "{format}: {worst}");
+    }
+}
+
+#[test]
+fn bad_batches_are_refused() {
+    let spec = CacheSpec::new(2, 4, 2, 8);
+    let layout = Layout::new(spec).unwrap();
+    let mut arena = vec![0u8; layout.arena_bytes(8).unwrap()];
+    let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    let seq = cache.add_sequence().unwrap();
+    let mut rng = Rng(1);
+    append(&mut cache, seq, 5, &mut rng);
+    let options = AttentionOptions::default();
+    let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
+    let q = vec![0.0; 4 * 8];
+    let mut out = vec![0.0; 4 * 8];
+    let past_end = BatchEntry {
+        seq,
+        first_position: 5,
+        tokens: 1,
+    };
+    assert!(matches!(
+        attention(&cache, 0, &[past_end], &q, &mut out, &mut scratch, &options),
+        Err(Error::BadPosition { .. })
+    ));
+    let ok = BatchEntry {
+        seq,
+        first_position: 4,
+        tokens: 1,
+    };
+    assert_eq!(
+        attention(&cache, 2, &[ok], &q, &mut out, &mut scratch, &options),
+        Err(Error::BadIndex("layer"))
+    );
+    assert_eq!(
+        attention(&cache, 0, &[ok], &q[1..], &mut out, &mut scratch, &options),
+        Err(Error::BadShape("queries"))
+    );
+    assert!(matches!(
+        attention(&cache, 0, &[ok], &q, &mut out, &mut scratch[..3], &options),
+        Err(Error::ScratchTooSmall { .. })
+    ));
+    let gone = SeqId::from_raw(77);
+    let bad = BatchEntry {
+        seq: gone,
+        first_position: 0,
+        tokens: 1,
+    };
+    assert_eq!(
+        attention(&cache, 0, &[bad], &q, &mut out, &mut scratch, &options),
+        Err(Error::UnknownSequence)
+    );
+    attention(&cache, 0, &[ok], &q, &mut out, &mut scratch, &options).unwrap();
+}
