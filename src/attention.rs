@@ -332,51 +332,47 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
     /// Merges the partial states of every item (`partials`: `work_items() × partial_len()`,
     /// item `i` at `i × partial_len()`) into `out` (same shape as the queries).
     pub fn merge(&self, partials: &[f32], out: &mut [f32]) -> Result<(), Error> {
-        if out.len() != self.queries_len() {
-            return Err(Error::BadShape("out"));
-        }
         let partial_len = self.partial_len();
         if partials.len() < self.items * partial_len {
             return Err(Error::BadShape("partials"));
         }
+        self.merge_with(|item| &partials[item * partial_len..(item + 1) * partial_len], out)
+    }
+
+    /// Merges every item's partial state, fetched by `state(item)`, into `out`.
+    fn merge_with<'s>(&self, state: impl Fn(usize) -> &'s [f32], out: &mut [f32]) -> Result<(), Error> {
+        if out.len() != self.queries_len() {
+            return Err(Error::BadShape("out"));
+        }
         for first in (0..self.items).step_by(self.splits) {
-            let group_states = &partials[first * partial_len..(first + self.splits) * partial_len];
-            self.merge_splits(first, group_states, out)?;
+            self.merge_splits(first, &state, out)?;
         }
         Ok(())
     }
 
-    /// Combines the `splits` partial states of one (entry, tile, head) and writes the output.
-    fn merge_splits(
-        &self,
-        first_item: usize,
-        states: &[f32],
-        out: &mut [f32],
-    ) -> Result<(), Error> {
+    /// Combines the `splits` partial states of one (entry, tile, head), in split order, and
+    /// writes the normalised output.
+    fn merge_splits<'s>(&self, first_item: usize, state: &impl Fn(usize) -> &'s [f32], out: &mut [f32]) -> Result<(), Error> {
         let item = self.item(first_item).ok_or(Error::BadIndex("work item"))?;
         let spec = self.cache.spec();
         let (head_dim, group) = (spec.head_dim, spec.group());
         let max_rows = self.max_rows();
-        let partial_len = self.partial_len();
         let base = self.entry_offset(item.entry);
+        let splits = first_item..first_item + self.splits;
         for r in 0..item.tokens * group {
             let (t, j) = (r / group, r % group);
-            let mut max = f32::NEG_INFINITY;
-            for state in states.chunks_exact(partial_len) {
-                max = max.max(state[r]);
-            }
-            let at = base
-                + ((item.token_start + t) * spec.q_heads + item.kv_head * group + j) * head_dim;
+            let max = splits.clone().map(|i| state(i)[r]).fold(f32::NEG_INFINITY, f32::max);
+            let at = base + ((item.token_start + t) * spec.q_heads + item.kv_head * group + j) * head_dim;
             let dst = &mut out[at..at + head_dim];
             dst.fill(0.0);
             let mut sum = 0.0f32;
-            for state in states.chunks_exact(partial_len) {
-                if state[r] == f32::NEG_INFINITY {
+            for partial in splits.clone().map(&state) {
+                if partial[r] == f32::NEG_INFINITY {
                     continue;
                 }
-                let weight = kernels::scalar::exp(state[r] - max);
-                sum += state[max_rows + r] * weight;
-                let acc = &state[2 * max_rows + r * head_dim..2 * max_rows + (r + 1) * head_dim];
+                let weight = kernels::scalar::exp(partial[r] - max);
+                sum += partial[max_rows + r] * weight;
+                let acc = &partial[2 * max_rows + r * head_dim..2 * max_rows + (r + 1) * head_dim];
                 for (d, a) in dst.iter_mut().zip(acc) {
                     *d += a * weight;
                 }
@@ -428,17 +424,103 @@ pub fn attention(
         });
     }
     let (work, partials) = scratch.split_at_mut(plan.scratch_len());
-    let group_len = plan.partial_len() * plan.splits;
-    let partials = &mut partials[..group_len];
+    let partial_len = plan.partial_len();
+    let partials = &mut partials[..partial_len * plan.splits];
     for first in (0..plan.work_items()).step_by(plan.splits) {
-        for split in 0..plan.splits {
-            let partial =
-                &mut partials[split * plan.partial_len()..(split + 1) * plan.partial_len()];
+        for (split, partial) in partials.chunks_exact_mut(partial_len).enumerate() {
             plan.run_item(first + split, queries, partial, work)?;
         }
-        plan.merge_splits(first, partials, out)?;
+        let partials = &*partials;
+        plan.merge_splits(first, &|item| &partials[(item - first) * partial_len..(item - first + 1) * partial_len], out)?;
     }
     Ok(())
+}
+
+/// Buffers for running a plan's work items on several threads (`std`): per thread, its
+/// scratch and the partial states of the items it ran. Reused across calls; grows, never
+/// shrinks.
+#[cfg(feature = "std")]
+#[derive(Default)]
+pub struct AttentionWorkspace {
+    threads: std::vec::Vec<std::sync::Mutex<ThreadBuffers>>,
+}
+
+#[cfg(feature = "std")]
+#[derive(Default)]
+struct ThreadBuffers {
+    scratch: std::vec::Vec<f32>,
+    partials: std::vec::Vec<f32>,
+    result: Option<Error>,
+}
+
+#[cfg(feature = "std")]
+impl AttentionWorkspace {
+    /// A workspace for up to `threads` threads.
+    pub fn new(threads: usize) -> Self {
+        let threads = (0..threads.max(1)).map(|_| std::sync::Mutex::new(ThreadBuffers::default())).collect();
+        AttentionWorkspace { threads }
+    }
+
+    /// Runs every work item of `plan` and merges them into `out`. `execute` must call the
+    /// function it is given once for each thread index `0..n` (with `n` at most the
+    /// workspace's thread count), possibly concurrently, and return when all calls have
+    /// returned: a thread pool's "run on every thread". Thread `i` runs a contiguous share of
+    /// the items; the merge is in item order, so the result is the same for every `n`.
+    pub fn run(
+        &mut self,
+        plan: &AttentionPlan<'_, '_, '_>,
+        queries: &[f32],
+        out: &mut [f32],
+        execute: impl FnOnce(&(dyn Fn(usize, usize) + Sync)),
+    ) -> Result<(), Error> {
+        if queries.len() != plan.queries_len() {
+            return Err(Error::BadShape("queries"));
+        }
+        if out.len() != plan.queries_len() {
+            return Err(Error::BadShape("out"));
+        }
+        let partial_len = plan.partial_len();
+        let max_threads = self.threads.len();
+        let used = std::sync::atomic::AtomicUsize::new(0);
+        let buffers = &self.threads;
+        let work = |thread: usize, threads: usize| {
+            let threads = threads.clamp(1, max_threads);
+            used.fetch_max(threads, std::sync::atomic::Ordering::Relaxed);
+            let Some(cell) = buffers.get(thread) else { return };
+            let Ok(mut guard) = cell.lock() else { return };
+            let buffers = &mut *guard;
+            let per_thread = plan.work_items().div_ceil(threads);
+            let items = (thread * per_thread).min(plan.work_items())..((thread + 1) * per_thread).min(plan.work_items());
+            buffers.scratch.resize(plan.scratch_len(), 0.0);
+            buffers.partials.resize(per_thread * partial_len, 0.0);
+            buffers.result = None;
+            for (index, item) in items.enumerate() {
+                let partial = &mut buffers.partials[index * partial_len..(index + 1) * partial_len];
+                if let Err(e) = plan.run_item(item, queries, partial, &mut buffers.scratch) {
+                    buffers.result = Some(e);
+                    return;
+                }
+            }
+        };
+        execute(&work);
+        let threads = used.load(std::sync::atomic::Ordering::Relaxed).max(1);
+        let guards: std::vec::Vec<_> = self.threads[..threads]
+            .iter()
+            .map(|cell| cell.lock().map_err(|_| Error::BadIndex("poisoned thread buffer")))
+            .collect::<Result<_, _>>()?;
+        if let Some(error) = guards.iter().find_map(|g| g.result) {
+            return Err(error);
+        }
+        let per_thread = plan.work_items().div_ceil(threads);
+        plan.merge_with(
+            |item| {
+                let buffers = &guards[item / per_thread];
+                let at = item % per_thread * partial_len;
+                &buffers.partials[at..at + partial_len]
+            },
+            out,
+        )
+    }
 }
 
 /// Attention for a batch with its work items spread over `threads` scoped threads (`std`).
@@ -454,37 +536,16 @@ pub fn attention_threaded(
     options: &AttentionOptions,
 ) -> Result<(), Error> {
     let plan = AttentionPlan::new(cache, layer, entries, options)?;
-    if queries.len() != plan.queries_len() {
-        return Err(Error::BadShape("queries"));
-    }
-    let partial_len = plan.partial_len();
-    let mut partials = std::vec![0.0f32; plan.work_items() * partial_len];
-    let threads = threads.clamp(1, plan.work_items().max(1));
-    let per_thread = plan.work_items().div_ceil(threads).max(1);
-    let plan_ref = &plan;
-    let results: std::vec::Vec<Result<(), Error>> = std::thread::scope(|scope| {
-        let handles: std::vec::Vec<_> = partials
-            .chunks_mut(per_thread * partial_len)
-            .enumerate()
-            .map(|(chunk, states)| {
-                scope.spawn(move || {
-                    let mut scratch = std::vec![0.0f32; plan_ref.scratch_len()];
-                    for (i, state) in states.chunks_exact_mut(partial_len).enumerate() {
-                        plan_ref.run_item(chunk * per_thread + i, queries, state, &mut scratch)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or(Err(Error::BadIndex("thread"))))
-            .collect()
-    });
-    for result in results {
-        result?;
-    }
-    plan.merge(&partials, out)
+    let threads = threads.max(1);
+    let mut workspace = AttentionWorkspace::new(threads);
+    workspace.run(&plan, queries, out, |work| {
+        std::thread::scope(|scope| {
+            for thread in 1..threads {
+                scope.spawn(move || work(thread, threads));
+            }
+            work(0, threads);
+        })
+    })
 }
 
 /// First key position the query at `position` sees in the window, and whether sinks apply.

@@ -27,6 +27,9 @@ extern crate alloc;
 #[allow(unsafe_code)]
 pub mod arena;
 pub mod attention;
+pub mod memory;
+#[cfg(feature = "std")]
+pub mod cli;
 pub mod cache;
 pub mod error;
 pub mod format;

@@ -1,0 +1,212 @@
+//! Decodes bytes into operations on a small cache (spec taken from the first bytes, windows
+//! included) and checks after every step: the structural invariants, and every stored row of
+//! every sequence against a plain model (a `Vec` of token tags per sequence, with the window's
+//! evictions replayed). A failed operation must change nothing.
+#![no_main]
+
+use kvcache::spec::Kind;
+use kvcache::{CacheSpec, Error, KvCache, KvFormat, Layout, SeqId};
+use libfuzzer_sys::fuzz_target;
+
+/// Exact in f32, f16 and bf16: multiples of 1/4 in [-32, 32).
+fn value(tag: u32, layer: usize, kind: Kind, element: usize) -> f32 {
+    let salt = (layer * 2 + (kind == Kind::V) as usize) as u32;
+    ((tag.wrapping_mul(2654435761) ^ (element as u32 * 40503 + salt * 977)) % 256) as f32 / 4.0 - 32.0
+}
+
+struct ModelSeq {
+    id: SeqId,
+    tags: Vec<u32>,
+    /// Logical blocks `sink_blocks..evict_end` were evicted by the window.
+    evict_end: usize,
+}
+
+struct Fuzz<'a> {
+    cache: KvCache<'a>,
+    spec: CacheSpec,
+    seqs: Vec<ModelSeq>,
+    removed: Vec<SeqId>,
+    next_tag: u32,
+}
+
+impl Fuzz<'_> {
+    fn sink_blocks(&self) -> usize {
+        if self.spec.window == 0 { 0 } else { self.spec.sink_tokens.div_ceil(self.spec.block_tokens) }
+    }
+
+    fn evicted(&self, seq: &ModelSeq, position: usize) -> bool {
+        let block = position / self.spec.block_tokens;
+        block >= self.sink_blocks() && block < seq.evict_end
+    }
+
+    fn write_token(&mut self, id: SeqId, position: usize, tag: u32) -> Result<(), Error> {
+        let elems = self.spec.kv_heads * self.spec.head_dim;
+        for layer in 0..self.spec.layers {
+            let k: Vec<f32> = (0..elems).map(|e| value(tag, layer, Kind::K, e)).collect();
+            let v: Vec<f32> = (0..elems).map(|e| value(tag, layer, Kind::V, e)).collect();
+            self.cache.write(id, layer, position, &k, &v)?;
+        }
+        Ok(())
+    }
+
+    fn replay_eviction(&mut self, index: usize, old_len: usize) {
+        let window = self.spec.window;
+        if window != 0 && old_len + 1 > window {
+            let end = (old_len + 1 - window) / self.spec.block_tokens;
+            let seq = &mut self.seqs[index];
+            seq.evict_end = seq.evict_end.max(end);
+        }
+    }
+
+    fn verify(&mut self) {
+        self.cache.check_invariants().expect("invariant");
+        assert_eq!(self.cache.sequences(), self.seqs.len());
+        let elems = self.spec.head_dim;
+        let mut row = vec![0.0f32; elems];
+        for seq in &self.seqs {
+            assert_eq!(self.cache.len(seq.id), Ok(seq.tags.len()));
+            for (position, &tag) in seq.tags.iter().enumerate() {
+                for layer in 0..self.spec.layers {
+                    for kind in [Kind::K, Kind::V] {
+                        for head in 0..self.spec.kv_heads {
+                            let result = self.cache.read_row(seq.id, layer, kind, head, position, &mut row);
+                            if self.evicted(seq, position) {
+                                assert_eq!(result, Err(Error::Evicted { position }));
+                                continue;
+                            }
+                            result.expect("read");
+                            for (d, &got) in row.iter().enumerate() {
+                                assert_eq!(got, value(tag, layer, kind, head * elems + d));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for &id in &self.removed {
+            assert_eq!(self.cache.len(id), Err(Error::UnknownSequence));
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 6 {
+        return;
+    }
+    let formats = [KvFormat::F32, KvFormat::F16, KvFormat::Bf16];
+    let mut spec = CacheSpec::new(1 + data[0] as usize % 2, 2, 1 + data[1] as usize % 2, 1 + data[2] as usize % 4);
+    spec.q_heads = spec.kv_heads * (1 + data[1] as usize / 2 % 3);
+    spec.block_tokens = 1 + data[3] as usize % 5;
+    spec.k_format = formats[data[4] as usize % 3];
+    spec.v_format = formats[data[4] as usize / 3 % 3];
+    spec.max_seqs = 4;
+    spec.max_seq_tokens = 24;
+    spec.window = if data[5] % 3 == 0 { 1 + data[5] as usize / 3 % 10 } else { 0 };
+    spec.sink_tokens = data[5] as usize / 32 % 4;
+    let blocks = 1 + data[0] as usize / 2 % 20;
+    let Ok(layout) = Layout::new(spec) else { return };
+    let mut arena = vec![0u8; layout.arena_bytes(blocks).unwrap() + data[2] as usize / 4 % 8];
+    let offset = data[2] as usize / 32;
+    let mut fuzz = Fuzz {
+        cache: KvCache::new(spec, &mut arena[offset..]).expect("arena sized by arena_bytes"),
+        spec,
+        seqs: Vec::new(),
+        removed: Vec::new(),
+        next_tag: 0,
+    };
+    for pair in data[6..].chunks(2) {
+        let (op, arg) = (pair[0], *pair.get(1).unwrap_or(&0) as usize);
+        let pick = |n: usize| if n == 0 { 0 } else { arg % n };
+        match op % 8 {
+            0 => match fuzz.cache.add_sequence() {
+                Ok(id) => fuzz.seqs.push(ModelSeq { id, tags: Vec::new(), evict_end: 0 }),
+                Err(e) => assert_eq!(e, Error::TooManySequences),
+            },
+            1 | 2 if !fuzz.seqs.is_empty() => {
+                let index = pick(fuzz.seqs.len());
+                let n = arg / 8 % 9;
+                let id = fuzz.seqs[index].id;
+                let old_len = fuzz.seqs[index].tags.len();
+                match fuzz.cache.reserve(id, n) {
+                    Ok(range) => {
+                        assert_eq!(range, old_len..old_len + n);
+                        fuzz.replay_eviction(index, old_len);
+                        for position in range {
+                            fuzz.next_tag += 1;
+                            let tag = fuzz.next_tag;
+                            fuzz.write_token(id, position, tag).expect("write after reserve");
+                            fuzz.seqs[index].tags.push(tag);
+                        }
+                    }
+                    Err(Error::OutOfBlocks { .. }) => {}
+                    Err(Error::TooLong { .. }) => assert!(old_len + n > spec.max_seq_tokens),
+                    Err(e) => panic!("reserve: {e}"),
+                }
+            }
+            3 if !fuzz.seqs.is_empty() => {
+                let index = pick(fuzz.seqs.len());
+                let (id, len) = (fuzz.seqs[index].id, fuzz.seqs[index].tags.len());
+                let position = arg / 4 % (len + 2);
+                fuzz.next_tag += 1;
+                let tag = fuzz.next_tag;
+                match fuzz.write_token(id, position, tag) {
+                    Ok(()) => fuzz.seqs[index].tags[position] = tag,
+                    Err(Error::BadPosition { .. }) => assert!(position >= len),
+                    Err(Error::Evicted { .. }) => assert!(fuzz.evicted(&fuzz.seqs[index], position)),
+                    Err(Error::OutOfBlocks { .. }) => {}
+                    Err(e) => panic!("write: {e}"),
+                }
+            }
+            4 if !fuzz.seqs.is_empty() => {
+                let index = pick(fuzz.seqs.len());
+                match fuzz.cache.fork(fuzz.seqs[index].id) {
+                    Ok(id) => {
+                        let (tags, evict_end) = (fuzz.seqs[index].tags.clone(), fuzz.seqs[index].evict_end);
+                        fuzz.seqs.push(ModelSeq { id, tags, evict_end });
+                    }
+                    Err(e) => assert_eq!(e, Error::TooManySequences),
+                }
+            }
+            5 if !fuzz.seqs.is_empty() => {
+                let index = pick(fuzz.seqs.len());
+                let len = fuzz.seqs[index].tags.len();
+                let keep = arg / 4 % (len + 3);
+                match fuzz.cache.truncate(fuzz.seqs[index].id, keep) {
+                    Ok(()) => fuzz.seqs[index].tags.truncate(keep),
+                    Err(Error::BadPosition { .. }) => assert!(keep > len),
+                    Err(Error::Evicted { .. }) => assert!(fuzz.seqs[index].evict_end > fuzz.sink_blocks()),
+                    Err(e) => panic!("truncate: {e}"),
+                }
+            }
+            6 if !fuzz.seqs.is_empty() => {
+                let seq = fuzz.seqs.remove(pick(fuzz.seqs.len()));
+                fuzz.cache.remove(seq.id).expect("remove live");
+                fuzz.removed.push(seq.id);
+            }
+            7 => {
+                // Batch reserve over every sequence, including a stale id when arg says so.
+                let mut requests: Vec<(SeqId, usize)> = fuzz.seqs.iter().map(|s| (s.id, arg % 3)).collect();
+                if arg & 0x80 != 0 {
+                    if let Some(&gone) = fuzz.removed.last() {
+                        requests.push((gone, 1));
+                    }
+                }
+                let lens: Vec<usize> = fuzz.seqs.iter().map(|s| s.tags.len()).collect();
+                if fuzz.cache.reserve_batch(&requests).is_ok() {
+                    for (index, &(id, n)) in requests.iter().enumerate().take(fuzz.seqs.len()) {
+                        fuzz.replay_eviction(index, lens[index]);
+                        for _ in 0..n {
+                            fuzz.next_tag += 1;
+                            let tag = fuzz.next_tag;
+                            let position = fuzz.seqs[index].tags.len();
+                            fuzz.write_token(id, position, tag).expect("write after batch reserve");
+                            fuzz.seqs[index].tags.push(tag);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        fuzz.verify();
+    }
+});
