@@ -14,19 +14,84 @@
 //! is derived from the slice lengths, and inconsistent lengths are a caller bug caught by
 //! `debug_assert!` (release builds process the largest consistent prefix).
 
+//!
+//! # Kernel selection
+//!
+//! On x86_64 the AVX2 + FMA + F16C kernels of [`avx2`] are used when the CPU has them, the
+//! scalar ones of [`scalar`] otherwise:
+//! - built with those target features (`-C target-cpu=...`), the choice is made at compile time;
+//! - otherwise, under the `std` feature, the CPU is asked once (`is_x86_feature_detected!`) and
+//!   the answer cached; without `std` the scalar kernels are used;
+//! - the cargo feature `force-scalar`, or (under `std`) the environment variable
+//!   `KVCACHE_FORCE_SCALAR` set to anything but `""` or `"0"` when the first kernel runs,
+//!   forces the scalar kernels.
+//!
+//! [`active_isa`] says which set is in use.
+
 use crate::format::KvFormat;
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
 pub mod scalar;
+
+/// Calls the AVX2 kernel when [`simd`] allows it, else the scalar twin.
+macro_rules! dispatch {
+    ($name:ident($($arg:expr),* $(,)?)) => {{
+        #[cfg(all(target_arch = "x86_64", not(feature = "force-scalar")))]
+        {
+            if let Some(isa) = simd() {
+                return isa.$name($($arg),*);
+            }
+        }
+        scalar::$name($($arg),*)
+    }};
+}
+
+/// The AVX2 token when the AVX2 kernels are to be used.
+#[cfg(all(target_arch = "x86_64", not(feature = "force-scalar"), feature = "std"))]
+#[inline]
+fn simd() -> Option<avx2::Avx2> {
+    use core::sync::atomic::{AtomicU8, Ordering};
+    const UNKNOWN: u8 = 0;
+    const SCALAR: u8 = 1;
+    const AVX2: u8 = 2;
+    // Relaxed is enough: every thread that races on the first call computes the same answer.
+    static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
+    match STATE.load(Ordering::Relaxed) {
+        // SAFETY: AVX2 is only stored below after `Avx2::new()` returned `Some`.
+        AVX2 => Some(unsafe { avx2::Avx2::new_unchecked() }),
+        SCALAR => None,
+        _ => {
+            let forced = std::env::var_os("KVCACHE_FORCE_SCALAR")
+                .is_some_and(|value| !value.is_empty() && value != "0");
+            let isa = if forced { None } else { avx2::Avx2::new() };
+            STATE.store(if isa.is_some() { AVX2 } else { SCALAR }, Ordering::Relaxed);
+            isa
+        }
+    }
+}
+
+/// The AVX2 token when the AVX2 kernels are to be used (without `std`: only when the target
+/// features are enabled at compile time).
+#[cfg(all(
+    target_arch = "x86_64",
+    not(feature = "force-scalar"),
+    not(feature = "std")
+))]
+#[inline]
+fn simd() -> Option<avx2::Avx2> {
+    avx2::Avx2::new()
+}
 
 /// Writes one row of `src.len()` elements into `dst` in `format` (`dst.len()` must be
 /// `format.row_bytes(src.len())`).
 pub fn encode_row(format: KvFormat, src: &[f32], dst: &mut [u8]) {
-    scalar::encode_row(format, src, dst)
+    dispatch!(encode_row(format, src, dst))
 }
 
 /// Reads one stored row back into `dst` (`dst.len()` elements).
 pub fn decode_row(format: KvFormat, src: &[u8], dst: &mut [f32]) {
-    scalar::decode_row(format, src, dst)
+    dispatch!(decode_row(format, src, dst))
 }
 
 /// `scores[h][r] = queries[h] · row[r]` for every head `h < group` and row `r < n_rows`,
@@ -39,7 +104,7 @@ pub fn dot_rows(
     group: usize,
     scores: &mut [f32],
 ) {
-    scalar::dot_rows(format, rows, head_dim, queries, group, scores)
+    dispatch!(dot_rows(format, rows, head_dim, queries, group, scores))
 }
 
 /// `out[h] += Σ_r weights[h][r] · row[r]` for every head `h < group`, where
@@ -52,21 +117,35 @@ pub fn accumulate_rows(
     group: usize,
     out: &mut [f32],
 ) {
-    scalar::accumulate_rows(format, rows, head_dim, weights, group, out)
+    dispatch!(accumulate_rows(format, rows, head_dim, weights, group, out))
 }
 
 /// Replaces every `x` in `values` by `exp(x - shift)` and returns their sum.
 /// `exp(-inf)` is 0, so masked scores set to `-inf` drop out.
 pub fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
-    scalar::exp_shifted_sum(values, shift)
+    dispatch!(exp_shifted_sum(values, shift))
 }
 
 /// Largest value in `values` (`-inf` for an empty slice; NaN is ignored).
 pub fn max(values: &[f32]) -> f32 {
-    scalar::max(values)
+    dispatch!(max(values))
 }
 
 /// Name of the kernel set in use (`"scalar"` or `"avx2"`), for reports.
 pub fn active_isa() -> &'static str {
+    #[cfg(all(target_arch = "x86_64", not(feature = "force-scalar")))]
+    {
+        if simd().is_some() {
+            return "avx2";
+        }
+    }
     "scalar"
+}
+
+/// XOR of the little-endian 8-byte words of `bytes` (the last partial word zero-padded),
+/// computed with plain full-width loads: it touches every byte once at the kernels' load
+/// width, so its speed over a buffer is the memory-bandwidth roofline for kernels that stream
+/// the same bytes.
+pub fn stream_read(bytes: &[u8]) -> u64 {
+    dispatch!(stream_read(bytes))
 }

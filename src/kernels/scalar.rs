@@ -143,10 +143,13 @@ pub fn exp(x: f32) -> f32 {
     if x.is_nan() {
         return x;
     }
-    if x < -103.0 {
+    // Below ln(2^-150) even the smallest subnormal is more than twice the true value.
+    if x < -103.972_08 {
         return 0.0;
     }
-    if x > 88.7 {
+    if x > 89.0 {
+        // Past ln(f32::MAX) ≈ 88.72 the scaling below overflows to +inf by itself; the cut
+        // only keeps `k` small enough for the exponent arithmetic.
         return f32::INFINITY;
     }
     const LN2_HI: f32 = 0.693_359_4;
@@ -167,4 +170,20 @@ pub fn exp(x: f32) -> f32 {
 #[inline]
 fn pow2(k: i32) -> f32 {
     f32::from_bits(((k + 127).clamp(0, 255) as u32) << 23)
+}
+
+/// See [`super::stream_read`]: XOR of the little-endian 8-byte words of `bytes`, the last
+/// partial word zero-padded.
+pub fn stream_read(bytes: &[u8]) -> u64 {
+    let mut words = bytes.chunks_exact(8);
+    let mut acc = 0u64;
+    for word in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(word);
+        acc ^= u64::from_le_bytes(b);
+    }
+    let mut b = [0u8; 8];
+    let rest = words.remainder();
+    b[..rest.len()].copy_from_slice(rest);
+    acc ^ u64::from_le_bytes(b)
 }

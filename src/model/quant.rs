@@ -1,1 +1,1303 @@
-//! (being written)
+//! Quantized weight matrices (ggml layouts), activation quantization and the matmul kernels.
+//!
+//! # Layouts
+//! A weight matrix is `rows` rows of `cols` elements, row-major; each row is a sequence of
+//! blocks with no padding between rows (`row_bytes(cols)` bytes per row):
+//!
+//! | type | elems/block | bytes/block | block layout | element |
+//! |------|-------------|-------------|--------------|---------|
+//! | F32  | 1  | 4  | f32 LE | `w` |
+//! | F16  | 1  | 2  | IEEE half LE | `w` |
+//! | Q8_0 | 32 | 34 | f16 `d`, 32 × i8 `q` | `d·q` |
+//! | Q4_0 | 32 | 18 | f16 `d`, 16 bytes: byte `j` low nibble = elem `j`, high = elem `j+16` | `d·(q−8)` |
+//! | Q4_1 | 32 | 20 | f16 `d`, f16 `m`, 16 bytes as Q4_0 | `d·q + m` |
+//!
+//! # Activations
+//! Quantized weights are multiplied with activations quantized like llama.cpp's Q8_1:
+//! [`QuantizedActivations`] holds, per token and per block of 32, `d = max|x| / 127`, the 32
+//! values `q = round(x / d)` as i8 and `s = d · Σq` (which carries Q4_1's `m` term and Q4_0's
+//! `−8` offset). The block dot product is then integer: `Σ w·x ≈ d_w·d_x·Σ q_w·q_x (+ m·s_x)`.
+//! Float weights (F32, F16) are multiplied with the `f32` activations directly.
+//!
+//! # Kernels
+//! Every kernel has a scalar twin; the AVX2 (+FMA, F16C) versions are chosen at run time
+//! ([`Backend::detect`], detected once), unless the `force-scalar` cargo feature is on or the
+//! environment variable `KVCACHE_FORCE_SCALAR=1` is set when the detection runs. The `*_with`
+//! functions take an explicit [`Backend`] (tests compare the two).
+//!
+//! [`matmul`] computes `y[t][r] = W[r] · x[t]` for all tokens: each thread of the pool takes a
+//! contiguous range of rows, and each weight row is read once and dotted against a tile of up to
+//! [`TOKEN_TILE`] tokens at a time, so prefill is not bound by re-reading the weights. Every
+//! output is computed by one thread with an order of operations that does not depend on the
+//! thread count nor on the tile a token falls into, so results are bitwise reproducible.
+
+use core::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use super::threads::ThreadPool;
+use crate::half::{f16_to_f32, f32_to_f16};
+
+/// Elements per block of the quantized types (and of the quantized activations).
+pub const QK: usize = 32;
+
+/// Tokens dotted against one weight row per pass in [`matmul`].
+pub const TOKEN_TILE: usize = 4;
+
+/// Why a quantized-weight operation was refused. Nothing was written when it is returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QuantError {
+    /// `cols` is not a multiple of the type's block size.
+    ColsNotBlockMultiple {
+        /// The weight type.
+        ty: WeightType,
+        /// Columns asked for.
+        cols: usize,
+    },
+    /// A size computation overflows `usize`.
+    SizeOverflow,
+    /// The weight data is not exactly `rows · row_bytes(cols)` bytes.
+    BadDataLength {
+        /// Bytes expected.
+        expected: usize,
+        /// Bytes given.
+        actual: usize,
+    },
+    /// A slice argument has the wrong length (the argument's name).
+    BadShape {
+        /// Which argument.
+        what: &'static str,
+        /// Elements expected.
+        expected: usize,
+        /// Elements given.
+        actual: usize,
+    },
+    /// A row or token index is out of range.
+    OutOfRange {
+        /// Which index.
+        what: &'static str,
+        /// The index given.
+        index: usize,
+        /// The number of rows / tokens.
+        len: usize,
+    },
+    /// The activations do not suit the weight type: float weights (F32, F16) take `f32`
+    /// activations, block types take [`QuantizedActivations`].
+    WrongActivations(WeightType),
+}
+
+impl fmt::Display for QuantError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            QuantError::ColsNotBlockMultiple { ty, cols } => write!(
+                f,
+                "{cols} columns is not a multiple of the {ty:?} block size {}",
+                ty.block_size()
+            ),
+            QuantError::SizeOverflow => f.write_str("a weight size overflows usize"),
+            QuantError::BadDataLength { expected, actual } => {
+                write!(f, "weight data is {actual} bytes, expected {expected}")
+            }
+            QuantError::BadShape {
+                what,
+                expected,
+                actual,
+            } => write!(f, "`{what}` has {actual} elements, expected {expected}"),
+            QuantError::OutOfRange { what, index, len } => {
+                write!(f, "{what} index {index} out of range (len {len})")
+            }
+            QuantError::WrongActivations(ty) => {
+                write!(f, "wrong activation kind for {ty:?} weights")
+            }
+        }
+    }
+}
+
+impl std::error::Error for QuantError {}
+
+/// A weight storage type, as ggml numbers and lays it out (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightType {
+    /// 32-bit float.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// Blocks of 32: f16 scale, 32 × i8.
+    Q8_0,
+    /// Blocks of 32: f16 scale, 32 × 4-bit (offset 8).
+    Q4_0,
+    /// Blocks of 32: f16 scale, f16 min, 32 × 4-bit.
+    Q4_1,
+}
+
+impl WeightType {
+    /// The type for a ggml type id (F32=0, F16=1, Q4_0=2, Q4_1=3, Q8_0=8); `None` for others.
+    pub fn from_ggml(id: u32) -> Option<Self> {
+        match id {
+            0 => Some(WeightType::F32),
+            1 => Some(WeightType::F16),
+            2 => Some(WeightType::Q4_0),
+            3 => Some(WeightType::Q4_1),
+            8 => Some(WeightType::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// The ggml type id.
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            WeightType::F32 => 0,
+            WeightType::F16 => 1,
+            WeightType::Q4_0 => 2,
+            WeightType::Q4_1 => 3,
+            WeightType::Q8_0 => 8,
+        }
+    }
+
+    /// Elements per block (1 for the float types).
+    pub fn block_size(self) -> usize {
+        match self {
+            WeightType::F32 | WeightType::F16 => 1,
+            _ => QK,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            WeightType::F32 => 4,
+            WeightType::F16 => 2,
+            WeightType::Q8_0 => 34,
+            WeightType::Q4_0 => 18,
+            WeightType::Q4_1 => 20,
+        }
+    }
+
+    /// Whether the type is a block type that takes [`QuantizedActivations`].
+    pub fn is_quantized(self) -> bool {
+        self.block_size() > 1
+    }
+
+    /// Bytes of one row of `cols` elements; `None` when `cols` is not a multiple of the block
+    /// size or the size overflows.
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        if cols % self.block_size() != 0 {
+            return None;
+        }
+        (cols / self.block_size()).checked_mul(self.block_bytes())
+    }
+}
+
+/// A borrowed weight matrix: `rows` rows of `cols` elements of type `ty`, `data` exactly
+/// `rows · ty.row_bytes(cols)` bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightMatrix<'a> {
+    /// Storage type.
+    pub ty: WeightType,
+    /// Output dimension (number of rows).
+    pub rows: usize,
+    /// Input dimension (elements per row).
+    pub cols: usize,
+    /// The raw bytes, row-major.
+    pub data: &'a [u8],
+}
+
+impl<'a> WeightMatrix<'a> {
+    /// Checks the shape against the data length (exactly) and wraps it.
+    pub fn new(
+        ty: WeightType,
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+    ) -> Result<Self, QuantError> {
+        let row_bytes = ty.row_bytes(cols).ok_or(if cols % ty.block_size() != 0 {
+            QuantError::ColsNotBlockMultiple { ty, cols }
+        } else {
+            QuantError::SizeOverflow
+        })?;
+        let expected = row_bytes
+            .checked_mul(rows)
+            .ok_or(QuantError::SizeOverflow)?;
+        if data.len() != expected {
+            return Err(QuantError::BadDataLength {
+                expected,
+                actual: data.len(),
+            });
+        }
+        Ok(WeightMatrix {
+            ty,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        // Checked in `new`; fields are public, so recompute defensively.
+        self.ty.row_bytes(self.cols).unwrap_or(0)
+    }
+
+    /// Re-checks the invariants of `new` (the fields are public and may have been edited).
+    fn check(&self) -> Result<usize, QuantError> {
+        WeightMatrix::new(self.ty, self.rows, self.cols, self.data).map(|w| w.row_bytes())
+    }
+
+    /// The raw bytes of row `r`.
+    pub fn row(&self, r: usize) -> Result<&'a [u8], QuantError> {
+        let rb = self.check()?;
+        if r >= self.rows {
+            return Err(QuantError::OutOfRange {
+                what: "row",
+                index: r,
+                len: self.rows,
+            });
+        }
+        Ok(&self.data[r * rb..(r + 1) * rb])
+    }
+
+    /// Dequantizes row `r` into `out` (`cols` f32), e.g. for an embedding lookup.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<(), QuantError> {
+        let row = self.row(r)?;
+        if out.len() != self.cols {
+            return Err(QuantError::BadShape {
+                what: "out",
+                expected: self.cols,
+                actual: out.len(),
+            });
+        }
+        dequantize_row_bytes(self.ty, row, out);
+        Ok(())
+    }
+}
+
+#[inline]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
+}
+
+/// Dequantizes one row (`row.len() == ty.row_bytes(out.len())`, checked by the callers).
+fn dequantize_row_bytes(ty: WeightType, row: &[u8], out: &mut [f32]) {
+    match ty {
+        WeightType::F32 => {
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        WeightType::F16 => {
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
+                *o = f16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+            }
+        }
+        WeightType::Q8_0 => {
+            for (o, b) in out.chunks_exact_mut(QK).zip(row.chunks_exact(34)) {
+                let d = f16_at(b, 0);
+                for (v, &q) in o.iter_mut().zip(&b[2..34]) {
+                    *v = d * (q as i8) as f32;
+                }
+            }
+        }
+        WeightType::Q4_0 | WeightType::Q4_1 => {
+            let (bb, off) = if ty == WeightType::Q4_1 {
+                (20, 4)
+            } else {
+                (18, 2)
+            };
+            for (o, b) in out.chunks_exact_mut(QK).zip(row.chunks_exact(bb)) {
+                let d = f16_at(b, 0);
+                let (lo, hi) = o.split_at_mut(16);
+                for j in 0..16 {
+                    let byte = b[off + j];
+                    let (q0, q1) = ((byte & 15) as i32, (byte >> 4) as i32);
+                    if ty == WeightType::Q4_1 {
+                        let m = f16_at(b, 2);
+                        lo[j] = d * q0 as f32 + m;
+                        hi[j] = d * q1 as f32 + m;
+                    } else {
+                        lo[j] = d * (q0 - 8) as f32;
+                        hi[j] = d * (q1 - 8) as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Quantizes `x` (`cols` f32, a multiple of 32) into `ty`'s row layout (`ty.row_bytes(cols)`
+/// bytes), the way ggml's reference quantizers do (round to nearest). For tests, benches and
+/// tools; not on the inference path.
+pub fn quantize_row(ty: WeightType, x: &[f32], out: &mut [u8]) -> Result<(), QuantError> {
+    let expected = ty
+        .row_bytes(x.len())
+        .ok_or(QuantError::ColsNotBlockMultiple { ty, cols: x.len() })?;
+    if out.len() != expected {
+        return Err(QuantError::BadShape {
+            what: "out",
+            expected,
+            actual: out.len(),
+        });
+    }
+    match ty {
+        WeightType::F32 => {
+            for (c, v) in out.chunks_exact_mut(4).zip(x) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        WeightType::F16 => {
+            for (c, v) in out.chunks_exact_mut(2).zip(x) {
+                c.copy_from_slice(&f32_to_f16(*v).to_le_bytes());
+            }
+        }
+        WeightType::Q8_0 => {
+            for (b, xs) in out.chunks_exact_mut(34).zip(x.chunks_exact(QK)) {
+                let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                b[..2].copy_from_slice(&f32_to_f16(d).to_le_bytes());
+                for (o, v) in b[2..].iter_mut().zip(xs) {
+                    *o = ((v * id).round() as i8) as u8;
+                }
+            }
+        }
+        WeightType::Q4_0 => {
+            for (b, xs) in out.chunks_exact_mut(18).zip(x.chunks_exact(QK)) {
+                // ggml: the signed value of largest magnitude maps to -8.
+                let max = xs
+                    .iter()
+                    .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                b[..2].copy_from_slice(&f32_to_f16(d).to_le_bytes());
+                for j in 0..16 {
+                    let q0 = ((xs[j] * id + 8.5) as i32).clamp(0, 15) as u8;
+                    let q1 = ((xs[j + 16] * id + 8.5) as i32).clamp(0, 15) as u8;
+                    b[2 + j] = q0 | (q1 << 4);
+                }
+            }
+        }
+        WeightType::Q4_1 => {
+            for (b, xs) in out.chunks_exact_mut(20).zip(x.chunks_exact(QK)) {
+                let min = xs.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+                let max = xs.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                b[..2].copy_from_slice(&f32_to_f16(d).to_le_bytes());
+                b[2..4].copy_from_slice(&f32_to_f16(min).to_le_bytes());
+                for j in 0..16 {
+                    let q0 = (((xs[j] - min) * id + 0.5) as i32).clamp(0, 15) as u8;
+                    let q1 = (((xs[j + 16] - min) * id + 0.5) as i32).clamp(0, 15) as u8;
+                    b[4 + j] = q0 | (q1 << 4);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend selection
+
+/// Which kernel family runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Portable scalar kernels (the reference).
+    Scalar,
+    /// AVX2 + FMA + F16C kernels (x86_64). Falls back to scalar where unavailable.
+    Avx2,
+}
+
+static DETECTED: AtomicU8 = AtomicU8::new(0);
+
+impl Backend {
+    /// The backend used by the functions without `_with`: AVX2 when the CPU has AVX2, FMA and
+    /// F16C, unless the `force-scalar` feature is on or `KVCACHE_FORCE_SCALAR=1` was set at the
+    /// first call. Detected once and cached.
+    pub fn detect() -> Backend {
+        match DETECTED.load(Ordering::Relaxed) {
+            1 => return Backend::Scalar,
+            2 => return Backend::Avx2,
+            _ => {}
+        }
+        let forced = std::env::var_os("KVCACHE_FORCE_SCALAR").is_some_and(|v| v == "1");
+        let b = if !forced && Backend::avx2_available() {
+            Backend::Avx2
+        } else {
+            Backend::Scalar
+        };
+        DETECTED.store(if b == Backend::Avx2 { 2 } else { 1 }, Ordering::Relaxed);
+        b
+    }
+
+    /// Whether the AVX2 kernels can run here (CPU support, and the `force-scalar` feature off).
+    pub fn avx2_available() -> bool {
+        #[cfg(all(target_arch = "x86_64", not(feature = "force-scalar")))]
+        {
+            std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(all(target_arch = "x86_64", not(feature = "force-scalar"))))]
+        {
+            false
+        }
+    }
+
+    /// The backend that actually runs when `self` is asked for.
+    pub fn effective(self) -> Backend {
+        match self {
+            Backend::Avx2 if Backend::avx2_available() => Backend::Avx2,
+            _ => Backend::Scalar,
+        }
+    }
+}
+
+/// Proof that the AVX2/FMA/F16C kernels may run; only built after detection.
+#[derive(Clone, Copy)]
+struct Avx2Token(());
+
+impl Avx2Token {
+    fn get(backend: Backend) -> Option<Avx2Token> {
+        (backend.effective() == Backend::Avx2).then_some(Avx2Token(()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantized activations
+
+/// Activations quantized per block of 32 (llama.cpp's Q8_1 scheme, with f32 scales): for
+/// `tokens` rows of `cols` values, `q` is `[tokens][cols]` i8 and `ds` is
+/// `[tokens][cols / 32][2]` f32 holding `(d, s)`: `x ≈ d·q`, `s = d·Σq`.
+///
+/// Built by [`quantize_activations`], which reuses the buffers (no allocation once they are as
+/// large as the largest input seen).
+#[derive(Clone, Debug, Default)]
+pub struct QuantizedActivations {
+    tokens: usize,
+    cols: usize,
+    q: Vec<i8>,
+    ds: Vec<f32>,
+}
+
+impl QuantizedActivations {
+    /// Empty; grows on the first [`quantize_activations`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Pre-sized for `tokens × cols` so later calls up to that size never allocate.
+    pub fn with_capacity(tokens: usize, cols: usize) -> Self {
+        let n = tokens.saturating_mul(cols);
+        QuantizedActivations {
+            tokens: 0,
+            cols: 0,
+            q: Vec::with_capacity(n),
+            ds: Vec::with_capacity(n / QK * 2),
+        }
+    }
+
+    /// Tokens held.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Values per token.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Blocks per token (`cols / 32`).
+    pub fn blocks(&self) -> usize {
+        self.cols / QK
+    }
+
+    /// Token `t`'s quants (`cols` i8), or `None` if `t` is out of range.
+    pub fn quants(&self, t: usize) -> Option<&[i8]> {
+        (t < self.tokens).then(|| &self.q[t * self.cols..(t + 1) * self.cols])
+    }
+
+    /// Token `t`'s `(d, s)` pairs, flattened (`2 · cols / 32` f32), or `None` if out of range.
+    pub fn scales(&self, t: usize) -> Option<&[f32]> {
+        let n = 2 * self.blocks();
+        (t < self.tokens).then(|| &self.ds[t * n..(t + 1) * n])
+    }
+
+    /// Writes token `t`'s dequantized values `d·q` into `out` (`cols` f32).
+    pub fn dequantize_token(&self, t: usize, out: &mut [f32]) -> Result<(), QuantError> {
+        let (q, ds) = self.token(t)?;
+        if out.len() != self.cols {
+            return Err(QuantError::BadShape {
+                what: "out",
+                expected: self.cols,
+                actual: out.len(),
+            });
+        }
+        for ((o, qb), d) in out
+            .chunks_exact_mut(QK)
+            .zip(q.chunks_exact(QK))
+            .zip(ds.chunks_exact(2))
+        {
+            for (v, &qi) in o.iter_mut().zip(qb) {
+                *v = d[0] * qi as f32;
+            }
+        }
+        Ok(())
+    }
+
+    fn token(&self, t: usize) -> Result<(&[i8], &[f32]), QuantError> {
+        match (self.quants(t), self.scales(t)) {
+            (Some(q), Some(ds)) => Ok((q, ds)),
+            _ => Err(QuantError::OutOfRange {
+                what: "token",
+                index: t,
+                len: self.tokens,
+            }),
+        }
+    }
+}
+
+/// Quantizes `x` (`[tokens][cols]` f32, `tokens = x.len() / cols`) into `out`, reusing its
+/// buffers. `cols` must be a positive multiple of 32 dividing `x.len()`.
+pub fn quantize_activations(
+    x: &[f32],
+    cols: usize,
+    out: &mut QuantizedActivations,
+) -> Result<(), QuantError> {
+    quantize_activations_with(Backend::detect(), x, cols, out)
+}
+
+/// [`quantize_activations`] on an explicit backend (both give bitwise the same result).
+pub fn quantize_activations_with(
+    backend: Backend,
+    x: &[f32],
+    cols: usize,
+    out: &mut QuantizedActivations,
+) -> Result<(), QuantError> {
+    if cols == 0 || cols % QK != 0 {
+        return Err(QuantError::ColsNotBlockMultiple {
+            ty: WeightType::Q8_0,
+            cols,
+        });
+    }
+    if x.len() % cols != 0 {
+        return Err(QuantError::BadShape {
+            what: "x",
+            expected: (x.len() / cols) * cols,
+            actual: x.len(),
+        });
+    }
+    let tokens = x.len() / cols;
+    let nblocks = x.len() / QK;
+    out.q.resize(x.len(), 0);
+    out.ds.resize(2 * nblocks, 0.0);
+    out.tokens = tokens;
+    out.cols = cols;
+    let token = Avx2Token::get(backend);
+    for ((xb, qb), ds) in x
+        .chunks_exact(QK)
+        .zip(out.q.chunks_exact_mut(QK))
+        .zip(out.ds.chunks_exact_mut(2))
+    {
+        let xb: &[f32; QK] = xb.try_into().expect("chunk of 32");
+        let qb: &mut [i8; QK] = qb.try_into().expect("chunk of 32");
+        let (d, s) = match token {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the token exists only when AVX2, FMA and F16C were detected.
+            Some(_) => unsafe { avx2::quantize_block(xb, qb) },
+            _ => scalar::quantize_block(xb, qb),
+        };
+        ds[0] = d;
+        ds[1] = s;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Single dot products (tests, tools)
+
+/// `W[r] · x[t]` for a block-type weight and quantized activations, on `backend`.
+pub fn dot_quantized_with(
+    backend: Backend,
+    w: &WeightMatrix,
+    r: usize,
+    x: &QuantizedActivations,
+    t: usize,
+) -> Result<f32, QuantError> {
+    check_quantized(w, x)?;
+    let row = w.row(r)?;
+    x.token(t)?;
+    Ok(kernel_quantized(w.ty, Avx2Token::get(backend)).dot::<1>(row, x, t)[0])
+}
+
+/// `W[r] · x` for a float weight (F32, F16) and `f32` activations (`cols` long), on `backend`.
+pub fn dot_f32_with(
+    backend: Backend,
+    w: &WeightMatrix,
+    r: usize,
+    x: &[f32],
+) -> Result<f32, QuantError> {
+    check_float(w, x, 1)?;
+    let row = w.row(r)?;
+    Ok(kernel_float(w.ty, Avx2Token::get(backend)).dot::<1>(row, x, w.cols, 0)[0])
+}
+
+fn check_quantized(w: &WeightMatrix, x: &QuantizedActivations) -> Result<(), QuantError> {
+    w.check()?;
+    if !w.ty.is_quantized() {
+        return Err(QuantError::WrongActivations(w.ty));
+    }
+    if x.cols != w.cols {
+        return Err(QuantError::BadShape {
+            what: "activation cols",
+            expected: w.cols,
+            actual: x.cols,
+        });
+    }
+    Ok(())
+}
+
+fn check_float(w: &WeightMatrix, x: &[f32], tokens: usize) -> Result<(), QuantError> {
+    w.check()?;
+    if w.ty.is_quantized() {
+        return Err(QuantError::WrongActivations(w.ty));
+    }
+    let expected = tokens.checked_mul(w.cols).ok_or(QuantError::SizeOverflow)?;
+    if x.len() != expected {
+        return Err(QuantError::BadShape {
+            what: "x",
+            expected,
+            actual: x.len(),
+        });
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matmul
+
+/// `out[t][r] = W[r] · x[t]` for a block-type `w` and every token of `x` (`out`:
+/// `[x.tokens()][w.rows]` f32), rows split across `pool`'s threads.
+pub fn matmul(
+    w: &WeightMatrix,
+    x: &QuantizedActivations,
+    out: &mut [f32],
+    pool: &ThreadPool,
+) -> Result<(), QuantError> {
+    matmul_with(Backend::detect(), w, x, out, pool)
+}
+
+/// [`matmul`] on an explicit backend.
+pub fn matmul_with(
+    backend: Backend,
+    w: &WeightMatrix,
+    x: &QuantizedActivations,
+    out: &mut [f32],
+    pool: &ThreadPool,
+) -> Result<(), QuantError> {
+    check_quantized(w, x)?;
+    check_out(w, x.tokens, out)?;
+    let k = kernel_quantized(w.ty, Avx2Token::get(backend));
+    run_rows(
+        w,
+        x.tokens,
+        out,
+        pool,
+        &|row, t0, nt, dst: &mut [f32; TOKEN_TILE]| match nt {
+            4 => *dst = k.dot::<4>(row, x, t0),
+            3 => dst[..3].copy_from_slice(&k.dot::<3>(row, x, t0)),
+            2 => dst[..2].copy_from_slice(&k.dot::<2>(row, x, t0)),
+            _ => dst[0] = k.dot::<1>(row, x, t0)[0],
+        },
+    );
+    Ok(())
+}
+
+/// `out[t][r] = W[r] · x[t]` for a float `w` (F32, F16) and `f32` activations `x`
+/// (`[tokens][w.cols]`; `out`: `[tokens][w.rows]`), rows split across `pool`'s threads.
+pub fn matmul_f32(
+    w: &WeightMatrix,
+    x: &[f32],
+    tokens: usize,
+    out: &mut [f32],
+    pool: &ThreadPool,
+) -> Result<(), QuantError> {
+    matmul_f32_with(Backend::detect(), w, x, tokens, out, pool)
+}
+
+/// [`matmul_f32`] on an explicit backend.
+pub fn matmul_f32_with(
+    backend: Backend,
+    w: &WeightMatrix,
+    x: &[f32],
+    tokens: usize,
+    out: &mut [f32],
+    pool: &ThreadPool,
+) -> Result<(), QuantError> {
+    check_float(w, x, tokens)?;
+    check_out(w, tokens, out)?;
+    let k = kernel_float(w.ty, Avx2Token::get(backend));
+    let cols = w.cols;
+    run_rows(
+        w,
+        tokens,
+        out,
+        pool,
+        &|row, t0, nt, dst: &mut [f32; TOKEN_TILE]| match nt {
+            4 => *dst = k.dot::<4>(row, x, cols, t0),
+            3 => dst[..3].copy_from_slice(&k.dot::<3>(row, x, cols, t0)),
+            2 => dst[..2].copy_from_slice(&k.dot::<2>(row, x, cols, t0)),
+            _ => dst[0] = k.dot::<1>(row, x, cols, t0)[0],
+        },
+    );
+    Ok(())
+}
+
+/// Convenience for any weight type from `f32` activations (`[tokens][w.cols]`): block types
+/// quantize `x` into `scratch` first. When several matrices share an input (Q, K, V), quantize
+/// once with [`quantize_activations`] and call [`matmul`] instead.
+pub fn matmul_any(
+    w: &WeightMatrix,
+    x: &[f32],
+    tokens: usize,
+    scratch: &mut QuantizedActivations,
+    out: &mut [f32],
+    pool: &ThreadPool,
+) -> Result<(), QuantError> {
+    if w.ty.is_quantized() {
+        let expected = tokens.checked_mul(w.cols).ok_or(QuantError::SizeOverflow)?;
+        if x.len() != expected {
+            return Err(QuantError::BadShape {
+                what: "x",
+                expected,
+                actual: x.len(),
+            });
+        }
+        w.check()?;
+        check_out(w, tokens, out)?;
+        quantize_activations(x, w.cols, scratch)?;
+        matmul(w, scratch, out, pool)
+    } else {
+        matmul_f32(w, x, tokens, out, pool)
+    }
+}
+
+fn check_out(w: &WeightMatrix, tokens: usize, out: &[f32]) -> Result<(), QuantError> {
+    let expected = tokens.checked_mul(w.rows).ok_or(QuantError::SizeOverflow)?;
+    if out.len() != expected {
+        return Err(QuantError::BadShape {
+            what: "out",
+            expected,
+            actual: out.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Shared write access to `out` for threads that write disjoint elements.
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: `SharedOut` is only a pointer plus length; every thread writes a disjoint set of
+// indices (its own rows) and nobody reads `out` until `ThreadPool::run` has returned.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    #[inline]
+    fn write(&self, i: usize, v: f32) {
+        assert!(i < self.len);
+        // SAFETY: `i < len` so the write is inside the borrowed `out`; `run_rows` gives each
+        // thread its own row range, so no element is written by two threads, and the `&mut`
+        // borrow of `out` is held (unused) by `run_rows` until all threads are done.
+        unsafe { self.ptr.add(i).write(v) }
+    }
+}
+
+/// The row range thread `i` of `n` takes: contiguous, balanced, in multiples of 8 rows where
+/// possible (so neighbouring threads do not share output cache lines for one token).
+fn row_range(rows: usize, i: usize, n: usize) -> (usize, usize) {
+    let units = rows.div_ceil(8);
+    let start = (units * i / n * 8).min(rows);
+    let end = (units * (i + 1) / n * 8).min(rows);
+    (start, end)
+}
+
+/// Runs `tile(row_bytes, t0, nt, dst)` for every row and every tile of up to `TOKEN_TILE`
+/// tokens, rows split across the pool; `dst[..nt]` are written to `out[t0 + j][r]`.
+fn run_rows(
+    w: &WeightMatrix,
+    tokens: usize,
+    out: &mut [f32],
+    pool: &ThreadPool,
+    tile: &(dyn Fn(&[u8], usize, usize, &mut [f32; TOKEN_TILE]) + Sync),
+) {
+    let rows = w.rows;
+    let rb = w.row_bytes();
+    let data = w.data;
+    let shared = SharedOut {
+        ptr: out.as_mut_ptr(),
+        len: out.len(),
+    };
+    let body = |i: usize, n: usize| {
+        let (r0, r1) = row_range(rows, i, n);
+        let mut dst = [0f32; TOKEN_TILE];
+        for r in r0..r1 {
+            let row = &data[r * rb..(r + 1) * rb];
+            let mut t0 = 0;
+            while t0 < tokens {
+                let nt = (tokens - t0).min(TOKEN_TILE);
+                tile(row, t0, nt, &mut dst);
+                for (j, &v) in dst[..nt].iter().enumerate() {
+                    shared.write((t0 + j) * rows + r, v);
+                }
+                t0 += nt;
+            }
+        }
+    };
+    if rows.saturating_mul(tokens) == 0 {
+        return;
+    }
+    pool.run(&body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel selection
+
+#[derive(Clone, Copy)]
+enum QKernel {
+    Scalar(WeightType),
+    #[cfg(target_arch = "x86_64")]
+    Avx2(WeightType, Avx2Token),
+}
+
+fn kernel_quantized(ty: WeightType, token: Option<Avx2Token>) -> QKernel {
+    match token {
+        #[cfg(target_arch = "x86_64")]
+        Some(tok) => QKernel::Avx2(ty, tok),
+        _ => QKernel::Scalar(ty),
+    }
+}
+
+impl QKernel {
+    /// Dots `row` against tokens `t0..t0 + NT` of `x` (callers check the ranges).
+    #[inline]
+    fn dot<const NT: usize>(self, row: &[u8], x: &QuantizedActivations, t0: usize) -> [f32; NT] {
+        let q: [&[i8]; NT] =
+            core::array::from_fn(|j| &x.q[(t0 + j) * x.cols..(t0 + j + 1) * x.cols]);
+        let nb2 = 2 * x.blocks();
+        let ds: [&[f32]; NT] = core::array::from_fn(|j| &x.ds[(t0 + j) * nb2..(t0 + j + 1) * nb2]);
+        match self {
+            QKernel::Scalar(ty) => {
+                core::array::from_fn(|j| scalar::dot_quantized(ty, row, q[j], ds[j]))
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY (all three arms): an `Avx2Token` exists only when AVX2, FMA and F16C were
+            // detected at run time.
+            QKernel::Avx2(ty, _) => match ty {
+                WeightType::Q4_1 => unsafe { avx2::dot_q4::<NT, true>(row, q, ds) },
+                WeightType::Q4_0 => unsafe { avx2::dot_q4::<NT, false>(row, q, ds) },
+                _ => unsafe { avx2::dot_q8_0::<NT>(row, q, ds) },
+            },
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum FKernel {
+    Scalar(WeightType),
+    #[cfg(target_arch = "x86_64")]
+    Avx2(WeightType, Avx2Token),
+}
+
+fn kernel_float(ty: WeightType, token: Option<Avx2Token>) -> FKernel {
+    match token {
+        #[cfg(target_arch = "x86_64")]
+        Some(tok) => FKernel::Avx2(ty, tok),
+        _ => FKernel::Scalar(ty),
+    }
+}
+
+impl FKernel {
+    /// Dots `row` against tokens `t0..t0 + NT` of `x` (`[tokens][cols]`; callers check).
+    #[inline]
+    fn dot<const NT: usize>(self, row: &[u8], x: &[f32], cols: usize, t0: usize) -> [f32; NT] {
+        let xs: [&[f32]; NT] = core::array::from_fn(|j| &x[(t0 + j) * cols..(t0 + j + 1) * cols]);
+        match self {
+            FKernel::Scalar(ty) => core::array::from_fn(|j| scalar::dot_float(ty, row, xs[j])),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: an `Avx2Token` exists only when AVX2, FMA and F16C were detected.
+            FKernel::Avx2(WeightType::F16, _) => unsafe { avx2::dot_f16::<NT>(row, xs) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            FKernel::Avx2(_, _) => unsafe { avx2::dot_f32::<NT>(row, xs) },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar kernels (the reference twins)
+
+mod scalar {
+    use super::{f16_at, WeightType, QK};
+
+    /// Quantizes one block; returns `(d, s)`.
+    pub(super) fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, f32) {
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (qi, &v) in q.iter_mut().zip(x) {
+            let r = (v * id).round_ties_even() as i32;
+            *qi = r as i8;
+            sum += r;
+        }
+        (d, d * sum as f32)
+    }
+
+    /// One row of a block type against one token (`q`: cols i8, `ds`: (d, s) per block).
+    pub(super) fn dot_quantized(ty: WeightType, row: &[u8], q: &[i8], ds: &[f32]) -> f32 {
+        let bb = ty.block_bytes();
+        let mut acc = 0f32;
+        let mut acc_m = 0f32;
+        for ((b, qx), dsx) in row
+            .chunks_exact(bb)
+            .zip(q.chunks_exact(QK))
+            .zip(ds.chunks_exact(2))
+        {
+            let dw = f16_at(b, 0);
+            let isum: i32 = match ty {
+                WeightType::Q8_0 => b[2..34]
+                    .iter()
+                    .zip(qx)
+                    .map(|(&w, &x)| (w as i8) as i32 * x as i32)
+                    .sum(),
+                _ => {
+                    let nib = if ty == WeightType::Q4_1 {
+                        &b[4..20]
+                    } else {
+                        &b[2..18]
+                    };
+                    let (lo, hi) = qx.split_at(16);
+                    nib.iter()
+                        .zip(lo.iter().zip(hi))
+                        .map(|(&n, (&a, &c))| {
+                            (n & 15) as i32 * a as i32 + (n >> 4) as i32 * c as i32
+                        })
+                        .sum()
+                }
+            };
+            acc += dw * dsx[0] * isum as f32;
+            match ty {
+                WeightType::Q4_1 => acc_m += f16_at(b, 2) * dsx[1],
+                WeightType::Q4_0 => acc_m += dw * dsx[1],
+                _ => {}
+            }
+        }
+        match ty {
+            WeightType::Q4_0 => acc - 8.0 * acc_m,
+            _ => acc + acc_m,
+        }
+    }
+
+    /// One F32 or F16 row against one token's `f32` activations.
+    pub(super) fn dot_float(ty: WeightType, row: &[u8], x: &[f32]) -> f32 {
+        let mut acc = 0f32;
+        if ty == WeightType::F16 {
+            for (c, &v) in row.chunks_exact(2).zip(x) {
+                acc += f16_at(c, 0) * v;
+            }
+        } else {
+            for (c, &v) in row.chunks_exact(4).zip(x) {
+                acc += f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * v;
+            }
+        }
+        acc
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 kernels
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! Integer block dot products: weights are brought to 32 bytes per block (4-bit values
+    //! unpacked to 0..=15 — low nibbles to lanes 0..16, high nibbles to lanes 16..32 — or, for
+    //! Q8_0, their absolute values with the sign moved onto the activations by
+    //! `_mm256_sign_epi8`), so one `_mm256_maddubs_epi16` (u8 × i8 → pairwise i16 sums, at most
+    //! 2·128·127 < 2^15, no saturation) and one `_mm256_madd_epi16` with ones (→ eight i32)
+    //! give the block's integer dot in eight lanes, which are converted and accumulated with
+    //! one FMA by `d_w·d_x`. Offsets (Q4_1's `m`, Q4_0's `−8`) use the activation block sums.
+    //! Each weight block is unpacked once and used for `NT` tokens.
+
+    use super::QK;
+    use core::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum_i32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// Quantizes one block of 32 exactly like `scalar::quantize_block` (same operations,
+    /// round-half-even), returning `(d, s)`.
+    ///
+    /// # Safety
+    /// - The CPU supports AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, f32) {
+        let p = x.as_ptr();
+        // SAFETY: `x` is 32 f32, so the four 8-lane loads at 0, 8, 16, 24 are in bounds.
+        let v = unsafe {
+            [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ]
+        };
+        let sign = _mm256_set1_ps(-0.0);
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+            _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        let amax = _mm_cvtss_f32(m);
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let idv = _mm256_set1_ps(id);
+        const R: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        let i: [__m256i; 4] = core::array::from_fn(|k| {
+            _mm256_cvtps_epi32(_mm256_round_ps::<R>(_mm256_mul_ps(v[k], idv)))
+        });
+        let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        // packs work per 128-bit lane; the permute restores element order.
+        let a = _mm256_packs_epi32(i[0], i[1]);
+        let b = _mm256_packs_epi32(i[2], i[3]);
+        let c = _mm256_packs_epi16(a, b);
+        let c = _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: `q` is 32 bytes; unaligned store.
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, c) };
+        (d, d * hsum_i32(sum) as f32)
+    }
+
+    /// `(d_w·d_x, m_w·s_x or d_w·s_x, ·, ·)` for one block: `head` is the weight block's first
+    /// 4 bytes (f16 d, f16 m) or 2 bytes (f16 d) widened, `dsx` points at `(d_x, s_x)`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn scale_pair(dm: __m128, dsx: __m128) -> __m128 {
+        _mm_mul_ps(dm, dsx)
+    }
+
+    /// Q4_1 (`HAS_MIN`) or Q4_0 row · `NT` tokens of quantized activations.
+    ///
+    /// # Safety
+    /// - The CPU supports AVX2, FMA and F16C.
+    ///
+    /// (Lengths are checked: `row` must be whole blocks and every `q[j]` / `ds[j]` must cover
+    /// as many blocks, or this panics.)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4<const NT: usize, const HAS_MIN: bool>(
+        row: &[u8],
+        q: [&[i8]; NT],
+        ds: [&[f32]; NT],
+    ) -> [f32; NT] {
+        let bb = if HAS_MIN { 20 } else { 18 };
+        let nb = row.len() / bb;
+        assert!(row.len() == nb * bb);
+        for j in 0..NT {
+            assert!(q[j].len() >= nb * QK && ds[j].len() >= nb * 2);
+        }
+        let low = _mm_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut acc_m = [_mm_setzero_ps(); NT];
+        for b in 0..nb {
+            // SAFETY: `b < nb` and `row.len() == nb * bb`: the block's `bb` bytes are in bounds.
+            let (head, raw) = unsafe {
+                let p = row.as_ptr().add(b * bb);
+                let head = if HAS_MIN {
+                    (p as *const u32).read_unaligned() as i32
+                } else {
+                    let d = (p as *const u16).read_unaligned() as i32;
+                    d | (d << 16)
+                };
+                (head, _mm_loadu_si128(p.add(bb - 16) as *const __m128i))
+            };
+            // (d, m) or (d, d) as f32.
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(head));
+            let lo = _mm_and_si128(raw, low);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), low);
+            let w = _mm256_set_m128i(hi, lo);
+            for j in 0..NT {
+                // SAFETY: `q[j]` has at least `nb * 32` i8 and `ds[j]` `nb * 2` f32 (asserted).
+                let (x, dsx) = unsafe {
+                    (
+                        _mm256_loadu_si256(q[j].as_ptr().add(b * QK) as *const __m256i),
+                        _mm_castpd_ps(_mm_load_sd(ds[j].as_ptr().add(b * 2) as *const f64)),
+                    )
+                };
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+                let s = scale_pair(dm, dsx);
+                acc[j] = _mm256_fmadd_ps(_mm256_broadcastss_ps(s), _mm256_cvtepi32_ps(p), acc[j]);
+                acc_m[j] = _mm_add_ps(acc_m[j], s);
+            }
+        }
+        core::array::from_fn(|j| {
+            let m = _mm_cvtss_f32(_mm_movehdup_ps(acc_m[j]));
+            if HAS_MIN {
+                hsum(acc[j]) + m
+            } else {
+                hsum(acc[j]) - 8.0 * m
+            }
+        })
+    }
+
+    /// Q8_0 row · `NT` tokens of quantized activations.
+    ///
+    /// # Safety
+    /// - The CPU supports AVX2, FMA and F16C.
+    ///
+    /// (Lengths are checked as in [`dot_q4`].)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q8_0<const NT: usize>(
+        row: &[u8],
+        q: [&[i8]; NT],
+        ds: [&[f32]; NT],
+    ) -> [f32; NT] {
+        const BB: usize = 34;
+        let nb = row.len() / BB;
+        assert!(row.len() == nb * BB);
+        for j in 0..NT {
+            assert!(q[j].len() >= nb * QK && ds[j].len() >= nb * 2);
+        }
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); NT];
+        for b in 0..nb {
+            // SAFETY: `b < nb` and `row.len() == nb * 34`: the block's 34 bytes are in bounds.
+            let (head, w) = unsafe {
+                let p = row.as_ptr().add(b * BB);
+                (
+                    (p as *const u16).read_unaligned() as i32,
+                    _mm256_loadu_si256(p.add(2) as *const __m256i),
+                )
+            };
+            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(head));
+            let aw = _mm256_abs_epi8(w);
+            for j in 0..NT {
+                // SAFETY: `q[j]` has at least `nb * 32` i8 and `ds[j]` `nb * 2` f32 (asserted).
+                let (x, dx) = unsafe {
+                    (
+                        _mm256_loadu_si256(q[j].as_ptr().add(b * QK) as *const __m256i),
+                        _mm_load_ss(ds[j].as_ptr().add(b * 2)),
+                    )
+                };
+                let sx = _mm256_sign_epi8(x, w);
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+                let s = _mm256_broadcastss_ps(_mm_mul_ss(dw, dx));
+                acc[j] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[j]);
+            }
+        }
+        core::array::from_fn(|j| hsum(acc[j]))
+    }
+
+    /// Shared body of the float kernels: `load(i)` gives weights `i..i+8` as f32,
+    /// `scalar(i)` weight `i`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_float<const NT: usize>(
+        n: usize,
+        x: [&[f32]; NT],
+        load: impl Fn(usize) -> __m256,
+        scalar: impl Fn(usize) -> f32,
+    ) -> [f32; NT] {
+        for xj in &x {
+            assert!(xj.len() >= n);
+        }
+        let mut acc0 = [_mm256_setzero_ps(); NT];
+        let mut acc1 = [_mm256_setzero_ps(); NT];
+        let mut i = 0;
+        while i + 16 <= n {
+            let w0 = load(i);
+            let w1 = load(i + 8);
+            for j in 0..NT {
+                // SAFETY: `i + 16 <= n <= x[j].len()`.
+                let (x0, x1) = unsafe {
+                    let p = x[j].as_ptr().add(i);
+                    (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+                };
+                acc0[j] = _mm256_fmadd_ps(w0, x0, acc0[j]);
+                acc1[j] = _mm256_fmadd_ps(w1, x1, acc1[j]);
+            }
+            i += 16;
+        }
+        if i + 8 <= n {
+            let w0 = load(i);
+            for j in 0..NT {
+                // SAFETY: `i + 8 <= n <= x[j].len()`.
+                let x0 = unsafe { _mm256_loadu_ps(x[j].as_ptr().add(i)) };
+                acc0[j] = _mm256_fmadd_ps(w0, x0, acc0[j]);
+            }
+            i += 8;
+        }
+        let mut out: [f32; NT] = core::array::from_fn(|j| hsum(_mm256_add_ps(acc0[j], acc1[j])));
+        for k in i..n {
+            let w = scalar(k);
+            for j in 0..NT {
+                out[j] += w * x[j][k];
+            }
+        }
+        out
+    }
+
+    /// F32 row (little-endian bytes) · `NT` tokens of f32 activations.
+    ///
+    /// # Safety
+    /// - The CPU supports AVX2, FMA and F16C.
+    ///
+    /// (Lengths are checked: every `x[j]` must hold `row.len() / 4` values, or this panics.)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_f32<const NT: usize>(row: &[u8], x: [&[f32]; NT]) -> [f32; NT] {
+        let n = row.len() / 4;
+        let p = row.as_ptr();
+        dot_float(
+            n,
+            x,
+            // SAFETY: called with `i + 8 <= n`, so bytes `4i..4i+32` lie inside `row`.
+            |i| unsafe { _mm256_loadu_ps(p.add(4 * i) as *const f32) },
+            |i| f32::from_le_bytes([row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]]),
+        )
+    }
+
+    /// F16 row · `NT` tokens of f32 activations.
+    ///
+    /// # Safety
+    /// - The CPU supports AVX2, FMA and F16C.
+    ///
+    /// (Lengths are checked as in [`dot_f32`], with `row.len() / 2` values.)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_f16<const NT: usize>(row: &[u8], x: [&[f32]; NT]) -> [f32; NT] {
+        let n = row.len() / 2;
+        let p = row.as_ptr();
+        dot_float(
+            n,
+            x,
+            // SAFETY: called with `i + 8 <= n`, so bytes `2i..2i+16` lie inside `row`.
+            |i| _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.add(2 * i) as *const __m128i) }),
+            |i| super::f16_at(row, 2 * i),
+        )
+    }
+}
