@@ -336,11 +336,18 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
         if partials.len() < self.items * partial_len {
             return Err(Error::BadShape("partials"));
         }
-        self.merge_with(|item| &partials[item * partial_len..(item + 1) * partial_len], out)
+        self.merge_with(
+            |item| &partials[item * partial_len..(item + 1) * partial_len],
+            out,
+        )
     }
 
     /// Merges every item's partial state, fetched by `state(item)`, into `out`.
-    fn merge_with<'s>(&self, state: impl Fn(usize) -> &'s [f32], out: &mut [f32]) -> Result<(), Error> {
+    fn merge_with<'s>(
+        &self,
+        state: impl Fn(usize) -> &'s [f32],
+        out: &mut [f32],
+    ) -> Result<(), Error> {
         if out.len() != self.queries_len() {
             return Err(Error::BadShape("out"));
         }
@@ -352,7 +359,12 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
 
     /// Combines the `splits` partial states of one (entry, tile, head), in split order, and
     /// writes the normalised output.
-    fn merge_splits<'s>(&self, first_item: usize, state: &impl Fn(usize) -> &'s [f32], out: &mut [f32]) -> Result<(), Error> {
+    fn merge_splits<'s>(
+        &self,
+        first_item: usize,
+        state: &impl Fn(usize) -> &'s [f32],
+        out: &mut [f32],
+    ) -> Result<(), Error> {
         let item = self.item(first_item).ok_or(Error::BadIndex("work item"))?;
         let spec = self.cache.spec();
         let (head_dim, group) = (spec.head_dim, spec.group());
@@ -361,8 +373,12 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
         let splits = first_item..first_item + self.splits;
         for r in 0..item.tokens * group {
             let (t, j) = (r / group, r % group);
-            let max = splits.clone().map(|i| state(i)[r]).fold(f32::NEG_INFINITY, f32::max);
-            let at = base + ((item.token_start + t) * spec.q_heads + item.kv_head * group + j) * head_dim;
+            let max = splits
+                .clone()
+                .map(|i| state(i)[r])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let at = base
+                + ((item.token_start + t) * spec.q_heads + item.kv_head * group + j) * head_dim;
             let dst = &mut out[at..at + head_dim];
             dst.fill(0.0);
             let mut sum = 0.0f32;
@@ -431,7 +447,11 @@ pub fn attention(
             plan.run_item(first + split, queries, partial, work)?;
         }
         let partials = &*partials;
-        plan.merge_splits(first, &|item| &partials[(item - first) * partial_len..(item - first + 1) * partial_len], out)?;
+        plan.merge_splits(
+            first,
+            &|item| &partials[(item - first) * partial_len..(item - first + 1) * partial_len],
+            out,
+        )?;
     }
     Ok(())
 }
@@ -457,7 +477,9 @@ struct ThreadBuffers {
 impl AttentionWorkspace {
     /// A workspace for up to `threads` threads.
     pub fn new(threads: usize) -> Self {
-        let threads = (0..threads.max(1)).map(|_| std::sync::Mutex::new(ThreadBuffers::default())).collect();
+        let threads = (0..threads.max(1))
+            .map(|_| std::sync::Mutex::new(ThreadBuffers::default()))
+            .collect();
         AttentionWorkspace { threads }
     }
 
@@ -486,11 +508,14 @@ impl AttentionWorkspace {
         let work = |thread: usize, threads: usize| {
             let threads = threads.clamp(1, max_threads);
             used.fetch_max(threads, std::sync::atomic::Ordering::Relaxed);
-            let Some(cell) = buffers.get(thread) else { return };
+            let Some(cell) = buffers.get(thread) else {
+                return;
+            };
             let Ok(mut guard) = cell.lock() else { return };
             let buffers = &mut *guard;
             let per_thread = plan.work_items().div_ceil(threads);
-            let items = (thread * per_thread).min(plan.work_items())..((thread + 1) * per_thread).min(plan.work_items());
+            let items = (thread * per_thread).min(plan.work_items())
+                ..((thread + 1) * per_thread).min(plan.work_items());
             buffers.scratch.resize(plan.scratch_len(), 0.0);
             buffers.partials.resize(per_thread * partial_len, 0.0);
             buffers.result = None;
@@ -506,7 +531,10 @@ impl AttentionWorkspace {
         let threads = used.load(std::sync::atomic::Ordering::Relaxed).max(1);
         let guards: std::vec::Vec<_> = self.threads[..threads]
             .iter()
-            .map(|cell| cell.lock().map_err(|_| Error::BadIndex("poisoned thread buffer")))
+            .map(|cell| {
+                cell.lock()
+                    .map_err(|_| Error::BadIndex("poisoned thread buffer"))
+            })
             .collect::<Result<_, _>>()?;
         if let Some(error) = guards.iter().find_map(|g| g.result) {
             return Err(error);
@@ -550,7 +578,7 @@ pub fn attention_threaded(
 
 /// First key position the query at `position` sees in the window, and whether sinks apply.
 fn key_window(window: usize, sinks: usize, position: usize) -> (usize, bool) {
-    if window == 0 || position + 1 <= window {
+    if window == 0 || position < window {
         (0, false)
     } else {
         (position + 1 - window, sinks > 0)

@@ -382,7 +382,7 @@ impl<'a> KvCache<'a> {
     /// With a window, drops the blocks that no query at position `>= from` can see.
     fn evict_outside_window(&mut self, slot: usize, from: usize) {
         let window = self.spec().window;
-        if window == 0 || from + 1 <= window {
+        if window == 0 || from < window {
             return;
         }
         // Queries at `from` and later see keys from `from + 1 - window` on.

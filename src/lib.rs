@@ -27,15 +27,15 @@ extern crate alloc;
 #[allow(unsafe_code)]
 pub mod arena;
 pub mod attention;
-pub mod memory;
+pub mod cache;
 #[cfg(feature = "std")]
 pub mod cli;
-pub mod cache;
 pub mod error;
 pub mod format;
 pub mod half;
 #[allow(unsafe_code)]
 pub mod kernels;
+pub mod memory;
 pub mod pool;
 pub mod spec;
 

@@ -31,9 +31,12 @@ pub fn footprint(spec: CacheSpec, context: usize, batch: usize) -> Result<Footpr
     let layout = Layout::new(sized)?;
     let per_seq = context.div_ceil(spec.block_tokens);
     let blocks = per_seq.checked_mul(batch).ok_or(Error::SizeOverflow)?;
-    let block_bytes = blocks.checked_mul(layout.block_bytes()).ok_or(Error::SizeOverflow)?;
+    let block_bytes = blocks
+        .checked_mul(layout.block_bytes())
+        .ok_or(Error::SizeOverflow)?;
     let row_bytes = layout.row_bytes(crate::spec::Kind::K) + layout.row_bytes(crate::spec::Kind::V);
-    let contiguous = (spec.layers * spec.kv_heads * row_bytes) as f64 * context as f64 * batch as f64;
+    let contiguous =
+        (spec.layers * spec.kv_heads * row_bytes) as f64 * context as f64 * batch as f64;
     Ok(Footprint {
         bytes_per_token: layout.bytes_per_token(),
         blocks,

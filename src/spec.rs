@@ -101,10 +101,9 @@ impl CacheSpec {
 
     /// Query heads that share one KV head (`q_heads / kv_heads`).
     pub const fn group(&self) -> usize {
-        if self.kv_heads == 0 {
-            0
-        } else {
-            self.q_heads / self.kv_heads
+        match self.q_heads.checked_div(self.kv_heads) {
+            Some(group) => group,
+            None => 0,
         }
     }
 }
@@ -308,7 +307,7 @@ mod tests {
         assert_eq!(layout.segment_bytes(Kind::V), 2048);
         assert_eq!(
             layout.row_offset(1, Kind::V, 2, 3),
-            6 * 2048 * 1 + 3 * 2048 + 2 * 2048 + 3 * 128
+            6 * 2048 + 3 * 2048 + 2 * 2048 + 3 * 128
         );
     }
 

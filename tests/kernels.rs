@@ -361,7 +361,10 @@ fn check_exp(name: &str, exp_sum: ExpFn) {
         }
     }
     eprintln!("{name}: worst exp relative error {worst:.3e}");
-    assert!(worst <= 3e-7, "{name}: worst exp relative error {worst:.3e}");
+    assert!(
+        worst <= 3e-7,
+        "{name}: worst exp relative error {worst:.3e}"
+    );
     for shift in [0.0f32, 3.25, -2.0] {
         let mut values: Vec<f32> = xs.iter().map(|x| x + shift).collect();
         let sum = exp_sum(&mut values, shift);

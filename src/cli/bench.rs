@@ -1,0 +1,206 @@
+//! `kvcache bench attention`: one decode step over every layer of a model shape, against a
+//! plain streaming read of the same bytes measured in the same run with the same threads.
+
+use std::time::Instant;
+
+use super::args::Args;
+use crate::arena::HeapArena;
+use crate::attention::{AttentionOptions, AttentionPlan, AttentionWorkspace, BatchEntry};
+use crate::kernels;
+use crate::model::threads::ThreadPool;
+use crate::spec::{Kind, Layout};
+use crate::{KvCache, SeqId};
+
+/// Deterministic values in [-1, 1) (SplitMix64), so runs are repeatable.
+pub(crate) fn fill_random(values: &mut [f32], seed: &mut u64) {
+    for value in values {
+        *seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        *value = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+    }
+}
+
+/// Key splits per (sequence, KV head) so that every thread gets the same number of items and
+/// there are at least four per thread.
+pub fn auto_splits(batch: usize, kv_heads: usize, threads: usize, blocks: usize) -> usize {
+    let base = batch * kv_heads;
+    let mut splits = (4 * threads).div_ceil(base).max(1);
+    while (base * splits) % threads != 0 {
+        splits += 1;
+    }
+    splits.min(blocks.max(1))
+}
+
+/// Runs the attention benchmark.
+pub fn attention(args: &Args) -> Result<(), String> {
+    let (shape_name, mut spec) = super::shape(args)?;
+    let format = super::kv_format(args)?;
+    let ctx: usize = args.value("ctx", 2048)?;
+    let batch: usize = args.value("batch", 1)?;
+    let default_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads: usize = args.value("threads", default_threads)?;
+    let steps_arg: usize = args.value("steps", 0)?;
+    args.reject_unknown()?;
+    if ctx == 0 || batch == 0 || threads == 0 {
+        return Err("--ctx, --batch and --threads must be positive".into());
+    }
+    spec.k_format = format;
+    spec.v_format = format;
+    spec.max_seqs = batch;
+    spec.max_seq_tokens = ctx;
+    let layout = Layout::new(spec).map_err(|e| e.to_string())?;
+    let blocks_per_seq = ctx.div_ceil(spec.block_tokens);
+    let arena_bytes = layout
+        .arena_bytes(blocks_per_seq * batch)
+        .map_err(|e| e.to_string())?;
+    let mut arena = HeapArena::new(arena_bytes).map_err(|e| e.to_string())?;
+    let mut cache = KvCache::with_blocks(spec, blocks_per_seq * batch, arena.as_mut_slice())
+        .map_err(|e| e.to_string())?;
+
+    // Fill every sequence with `ctx` tokens of random keys and values.
+    let mut seed = 42u64;
+    let chunk = 256usize;
+    let token_elems = spec.kv_heads * spec.head_dim;
+    let (mut k, mut v) = (
+        vec![0.0f32; chunk * token_elems],
+        vec![0.0f32; chunk * token_elems],
+    );
+    let mut seqs: Vec<SeqId> = Vec::new();
+    for _ in 0..batch {
+        let seq = cache.add_sequence().map_err(|e| e.to_string())?;
+        cache.reserve(seq, ctx).map_err(|e| e.to_string())?;
+        for start in (0..ctx).step_by(chunk) {
+            let n = chunk.min(ctx - start);
+            for layer in 0..spec.layers {
+                fill_random(&mut k[..n * token_elems], &mut seed);
+                fill_random(&mut v[..n * token_elems], &mut seed);
+                cache
+                    .write_run(
+                        seq,
+                        layer,
+                        start,
+                        &k[..n * token_elems],
+                        &v[..n * token_elems],
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        seqs.push(seq);
+    }
+    let entries: Vec<BatchEntry> = seqs
+        .iter()
+        .map(|&seq| BatchEntry {
+            seq,
+            first_position: ctx - 1,
+            tokens: 1,
+        })
+        .collect();
+    let q_elems = batch * spec.q_heads * spec.head_dim;
+    let mut queries = vec![0.0f32; q_elems];
+    fill_random(&mut queries, &mut seed);
+    let mut out = vec![0.0f32; q_elems];
+
+    let pool = ThreadPool::new(threads);
+    let splits = auto_splits(batch, spec.kv_heads, threads, blocks_per_seq);
+    let options = AttentionOptions {
+        splits,
+        query_tile: 1,
+        ..AttentionOptions::default()
+    };
+    let mut workspace = AttentionWorkspace::new(threads);
+    let row_bytes = layout.row_bytes(Kind::K) + layout.row_bytes(Kind::V);
+    let step_bytes = (batch * ctx * spec.layers * spec.kv_heads * row_bytes) as f64;
+
+    // The roofline: a plain read of as many bytes, split over the same threads.
+    let plain = vec![1u8; step_bytes as usize];
+    let sink = std::sync::atomic::AtomicU64::new(0);
+    let read_once = || {
+        let share = plain.len().div_ceil(threads);
+        pool.run(&|thread, _| {
+            let part = plain
+                .get(thread * share..((thread + 1) * share).min(plain.len()))
+                .unwrap_or(&[]);
+            sink.fetch_xor(
+                kernels::stream_read(part),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        });
+    };
+    let mut step_once = |out: &mut [f32]| -> Result<(), String> {
+        for layer in 0..spec.layers {
+            let plan =
+                AttentionPlan::new(&cache, layer, &entries, &options).map_err(|e| e.to_string())?;
+            workspace
+                .run(&plan, &queries, out, |work| pool.run(work))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    };
+
+    step_once(&mut out)?; // warm-up
+    read_once();
+    let first = Instant::now();
+    step_once(&mut out)?;
+    let estimate = first.elapsed().as_secs_f64();
+    let steps = if steps_arg > 0 {
+        steps_arg
+    } else {
+        ((1.5 / estimate.max(1e-6)) as usize).clamp(5, 500)
+    };
+    let (mut step_times, mut read_times) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
+    for _ in 0..steps {
+        // Interleaved, so that noise from other work on the machine hits both alike.
+        let start = Instant::now();
+        step_once(&mut out)?;
+        step_times.push(start.elapsed().as_secs_f64());
+        let start = Instant::now();
+        read_once();
+        read_times.push(start.elapsed().as_secs_f64());
+    }
+    let step = median(&mut step_times);
+    let read = median(&mut read_times);
+    let gbps = step_bytes / step / 1e9;
+    let read_gbps = step_bytes / read / 1e9;
+    // Two FMAs (4 flops) per stored element and query head: one for q·k, one for p·v.
+    let flops = 4.0 * (batch * ctx * spec.layers * spec.q_heads * spec.head_dim) as f64;
+    println!("attention decode step: shape {shape_name}, kv {format}, ctx {ctx}, batch {batch}, threads {threads}, splits {splits}, isa {}", kernels::active_isa());
+    println!("  {:<28} {:>10} {:>10} {:>10}", "", "ms", "GB/s", "GFLOP/s");
+    println!(
+        "  {:<28} {:>10.3} {:>10.2} {:>10.1}",
+        "decode step (all layers)",
+        step * 1e3,
+        gbps,
+        flops / step / 1e9
+    );
+    println!(
+        "  {:<28} {:>10.3} {:>10.2} {:>10}",
+        "plain read of same bytes",
+        read * 1e3,
+        read_gbps,
+        "-"
+    );
+    println!(
+        "  K+V bytes per step: {:.1} MB, steps measured: {steps}, out[0] = {:.6}",
+        step_bytes / 1e6,
+        out[0]
+    );
+    println!(
+        "{{\"shape\":\"{shape_name}\",\"kv\":\"{format}\",\"ctx\":{ctx},\"batch\":{batch},\"threads\":{threads},\"splits\":{splits},\"isa\":\"{}\",\"ms_per_step\":{:.4},\"gbps\":{:.3},\"read_ms\":{:.4},\"read_gbps\":{:.3},\"gflops\":{:.2},\"roofline_ratio\":{:.3}}}",
+        kernels::active_isa(),
+        step * 1e3,
+        gbps,
+        read * 1e3,
+        read_gbps,
+        flops / step / 1e9,
+        step / read
+    );
+    let _ = sink.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}

@@ -1,0 +1,58 @@
+//! The `kvcache` command-line tool (`std` only): argument parsing and the commands.
+
+pub mod args;
+pub mod bench;
+pub mod demo;
+
+use args::Args;
+
+const USAGE: &str = "\
+kvcache: a paged KV cache for transformer inference
+
+usage:
+  kvcache demo                         run a built-in synthetic model through the cache
+  kvcache memory [--shape S] [--kv F]  cache bytes by context, batch and format
+  kvcache bench attention [--shape smollm2|llama3-8b] [--ctx N] [--batch B]
+                          [--kv f32|f16|bf16] [--threads T] [--steps S]
+";
+
+/// Runs the CLI on `args` (without the program name); returns the process exit code.
+pub fn main(args: Vec<String>) -> i32 {
+    match run(args) {
+        Ok(()) => 0,
+        Err(message) => {
+            eprintln!("kvcache: {message}");
+            1
+        }
+    }
+}
+
+fn run(args: Vec<String>) -> Result<(), String> {
+    let args = Args::parse(args)?;
+    match (args.positional(0), args.positional(1)) {
+        (Some("demo"), _) => demo::demo(&args),
+        (Some("memory"), _) => demo::memory(&args),
+        (Some("bench"), Some("attention")) => bench::attention(&args),
+        (None, _) if args.flag("help") => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        (Some(other), _) => Err(format!("unknown command `{other}`\n{USAGE}")),
+        (None, _) => Err(format!("no command given\n{USAGE}")),
+    }
+}
+
+/// Parses `--kv` into a storage format.
+pub(crate) fn kv_format(args: &Args) -> Result<crate::KvFormat, String> {
+    let name = args.string("kv").unwrap_or("f16");
+    crate::KvFormat::from_name(name).ok_or_else(|| format!("unknown --kv format `{name}`"))
+}
+
+/// Parses `--shape` into a spec.
+pub(crate) fn shape(args: &Args) -> Result<(&'static str, crate::CacheSpec), String> {
+    match args.string("shape").unwrap_or("smollm2") {
+        "smollm2" => Ok(("smollm2", crate::CacheSpec::smollm2_135m())),
+        "llama3-8b" => Ok(("llama3-8b", crate::CacheSpec::llama3_8b())),
+        other => Err(format!("unknown --shape `{other}` (smollm2, llama3-8b)")),
+    }
+}
