@@ -518,7 +518,6 @@ impl Value {
         match *self {
             Value::F32(x) => Some(x),
             // Rounding is what a reader wants from a wider float key; there is no exact form.
-            #[allow(clippy::cast_possible_truncation)]
             Value::F64(x) => Some(x as f32),
             _ => None,
         }

@@ -91,8 +91,6 @@ pub struct Sampler {
     rng: Rng,
     /// Scratch `(logit, id)` pairs, reused across calls to avoid allocating per token.
     candidates: Vec<(f32, u32)>,
-    /// Scratch probabilities parallel to `candidates`.
-    probs: Vec<f64>,
 }
 
 impl Sampler {
@@ -102,7 +100,6 @@ impl Sampler {
             config,
             rng: Rng::new(config.seed),
             candidates: Vec::new(),
-            probs: Vec::new(),
         }
     }
 
@@ -121,7 +118,7 @@ impl Sampler {
     /// logits or when every logit is NaN or `-inf`.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let t = self.config.temperature;
-        if !(t > 0.0) || self.config.top_k == 1 {
+        if t.is_nan() || t <= 0.0 || self.config.top_k == 1 {
             return argmax(logits);
         }
 
@@ -137,66 +134,90 @@ impl Sampler {
             return argmax(logits);
         }
 
-        // Descending logit, ties to the lower id, so filtering is deterministic.
-        let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         let k = self.config.top_k;
         if k > 0 && k < self.candidates.len() {
-            self.candidates.select_nth_unstable_by(k - 1, order);
+            self.candidates.select_nth_unstable_by(k - 1, by_logit_desc);
             self.candidates.truncate(k);
         }
-        let top_p = self.config.top_p;
-        let nucleus = !(top_p >= 1.0);
-        if nucleus {
-            // Only the nucleus filter needs the full order.
-            self.candidates.sort_unstable_by(order);
-        }
 
-        // Softmax in f64 relative to the maximum, so exp never overflows.
-        let max = self.candidates.iter().map(|c| c.0).fold(f32::MIN, f32::max);
+        // Softmax weights in f64 relative to the maximum, so exp never overflows; the
+        // normalisation is folded into the draw.
+        let max = f64::from(self.candidates.iter().map(|c| c.0).fold(f32::MIN, f32::max));
         let inv_t = 1.0 / f64::from(t);
-        self.probs.clear();
-        self.probs.extend(
-            self.candidates
-                .iter()
-                .map(|c| ((f64::from(c.0) - f64::from(max)) * inv_t).exp()),
-        );
-        let total: f64 = self.probs.iter().sum();
+        let weight = move |l: f32| ((f64::from(l) - max) * inv_t).exp();
 
-        let mut keep = self.probs.len();
-        if nucleus {
-            // The smallest prefix whose mass reaches top_p; at least one token.
-            let target = f64::from(top_p.max(0.0)) * total;
-            let mut mass = 0.0;
-            keep = 0;
-            for &p in &self.probs {
-                mass += p;
-                keep += 1;
-                if mass >= target {
-                    break;
-                }
-            }
-            keep = keep.max(1);
-        }
-        let kept = self.probs.get(..keep).unwrap_or(&self.probs);
-        let kept_total: f64 = kept.iter().sum();
+        let top_p = self.config.top_p;
+        let keep = if top_p.is_nan() || top_p < 1.0 {
+            let total: f64 = self.candidates.iter().map(|c| weight(c.0)).sum();
+            // NaN or negative top_p: a zero target keeps just the most likely token.
+            nucleus_len(
+                &mut self.candidates,
+                f64::from(top_p.max(0.0)) * total,
+                weight,
+            )
+        } else {
+            self.candidates.len()
+        };
+        let kept = self.candidates.get(..keep).unwrap_or(&self.candidates);
 
         // Inverse-CDF draw over the kept tokens.
+        let kept_total: f64 = kept.iter().map(|c| weight(c.0)).sum();
         let u = self.rng.next_f64() * kept_total;
         let mut acc = 0.0;
-        for (&p, &(_, id)) in kept.iter().zip(&self.candidates) {
-            acc += p;
+        for &(l, id) in kept {
+            acc += weight(l);
             if u < acc {
                 return id;
             }
         }
         // Rounding left `u` at or beyond the sum: take the last kept token with any mass.
         kept.iter()
-            .zip(&self.candidates)
             .rev()
-            .find(|(&p, _)| p > 0.0)
-            .or_else(|| kept.iter().zip(&self.candidates).next())
-            .map_or(0, |(_, &(_, id))| id)
+            .find(|c| weight(c.0) > 0.0)
+            .or(kept.first())
+            .map_or(0, |c| c.1)
     }
+}
+
+/// Descending logit, ties to the lower id, so filtering is deterministic.
+fn by_logit_desc(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// Orders the head of `candidates` by descending logit and returns the length of the smallest
+/// prefix whose weight reaches `target` (at least 1 if there are candidates). The nucleus is
+/// usually small, so rather than sorting the whole vocabulary this selects and sorts
+/// successive segments (64, 128, 256, ... candidates) of the unsorted tail, continuing the
+/// running mass, until the target is reached.
+fn nucleus_len(candidates: &mut [(f32, u32)], target: f64, weight: impl Fn(f32) -> f64) -> usize {
+    let n = candidates.len();
+    // `candidates[..done]` holds the `done` largest, sorted.
+    let mut done = 0;
+    let mut step = 64;
+    let mut mass = 0.0;
+    while done < n {
+        let Some(tail) = candidates.get_mut(done..) else {
+            break;
+        };
+        let seg_len = step.min(tail.len());
+        if seg_len < tail.len() {
+            tail.select_nth_unstable_by(seg_len - 1, by_logit_desc);
+        }
+        let Some(seg) = tail.get_mut(..seg_len) else {
+            break;
+        };
+        seg.sort_unstable_by(by_logit_desc);
+        for (i, c) in seg.iter().enumerate() {
+            mass += weight(c.0);
+            if mass >= target {
+                return done + i + 1;
+            }
+        }
+        done += seg_len;
+        step = step.saturating_mul(2);
+    }
+    // Rounding kept the running sum just under the target: keep everything.
+    n
 }
 
 /// The index of the largest logit, the lowest index on ties; NaN counts as `-inf`. Returns 0

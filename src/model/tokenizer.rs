@@ -679,3 +679,30 @@ impl StreamDecoder {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_table_is_a_visible_bijection() {
+        let t = byte_to_char_table();
+        let distinct: std::collections::HashSet<char> = t.iter().copied().collect();
+        assert_eq!(distinct.len(), 256);
+        assert!(t.iter().all(|c| !c.is_whitespace() && !c.is_control()));
+        assert_eq!(t[usize::from(b' ')], '\u{120}'); // 'Ġ'
+        assert_eq!(t[usize::from(b'\n')], '\u{10a}'); // 'Ċ'
+        assert_eq!(t[usize::from(b'A')], 'A');
+    }
+
+    #[test]
+    fn default_system_prompt_from_template() {
+        let with = "{% if x %}{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}{% endif %}";
+        assert_eq!(default_system_prompt(with).as_deref(), Some("Be brief."));
+        let escaped = "{{ '<|im_start|>system\\nBe brief.<|im_end|>' }}";
+        assert_eq!(default_system_prompt(escaped).as_deref(), Some("Be brief."));
+        let from_messages = "{{'<|im_start|>system\n' + message['content'] + '<|im_end|>'}}";
+        assert_eq!(default_system_prompt(from_messages), None);
+        assert_eq!(default_system_prompt("{{ '<|im_start|>user\n' }}"), None);
+    }
+}
