@@ -123,7 +123,10 @@ mod tests {
             let err = (back - x as f64).abs();
             if h > 0 {
                 let below = f16_to_f32(h - 1) as f64;
-                assert!(err <= (below - x as f64).abs(), "{x} h={h:#x} back={back} below={below}");
+                assert!(
+                    err <= (below - x as f64).abs(),
+                    "{x} h={h:#x} back={back} below={below}"
+                );
             }
             if h < 0x7c00 {
                 let above = f16_to_f32(h + 1) as f64;

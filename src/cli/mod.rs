@@ -3,6 +3,7 @@
 pub mod args;
 pub mod bench;
 pub mod demo;
+pub mod generate;
 
 use args::Args;
 
@@ -10,6 +11,10 @@ const USAGE: &str = "\
 kvcache: a paged KV cache for transformer inference
 
 usage:
+  kvcache generate --model PATH --prompt TEXT -n N [--kv FORMAT] [--threads T]
+                   [--temp X --top-k K --top-p P --seed S] [--chat] [--ids] [--no-cache]
+  kvcache ppl --model PATH --file TEXT [--ctx 512] [--kv FORMAT] [--chunks N]
+  kvcache bench decode --model PATH --depth D [-n 64] [--kv FORMAT] [--threads T] [--no-cache]
   kvcache demo                         run a built-in synthetic model through the cache
   kvcache memory [--shape S] [--kv F]  cache bytes by context, batch and format
   kvcache bench attention [--shape smollm2|llama3-8b] [--ctx N] [--batch B]
@@ -33,6 +38,9 @@ fn run(args: Vec<String>) -> Result<(), String> {
         (Some("demo"), _) => demo::demo(&args),
         (Some("memory"), _) => demo::memory(&args),
         (Some("bench"), Some("attention")) => bench::attention(&args),
+        (Some("bench"), Some("decode")) => generate::bench_decode(&args),
+        (Some("generate"), _) => generate::generate(&args),
+        (Some("ppl"), _) => generate::ppl(&args),
         (None, _) if args.flag("help") => {
             print!("{USAGE}");
             Ok(())

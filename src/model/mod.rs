@@ -2,6 +2,7 @@
 //! tokenizer, a sampler and the Llama-family forward pass that drives the cache.
 
 pub mod gguf;
+pub mod llama;
 pub mod quant;
 pub mod sampler;
 pub mod threads;

@@ -1,0 +1,318 @@
+//! `kvcache generate`, `kvcache ppl` and `kvcache bench decode`: the model runner at work.
+
+use std::io::Write;
+use std::time::Instant;
+
+use super::args::Args;
+use crate::arena::HeapArena;
+use crate::model::llama::{Model, Runner, Step};
+use crate::model::sampler::{Sampler, SamplerConfig};
+use crate::model::tokenizer::StreamDecoder;
+use crate::{KvCache, KvFormat, Layout, SeqId};
+
+/// Where the model is looked for when `--model` is not given.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The model path from `--model`, `KVCACHE_MODEL`, or the default.
+pub fn model_path(args: &Args) -> String {
+    args.string("model")
+        .map(str::to_string)
+        .or_else(|| std::env::var("KVCACHE_MODEL").ok())
+        .unwrap_or_else(|| DEFAULT_MODEL.to_string())
+}
+
+fn threads(args: &Args) -> Result<usize, String> {
+    let default = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads: usize = args.value("threads", default)?;
+    if threads == 0 {
+        return Err("--threads must be positive".into());
+    }
+    Ok(threads)
+}
+
+/// An arena and the spec for `seqs` sequences of up to `tokens` tokens each.
+pub fn cache_arena(
+    model: &Model,
+    format: KvFormat,
+    seqs: usize,
+    tokens: usize,
+) -> Result<(crate::CacheSpec, HeapArena), String> {
+    let spec = model.cache_spec(format, seqs, tokens.max(1));
+    let layout = Layout::new(spec).map_err(|e| e.to_string())?;
+    let blocks = tokens.max(1).div_ceil(spec.block_tokens) * seqs;
+    let arena = HeapArena::new(layout.arena_bytes(blocks).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    Ok((spec, arena))
+}
+
+/// Runs `generate`.
+pub fn generate(args: &Args) -> Result<(), String> {
+    let path = model_path(args);
+    let prompt = args
+        .string("prompt")
+        .ok_or("--prompt TEXT is required")?
+        .to_string();
+    let n: usize = args.value("n", 64)?;
+    let format = super::kv_format(args)?;
+    let threads = threads(args)?;
+    let config = SamplerConfig {
+        temperature: args.value("temp", 0.0)?,
+        top_k: args.value("top-k", 0)?,
+        top_p: args.value("top-p", 1.0)?,
+        seed: args.value("seed", 0)?,
+    };
+    let chat = args.flag("chat");
+    let show_ids = args.flag("ids");
+    let no_cache = args.flag("no-cache");
+    let ctx: usize = args.value("ctx", 8192)?;
+    let chunk: usize = args.value("chunk", 256)?;
+    args.reject_unknown()?;
+    if n == 0 {
+        return Err("-n must be at least 1".into());
+    }
+    if prompt.is_empty() {
+        return Err("the prompt is empty".into());
+    }
+    if chunk == 0 {
+        return Err("--chunk must be positive".into());
+    }
+    let model = Model::load(&path).map_err(|e| e.to_string())?;
+    let tokenizer = model.tokenizer();
+    let text = if chat {
+        tokenizer.chat_prompt(&prompt)
+    } else {
+        prompt.clone()
+    };
+    let prompt_ids = tokenizer.encode(&text);
+    if prompt_ids.is_empty() {
+        return Err("the prompt encodes to no tokens".into());
+    }
+    if prompt_ids.len() + n > ctx {
+        return Err(format!(
+            "prompt of {} tokens plus {n} new ones does not fit the cache of {ctx} tokens (--ctx)",
+            prompt_ids.len()
+        ));
+    }
+    let (spec, mut arena) = cache_arena(&model, format, 1, prompt_ids.len() + n)?;
+    let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
+    let seq = cache.add_sequence().map_err(|e| e.to_string())?;
+    let mut runner = Runner::new(&model, threads);
+    let mut sampler = Sampler::new(config);
+    let vocab = model.config().vocab;
+    let mut logits = vec![0.0f32; vocab];
+
+    let start = Instant::now();
+    for piece in prompt_ids.chunks(chunk) {
+        runner
+            .forward(&mut cache, &[Step { seq, tokens: piece }], &mut logits)
+            .map_err(|e| e.to_string())?;
+    }
+    let prefill = start.elapsed().as_secs_f64();
+    let mut generated = Vec::with_capacity(n);
+    let mut stream = StreamDecoder::new();
+    let stop: Vec<u32> = [tokenizer.eos_id(), tokenizer.token_id("<|im_end|>")]
+        .into_iter()
+        .flatten()
+        .collect();
+    let start = Instant::now();
+    let mut stdout = std::io::stdout();
+    let mut all = prompt_ids.clone();
+    loop {
+        let token = sampler.sample(&logits);
+        generated.push(token);
+        all.push(token);
+        if stop.contains(&token) {
+            break;
+        }
+        let _ = write!(stdout, "{}", stream.push_token(tokenizer, token));
+        let _ = stdout.flush();
+        if generated.len() == n {
+            break;
+        }
+        if no_cache {
+            // The baseline the cache removes: recompute every position of the prefix.
+            cache.truncate(seq, 0).map_err(|e| e.to_string())?;
+            for piece in all.chunks(chunk) {
+                runner
+                    .forward(&mut cache, &[Step { seq, tokens: piece }], &mut logits)
+                    .map_err(|e| e.to_string())?;
+            }
+        } else {
+            runner
+                .forward(
+                    &mut cache,
+                    &[Step {
+                        seq,
+                        tokens: &[token],
+                    }],
+                    &mut logits,
+                )
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let decode = start.elapsed().as_secs_f64();
+    println!("{}", stream.finish());
+    if show_ids {
+        println!("prompt ids: {}", join(&prompt_ids));
+        println!("generated ids: {}", join(&generated));
+    }
+    let stats = cache.stats();
+    eprintln!(
+        "prompt: {} tokens in {:.3} s ({:.1} tok/s); generation: {} tokens in {:.3} s ({:.1} tok/s){}; KV cache: {} bytes in use ({} blocks, {format}), threads {threads}",
+        prompt_ids.len(),
+        prefill,
+        prompt_ids.len() as f64 / prefill,
+        generated.len(),
+        decode,
+        generated.len() as f64 / decode.max(1e-9),
+        if no_cache { " without the cache" } else { "" },
+        stats.bytes_used,
+        stats.blocks_used,
+    );
+    Ok(())
+}
+
+fn join(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+}
+
+/// Runs `ppl`: perplexity over a text file in windows of `--ctx` tokens, scoring the second
+/// half of each window (as llama.cpp's perplexity tool does).
+pub fn ppl(args: &Args) -> Result<(), String> {
+    let path = model_path(args);
+    let file = args
+        .string("file")
+        .ok_or("--file TEXT is required")?
+        .to_string();
+    let ctx: usize = args.value("ctx", 512)?;
+    let max_chunks: usize = args.value("chunks", usize::MAX)?;
+    let max_chars: usize = args.value("chars", usize::MAX)?;
+    let format = super::kv_format(args)?;
+    let threads = threads(args)?;
+    args.reject_unknown()?;
+    if ctx < 4 {
+        return Err("--ctx must be at least 4".into());
+    }
+    let text = std::fs::read_to_string(&file).map_err(|e| format!("{file}: {e}"))?;
+    let text: String = text.chars().take(max_chars).collect();
+    let model = Model::load(&path).map_err(|e| e.to_string())?;
+    let ids = model.tokenizer().encode(&text);
+    let chunks = (ids.len() / ctx).min(max_chunks);
+    if chunks == 0 {
+        return Err(format!(
+            "the text has {} tokens, fewer than one window of {ctx}",
+            ids.len()
+        ));
+    }
+    let (spec, mut arena) = cache_arena(&model, format, 1, ctx)?;
+    let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
+    let mut runner = Runner::new(&model, threads);
+    let vocab = model.config().vocab;
+    let mut logits = vec![0.0f32; ctx * vocab];
+    let (mut nll, mut count) = (0.0f64, 0usize);
+    let start = Instant::now();
+    for c in 0..chunks {
+        let window = &ids[c * ctx..(c + 1) * ctx];
+        let seq = cache.add_sequence().map_err(|e| e.to_string())?;
+        runner
+            .forward_all(
+                &mut cache,
+                &[Step {
+                    seq,
+                    tokens: window,
+                }],
+                &mut logits,
+            )
+            .map_err(|e| e.to_string())?;
+        for j in ctx / 2..ctx - 1 {
+            nll -= log_softmax_at(&logits[j * vocab..(j + 1) * vocab], window[j + 1] as usize);
+            count += 1;
+        }
+        cache.remove(seq).map_err(|e| e.to_string())?;
+        println!("[{}] {:.4}", c + 1, (nll / count as f64).exp());
+    }
+    let ppl = (nll / count as f64).exp();
+    println!("perplexity: {ppl:.4} over {chunks} windows of {ctx} tokens ({count} scored), kv {format}, {:.1} s", start.elapsed().as_secs_f64());
+    println!("{{\"ppl\":{ppl:.5},\"ctx\":{ctx},\"chunks\":{chunks},\"kv\":\"{format}\",\"scored\":{count}}}");
+    Ok(())
+}
+
+fn log_softmax_at(logits: &[f32], index: usize) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+    logits[index] as f64 - max - sum.ln()
+}
+
+/// Runs `bench decode`: generation speed after `--depth` tokens of context.
+pub fn bench_decode(args: &Args) -> Result<(), String> {
+    let path = model_path(args);
+    let depth: usize = args.value("depth", 0)?;
+    let n: usize = args.value("n", 64)?;
+    let format = super::kv_format(args)?;
+    let threads = threads(args)?;
+    let chunk: usize = args.value("chunk", 512)?;
+    let no_cache = args.flag("no-cache");
+    args.reject_unknown()?;
+    if n == 0 || chunk == 0 {
+        return Err("-n and --chunk must be positive".into());
+    }
+    let model = Model::load(&path).map_err(|e| e.to_string())?;
+    let vocab = model.config().vocab;
+    let (spec, mut arena) = cache_arena(&model, format, 1, depth + n + 1)?;
+    let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
+    let seq: SeqId = cache.add_sequence().map_err(|e| e.to_string())?;
+    let mut runner = Runner::new(&model, threads);
+    let mut logits = vec![0.0f32; vocab];
+    // Deterministic pseudo-random context tokens, like llama-bench's.
+    let mut state = 12345u64;
+    let context: Vec<u32> = (0..depth.max(1))
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % vocab as u64) as u32
+        })
+        .collect();
+    let start = Instant::now();
+    for piece in context.chunks(chunk) {
+        runner
+            .forward(&mut cache, &[Step { seq, tokens: piece }], &mut logits)
+            .map_err(|e| e.to_string())?;
+    }
+    let prefill = start.elapsed().as_secs_f64();
+    let mut all = context.clone();
+    let start = Instant::now();
+    let mut token = 0u32;
+    for _ in 0..n {
+        if no_cache {
+            all.push(token);
+            cache.truncate(seq, 0).map_err(|e| e.to_string())?;
+            for piece in all.chunks(chunk) {
+                runner
+                    .forward(&mut cache, &[Step { seq, tokens: piece }], &mut logits)
+                    .map_err(|e| e.to_string())?;
+            }
+        } else {
+            runner
+                .forward(
+                    &mut cache,
+                    &[Step {
+                        seq,
+                        tokens: &[token],
+                    }],
+                    &mut logits,
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        token = crate::model::sampler::argmax(&logits);
+    }
+    let decode = start.elapsed().as_secs_f64();
+    let tok_per_s = n as f64 / decode;
+    let prefill_tok_per_s = context.len() as f64 / prefill;
+    println!("decode after {depth} tokens of context: {n} tokens in {decode:.3} s = {tok_per_s:.2} tok/s{} (kv {format}, threads {threads})", if no_cache { " without the cache" } else { "" });
+    println!("prefill: {} tokens in {prefill:.3} s = {prefill_tok_per_s:.1} tok/s; KV cache {} bytes in use", context.len(), cache.stats().bytes_used);
+    println!(
+        "{{\"depth\":{depth},\"kv\":\"{format}\",\"threads\":{threads},\"n\":{n},\"no_cache\":{no_cache},\"tok_per_s\":{tok_per_s:.3},\"prefill_tok_per_s\":{prefill_tok_per_s:.2}}}"
+    );
+    Ok(())
+}

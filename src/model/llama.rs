@@ -1,0 +1,734 @@
+//! The Llama-family forward pass, driving the KV cache.
+//!
+//! One call of [`Runner::forward`] takes a ragged batch — for each sequence a run of new
+//! tokens (a prompt chunk, or one token for a decode step) — appends their keys and values to
+//! the cache layer by layer, attends over everything the cache holds for each sequence, and
+//! returns the logits of each sequence's last new token. Past tokens are never recomputed.
+//!
+//! Per layer, for the `T` new tokens of the batch (`x`: `[T][embed]`):
+//! ```text
+//! h = rmsnorm(x)·attn_norm;  q,k,v = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ;  rope(q, k at each token's position)
+//! cache ← k, v;  a = attention(q, cache);  x += a·Woᵀ
+//! h = rmsnorm(x)·ffn_norm;  x += (silu(h·Wgateᵀ) ⊙ h·Wupᵀ)·Wdownᵀ
+//! ```
+//! then `logits = rmsnorm(x_last)·output_norm·Woutᵀ`, with `Wout = token_embd` when the file
+//! has no `output.weight` (tied embeddings).
+
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+
+use super::gguf::{GgmlType, Gguf};
+use super::quant::{
+    matmul, matmul_f32, quantize_activations, QuantizedActivations, WeightMatrix, WeightType,
+};
+use super::threads::ThreadPool;
+use super::tokenizer::Tokenizer;
+use crate::attention::{AttentionOptions, AttentionPlan, AttentionWorkspace, BatchEntry};
+use crate::{CacheSpec, KvCache, KvFormat, SeqId};
+
+/// Why a model could not be loaded or run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelError(pub String);
+
+impl fmt::Display for ModelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ModelError {}
+
+fn err(message: impl Into<String>) -> ModelError {
+    ModelError(message.into())
+}
+
+impl From<crate::Error> for ModelError {
+    fn from(e: crate::Error) -> Self {
+        ModelError(format!("cache: {e}"))
+    }
+}
+
+impl From<super::quant::QuantError> for ModelError {
+    fn from(e: super::quant::QuantError) -> Self {
+        ModelError(format!("weights: {e}"))
+    }
+}
+
+/// Model geometry and constants, from the GGUF metadata.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Residual stream width.
+    pub embed: usize,
+    /// Feed-forward hidden width.
+    pub ffn: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Elements per head (`embed / heads`).
+    pub head_dim: usize,
+    /// Vocabulary size (rows of the output projection).
+    pub vocab: usize,
+    /// Rotary embedding base.
+    pub rope_base: f32,
+    /// Dimensions rotated per head (pairs `(2i, 2i+1)` for `2i < rope_dim`).
+    pub rope_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// Training context length.
+    pub context_length: usize,
+}
+
+/// Where a weight matrix lies in the file.
+#[derive(Clone, Debug)]
+struct TensorRef {
+    ty: WeightType,
+    rows: usize,
+    cols: usize,
+    bytes: Range<usize>,
+}
+
+struct LayerRefs {
+    attn_norm: Vec<f32>,
+    wq: TensorRef,
+    wk: TensorRef,
+    wv: TensorRef,
+    wo: TensorRef,
+    ffn_norm: Vec<f32>,
+    gate: TensorRef,
+    up: TensorRef,
+    down: TensorRef,
+}
+
+/// A loaded model: the file's bytes, the geometry, per-layer weight locations, the tokenizer.
+pub struct Model {
+    gguf: Gguf,
+    config: LlamaConfig,
+    token_embd: TensorRef,
+    output: TensorRef,
+    output_norm: Vec<f32>,
+    layers: Vec<LayerRefs>,
+    tokenizer: Tokenizer,
+}
+
+impl Model {
+    /// Reads and checks a GGUF file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Model, ModelError> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(err(format!("model file {} not found", path.display())));
+        }
+        let gguf = Gguf::open(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+        Model::from_gguf(gguf)
+    }
+
+    /// Builds a model from a parsed file (architecture `llama`).
+    pub fn from_gguf(gguf: Gguf) -> Result<Model, ModelError> {
+        let arch = gguf.get_str("general.architecture").unwrap_or("(none)");
+        if arch != "llama" {
+            return Err(err(format!(
+                "unknown architecture `{arch}` (only `llama` is supported)"
+            )));
+        }
+        let int = |key: &str| -> Result<usize, ModelError> {
+            gguf.get_u64(key)
+                .map(|v| v as usize)
+                .ok_or_else(|| err(format!("missing metadata `{key}`")))
+        };
+        let layers = int("llama.block_count")?;
+        let embed = int("llama.embedding_length")?;
+        let ffn = int("llama.feed_forward_length")?;
+        let heads = int("llama.attention.head_count")?;
+        let kv_heads = int("llama.attention.head_count_kv").unwrap_or(heads);
+        if layers == 0
+            || embed == 0
+            || heads == 0
+            || kv_heads == 0
+            || embed % heads != 0
+            || heads % kv_heads != 0
+        {
+            return Err(err("inconsistent model geometry in metadata"));
+        }
+        let head_dim = embed / heads;
+        let rope_dim = int("llama.rope.dimension_count")
+            .unwrap_or(head_dim)
+            .min(head_dim);
+        let token_embd = tensor_ref(&gguf, "token_embd.weight", None)?;
+        let config = LlamaConfig {
+            layers,
+            embed,
+            ffn,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab: token_embd.rows,
+            rope_base: gguf.get_f32("llama.rope.freq_base").unwrap_or(10_000.0),
+            rope_dim,
+            rms_eps: gguf
+                .get_f32("llama.attention.layer_norm_rms_epsilon")
+                .unwrap_or(1e-5),
+            context_length: int("llama.context_length").unwrap_or(2048),
+        };
+        if token_embd.cols != embed {
+            return Err(err("token_embd.weight does not match the embedding length"));
+        }
+        let output = match gguf.tensor("output.weight") {
+            Some(_) => tensor_ref(&gguf, "output.weight", Some((config.vocab, embed)))?,
+            None => token_embd.clone(),
+        };
+        let output_norm = norm_weights(&gguf, "output_norm.weight", embed)?;
+        let kv = kv_heads * head_dim;
+        let mut layer_refs = Vec::with_capacity(layers);
+        for i in 0..layers {
+            let name = |suffix: &str| format!("blk.{i}.{suffix}.weight");
+            layer_refs.push(LayerRefs {
+                attn_norm: norm_weights(&gguf, &name("attn_norm"), embed)?,
+                wq: tensor_ref(&gguf, &name("attn_q"), Some((embed, embed)))?,
+                wk: tensor_ref(&gguf, &name("attn_k"), Some((kv, embed)))?,
+                wv: tensor_ref(&gguf, &name("attn_v"), Some((kv, embed)))?,
+                wo: tensor_ref(&gguf, &name("attn_output"), Some((embed, embed)))?,
+                ffn_norm: norm_weights(&gguf, &name("ffn_norm"), embed)?,
+                gate: tensor_ref(&gguf, &name("ffn_gate"), Some((ffn, embed)))?,
+                up: tensor_ref(&gguf, &name("ffn_up"), Some((ffn, embed)))?,
+                down: tensor_ref(&gguf, &name("ffn_down"), Some((embed, ffn)))?,
+            });
+        }
+        let tokenizer = Tokenizer::from_gguf(&gguf).map_err(|e| err(format!("tokenizer: {e}")))?;
+        Ok(Model {
+            gguf,
+            config,
+            token_embd,
+            output,
+            output_norm,
+            layers: layer_refs,
+            tokenizer,
+        })
+    }
+
+    /// Geometry and constants.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The tokenizer built from the file's vocabulary.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Bytes of all weight matrices (what a decode step streams at least once).
+    pub fn weight_bytes(&self) -> usize {
+        let layer: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|t| t.bytes.len())
+                    .sum::<usize>()
+            })
+            .sum();
+        layer + self.output.bytes.len()
+    }
+
+    fn matrix(&self, t: &TensorRef) -> Result<WeightMatrix<'_>, ModelError> {
+        let data = self
+            .gguf
+            .bytes()
+            .get(t.bytes.clone())
+            .ok_or_else(|| err("tensor outside the file"))?;
+        Ok(WeightMatrix::new(t.ty, t.rows, t.cols, data)?)
+    }
+
+    /// A cache spec for this model's geometry.
+    pub fn cache_spec(
+        &self,
+        format: KvFormat,
+        max_seqs: usize,
+        max_seq_tokens: usize,
+    ) -> CacheSpec {
+        let c = &self.config;
+        let mut spec = CacheSpec::new(c.layers, c.heads, c.kv_heads, c.head_dim);
+        spec.k_format = format;
+        spec.v_format = format;
+        spec.max_seqs = max_seqs;
+        spec.max_seq_tokens = max_seq_tokens;
+        spec
+    }
+}
+
+fn weight_type(ty: GgmlType) -> Option<WeightType> {
+    WeightType::from_ggml(ty.id())
+}
+
+fn tensor_ref(
+    gguf: &Gguf,
+    name: &str,
+    shape: Option<(usize, usize)>,
+) -> Result<TensorRef, ModelError> {
+    let view = gguf
+        .tensor(name)
+        .ok_or_else(|| err(format!("missing tensor `{name}`")))?;
+    let ty = weight_type(view.ggml_type).ok_or_else(|| {
+        err(format!(
+            "tensor `{name}` has unsupported type {:?}",
+            view.ggml_type
+        ))
+    })?;
+    if view.dims.len() != 2 {
+        return Err(err(format!("tensor `{name}` is not a matrix")));
+    }
+    let (cols, rows) = (view.dims[0] as usize, view.dims[1] as usize);
+    if let Some(expected) = shape {
+        if (rows, cols) != expected {
+            return Err(err(format!(
+                "tensor `{name}` is {rows}×{cols}, expected {}×{}",
+                expected.0, expected.1
+            )));
+        }
+    }
+    let start = view.data.as_ptr() as usize - gguf.bytes().as_ptr() as usize;
+    let t = TensorRef {
+        ty,
+        rows,
+        cols,
+        bytes: start..start + view.data.len(),
+    };
+    WeightMatrix::new(ty, rows, cols, view.data)
+        .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+    Ok(t)
+}
+
+fn norm_weights(gguf: &Gguf, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+    let view = gguf
+        .tensor(name)
+        .ok_or_else(|| err(format!("missing tensor `{name}`")))?;
+    if view.ggml_type != GgmlType::F32 || view.data.len() != len * 4 {
+        return Err(err(format!("tensor `{name}` must be {len} f32 values")));
+    }
+    Ok(view
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// Rotary embedding tables: `cos`/`sin` of `pos · base^(-2i/rope_dim)`, `[pos][rope_dim/2]`.
+struct Rope {
+    half: usize,
+    base: f64,
+    rope_dim: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    fn new(config: &LlamaConfig) -> Rope {
+        Rope {
+            half: config.rope_dim / 2,
+            base: config.rope_base as f64,
+            rope_dim: config.rope_dim,
+            cos: Vec::new(),
+            sin: Vec::new(),
+        }
+    }
+
+    fn ensure(&mut self, positions: usize) {
+        let have = self.cos.len() / self.half.max(1);
+        for pos in have..positions {
+            for i in 0..self.half {
+                let theta = pos as f64 * self.base.powf(-2.0 * i as f64 / self.rope_dim as f64);
+                self.cos.push(theta.cos() as f32);
+                self.sin.push(theta.sin() as f32);
+            }
+        }
+    }
+
+    /// Rotates adjacent pairs of every head in `x` (`[heads][head_dim]`) for `position`.
+    fn apply(&self, x: &mut [f32], head_dim: usize, position: usize) {
+        let cos = &self.cos[position * self.half..(position + 1) * self.half];
+        let sin = &self.sin[position * self.half..(position + 1) * self.half];
+        for head in x.chunks_exact_mut(head_dim) {
+            for (i, pair) in head[..2 * self.half].chunks_exact_mut(2).enumerate() {
+                let (a, b) = (pair[0], pair[1]);
+                pair[0] = a * cos[i] - b * sin[i];
+                pair[1] = a * sin[i] + b * cos[i];
+            }
+        }
+    }
+}
+
+/// Working buffers, grown on demand and reused across calls.
+#[derive(Default)]
+struct Buffers {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    last: Vec<f32>,
+    quant: QuantizedActivations,
+}
+
+/// Runs the model over a cache: owns the thread pool and the working buffers.
+pub struct Runner<'m> {
+    model: &'m Model,
+    pool: ThreadPool,
+    workspace: AttentionWorkspace,
+    rope: Rope,
+    buffers: Buffers,
+}
+
+/// One sequence's part of a forward call.
+#[derive(Clone, Copy, Debug)]
+pub struct Step<'t> {
+    /// The sequence (its new tokens are appended to the cache).
+    pub seq: SeqId,
+    /// The new tokens.
+    pub tokens: &'t [u32],
+}
+
+impl<'m> Runner<'m> {
+    /// A runner with `threads` threads.
+    pub fn new(model: &'m Model, threads: usize) -> Runner<'m> {
+        let threads = threads.max(1);
+        Runner {
+            model,
+            pool: ThreadPool::new(threads),
+            workspace: AttentionWorkspace::new(threads),
+            rope: Rope::new(&model.config),
+            buffers: Buffers::default(),
+        }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Threads in use.
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// Appends each step's tokens to its sequence and writes the logits of each step's last
+    /// token to `logits` (`[steps][vocab]`). All or nothing for the cache reservation; a bad
+    /// token id is refused before anything changes.
+    pub fn forward(
+        &mut self,
+        cache: &mut KvCache<'_>,
+        steps: &[Step<'_>],
+        logits: &mut [f32],
+    ) -> Result<(), ModelError> {
+        self.forward_with(cache, steps, logits, false)
+    }
+
+    /// Like [`Runner::forward`], but writes the logits of every new token
+    /// (`[total new tokens][vocab]`, in step order), as perplexity needs.
+    pub fn forward_all(
+        &mut self,
+        cache: &mut KvCache<'_>,
+        steps: &[Step<'_>],
+        logits: &mut [f32],
+    ) -> Result<(), ModelError> {
+        self.forward_with(cache, steps, logits, true)
+    }
+
+    fn forward_with(
+        &mut self,
+        cache: &mut KvCache<'_>,
+        steps: &[Step<'_>],
+        logits: &mut [f32],
+        all: bool,
+    ) -> Result<(), ModelError> {
+        let config = *self.model.config();
+        let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
+        let rows = if all { total } else { steps.len() };
+        if logits.len() != rows * config.vocab {
+            return Err(err("logits buffer has the wrong length"));
+        }
+        if steps.iter().any(|s| s.tokens.is_empty()) {
+            return Err(err("a step has no tokens"));
+        }
+        if let Some(bad) = steps
+            .iter()
+            .flat_map(|s| s.tokens)
+            .find(|&&t| t as usize >= config.vocab)
+        {
+            return Err(err(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                config.vocab
+            )));
+        }
+        let requests: Vec<(SeqId, usize)> = steps.iter().map(|s| (s.seq, s.tokens.len())).collect();
+        let starts: Vec<usize> = steps
+            .iter()
+            .map(|s| cache.len(s.seq))
+            .collect::<Result<_, _>>()?;
+        cache.reserve_batch(&requests)?;
+        let max_position = steps
+            .iter()
+            .zip(&starts)
+            .map(|(s, &p)| p + s.tokens.len())
+            .max()
+            .unwrap_or(0);
+        self.rope.ensure(max_position);
+        let entries: Vec<BatchEntry> = steps
+            .iter()
+            .zip(&starts)
+            .map(|(s, &p)| BatchEntry {
+                seq: s.seq,
+                first_position: p,
+                tokens: s.tokens.len(),
+            })
+            .collect();
+        let positions: Vec<usize> = entries
+            .iter()
+            .flat_map(|e| e.first_position..e.first_position + e.tokens)
+            .collect();
+
+        let (embed, kv, ffn) = (config.embed, config.kv_heads * config.head_dim, config.ffn);
+        let b = &mut self.buffers;
+        b.x.resize(total * embed, 0.0);
+        b.h.resize(total * embed, 0.0);
+        b.q.resize(total * embed, 0.0);
+        b.k.resize(total * kv, 0.0);
+        b.v.resize(total * kv, 0.0);
+        b.attn.resize(total * embed, 0.0);
+        b.proj.resize(total * embed, 0.0);
+        b.gate.resize(total * ffn, 0.0);
+        b.up.resize(total * ffn, 0.0);
+        let embedding = self.model.matrix(&self.model.token_embd)?;
+        for (row, &token) in
+            b.x.chunks_exact_mut(embed)
+                .zip(steps.iter().flat_map(|s| s.tokens))
+        {
+            embedding.dequantize_row(token as usize, row)?;
+        }
+        let options = AttentionOptions {
+            splits: 1,
+            query_tile: 8,
+            ..AttentionOptions::default()
+        };
+        for (layer_index, layer) in self.model.layers.iter().enumerate() {
+            rms_norm(&b.x, &layer.attn_norm, config.rms_eps, &mut b.h);
+            project(
+                self.model,
+                &layer.wq,
+                &b.h,
+                total,
+                &mut b.quant,
+                &mut b.q,
+                &self.pool,
+                true,
+            )?;
+            project(
+                self.model,
+                &layer.wk,
+                &b.h,
+                total,
+                &mut b.quant,
+                &mut b.k,
+                &self.pool,
+                false,
+            )?;
+            project(
+                self.model,
+                &layer.wv,
+                &b.h,
+                total,
+                &mut b.quant,
+                &mut b.v,
+                &self.pool,
+                false,
+            )?;
+            for (t, &position) in positions.iter().enumerate() {
+                self.rope.apply(
+                    &mut b.q[t * embed..(t + 1) * embed],
+                    config.head_dim,
+                    position,
+                );
+                self.rope
+                    .apply(&mut b.k[t * kv..(t + 1) * kv], config.head_dim, position);
+            }
+            let mut offset = 0;
+            for entry in &entries {
+                let rows = offset * kv..(offset + entry.tokens) * kv;
+                cache.write_run(
+                    entry.seq,
+                    layer_index,
+                    entry.first_position,
+                    &b.k[rows.clone()],
+                    &b.v[rows],
+                )?;
+                offset += entry.tokens;
+            }
+            let splits = attention_splits(
+                &entries,
+                config.kv_heads,
+                self.pool.threads(),
+                cache.spec().block_tokens,
+            );
+            let plan = AttentionPlan::new(
+                cache,
+                layer_index,
+                &entries,
+                &AttentionOptions { splits, ..options },
+            )?;
+            let pool = &self.pool;
+            self.workspace
+                .run(&plan, &b.q, &mut b.attn, |work| pool.run(work))?;
+            project(
+                self.model,
+                &layer.wo,
+                &b.attn,
+                total,
+                &mut b.quant,
+                &mut b.proj,
+                &self.pool,
+                true,
+            )?;
+            add(&mut b.x, &b.proj);
+            rms_norm(&b.x, &layer.ffn_norm, config.rms_eps, &mut b.h);
+            project(
+                self.model,
+                &layer.gate,
+                &b.h,
+                total,
+                &mut b.quant,
+                &mut b.gate,
+                &self.pool,
+                true,
+            )?;
+            project(
+                self.model,
+                &layer.up,
+                &b.h,
+                total,
+                &mut b.quant,
+                &mut b.up,
+                &self.pool,
+                false,
+            )?;
+            for (g, u) in b.gate.iter_mut().zip(&b.up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            project(
+                self.model,
+                &layer.down,
+                &b.gate,
+                total,
+                &mut b.quant,
+                &mut b.proj,
+                &self.pool,
+                true,
+            )?;
+            add(&mut b.x, &b.proj);
+        }
+        // Final norm and output projection: every token, or each step's last token only.
+        b.last.resize(rows * embed, 0.0);
+        if all {
+            rms_norm(&b.x, &self.model.output_norm, config.rms_eps, &mut b.last);
+        } else {
+            let mut end = 0;
+            for (i, step) in steps.iter().enumerate() {
+                end += step.tokens.len();
+                let row = &b.x[(end - 1) * embed..end * embed];
+                rms_norm(
+                    row,
+                    &self.model.output_norm,
+                    config.rms_eps,
+                    &mut b.last[i * embed..(i + 1) * embed],
+                );
+            }
+        }
+        let last = std::mem::take(&mut b.last);
+        let result = project(
+            self.model,
+            &self.model.output,
+            &last,
+            rows,
+            &mut b.quant,
+            logits,
+            &self.pool,
+            true,
+        );
+        b.last = last;
+        result
+    }
+}
+
+/// Key splits so that each thread has work even for one sequence: none when the batch already
+/// has enough (sequence, head) pairs or the context is short.
+fn attention_splits(
+    entries: &[BatchEntry],
+    kv_heads: usize,
+    threads: usize,
+    block_tokens: usize,
+) -> usize {
+    let longest = entries
+        .iter()
+        .map(|e| e.first_position + e.tokens)
+        .max()
+        .unwrap_or(0);
+    let decode_only = entries.iter().all(|e| e.tokens == 1);
+    if threads <= 1 || !decode_only || longest < 16 * block_tokens {
+        return 1;
+    }
+    crate::cli::bench::auto_splits(
+        entries.len(),
+        kv_heads,
+        threads,
+        longest.div_ceil(block_tokens),
+    )
+}
+
+/// `out = x · Wᵀ` for `tokens` rows of `x`; quantizes `x` first for block types unless
+/// `quantize` is false (the previous call quantized the same `x`).
+#[allow(clippy::too_many_arguments)]
+fn project(
+    model: &Model,
+    weight: &TensorRef,
+    x: &[f32],
+    tokens: usize,
+    quant: &mut QuantizedActivations,
+    out: &mut [f32],
+    pool: &ThreadPool,
+    quantize: bool,
+) -> Result<(), ModelError> {
+    let w = model.matrix(weight)?;
+    let out = &mut out[..tokens * w.rows];
+    if w.ty.is_quantized() {
+        if quantize || quant.tokens() != tokens || quant.cols() != w.cols {
+            quantize_activations(&x[..tokens * w.cols], w.cols, quant)?;
+        }
+        matmul(&w, quant, out, pool)?;
+    } else {
+        matmul_f32(&w, &x[..tokens * w.cols], tokens, out, pool)?;
+    }
+    Ok(())
+}
+
+/// `out[t] = x[t] / rms(x[t]) · weight` for every row of `x` (rows of `weight.len()`).
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let n = weight.len();
+    for (row, dst) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let inverse = 1.0 / (mean_square + eps).sqrt();
+        for ((d, v), w) in dst.iter_mut().zip(row).zip(weight) {
+            *d = v * inverse * w;
+        }
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
