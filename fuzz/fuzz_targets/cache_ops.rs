@@ -105,8 +105,9 @@ fuzz_target!(|data: &[u8]| {
     spec.sink_tokens = data[5] as usize / 32 % 4;
     let blocks = 1 + data[0] as usize / 2 % 20;
     let Ok(layout) = Layout::new(spec) else { return };
-    let mut arena = vec![0u8; layout.arena_bytes(blocks).unwrap() + data[2] as usize / 4 % 8];
+    // A misaligned start: the arena begins `offset` bytes into the allocation.
     let offset = data[2] as usize / 32;
+    let mut arena = vec![0u8; layout.arena_bytes(blocks).unwrap() + offset];
     let mut fuzz = Fuzz {
         cache: KvCache::new(spec, &mut arena[offset..]).expect("arena sized by arena_bytes"),
         spec,
