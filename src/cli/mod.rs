@@ -15,6 +15,7 @@ usage:
                    [--temp X --top-k K --top-p P --seed S] [--chat] [--ids] [--no-cache]
   kvcache ppl --model PATH --file TEXT [--ctx 512] [--kv FORMAT] [--chunks N]
   kvcache bench decode --model PATH --depth D [-n 64] [--kv FORMAT] [--threads T] [--no-cache]
+  kvcache                              the main job: SmolLM2 answers a question (demo without it)
   kvcache demo                         run a built-in synthetic model through the cache
   kvcache memory [--shape S] [--kv F]  cache bytes by context, batch and format
   kvcache bench attention [--shape smollm2|llama3-8b] [--ctx N] [--batch B]
@@ -45,8 +46,22 @@ fn run(args: Vec<String>) -> Result<(), String> {
             print!("{USAGE}");
             Ok(())
         }
+        (None, _) => main_job(&args),
         (Some(other), _) => Err(format!("unknown command `{other}`\n{USAGE}")),
-        (None, _) => Err(format!("no command given\n{USAGE}")),
+    }
+}
+
+/// The main job, `kvcache` without a command: SmolLM2 answers a question through the cache
+/// when the model file is present (see `.ci/fetch-model`), else the built-in demo runs.
+fn main_job(args: &Args) -> Result<(), String> {
+    let path = generate::model_path(args);
+    if std::path::Path::new(&path).exists() {
+        let words = ["generate", "--model", &path, "--chat", "--prompt", "What is a KV cache in a transformer? Answer briefly.", "-n", "96"];
+        let args = Args::parse(words.iter().map(|w| w.to_string()))?;
+        generate::generate(&args)
+    } else {
+        println!("(no model at {path}: run .ci/fetch-model to get SmolLM2-135M; running the built-in demo)\n");
+        demo::demo(&Args::default())
     }
 }
 

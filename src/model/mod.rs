@@ -5,5 +5,6 @@ pub mod gguf;
 pub mod llama;
 pub mod quant;
 pub mod sampler;
+pub mod synthetic;
 pub mod threads;
 pub mod tokenizer;
