@@ -47,3 +47,8 @@ pub use cache::{KvCache, SeqId};
 pub use error::Error;
 pub use format::KvFormat;
 pub use spec::{CacheSpec, Layout};
+
+/// The README's Rust example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
