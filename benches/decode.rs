@@ -24,21 +24,45 @@ fn decode_step(c: &mut Criterion) {
             let seq = cache.add_sequence().unwrap();
             cache.reserve(seq, ctx).unwrap();
             let elems = ctx * spec.kv_heads * spec.head_dim;
-            let values: Vec<f32> = (0..elems).map(|i| ((i * 7919) % 2000) as f32 / 1000.0 - 1.0).collect();
+            let values: Vec<f32> = (0..elems)
+                .map(|i| ((i * 7919) % 2000) as f32 / 1000.0 - 1.0)
+                .collect();
             for layer in 0..spec.layers {
                 cache.write_run(seq, layer, 0, &values, &values).unwrap();
             }
-            let options = AttentionOptions { query_tile: 1, ..AttentionOptions::default() };
+            let options = AttentionOptions {
+                query_tile: 1,
+                ..AttentionOptions::default()
+            };
             let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
-            let query: Vec<f32> = (0..spec.q_heads * spec.head_dim).map(|i| (i % 17) as f32 / 17.0).collect();
+            let query: Vec<f32> = (0..spec.q_heads * spec.head_dim)
+                .map(|i| (i % 17) as f32 / 17.0)
+                .collect();
             let mut out = vec![0.0; query.len()];
-            let entry = [BatchEntry { seq, first_position: ctx - 1, tokens: 1 }];
-            let bytes = (ctx * spec.layers * spec.kv_heads * (layout.row_bytes(Kind::K) + layout.row_bytes(Kind::V))) as u64;
+            let entry = [BatchEntry {
+                seq,
+                first_position: ctx - 1,
+                tokens: 1,
+            }];
+            let bytes = (ctx
+                * spec.layers
+                * spec.kv_heads
+                * (layout.row_bytes(Kind::K) + layout.row_bytes(Kind::V)))
+                as u64;
             group.throughput(Throughput::Bytes(bytes));
             group.bench_function(format!("{format}/ctx{ctx}/all_layers"), |b| {
                 b.iter(|| {
                     for layer in 0..spec.layers {
-                        attention(&cache, layer, &entry, black_box(&query), &mut out, &mut scratch, &options).unwrap();
+                        attention(
+                            &cache,
+                            layer,
+                            &entry,
+                            black_box(&query),
+                            &mut out,
+                            &mut scratch,
+                            &options,
+                        )
+                        .unwrap();
                     }
                     black_box(&out);
                 })

@@ -31,6 +31,8 @@ pub mod cache;
 #[cfg(feature = "std")]
 pub mod cli;
 pub mod error;
+#[allow(unsafe_code)]
+pub mod ffi;
 pub mod format;
 pub mod half;
 #[allow(unsafe_code)]

@@ -12,11 +12,16 @@ use kvcache::{KvCache, KvFormat};
 fn model_path() -> Option<PathBuf> {
     let path = std::env::var("KVCACHE_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
     if path.exists() {
         Some(path)
     } else {
-        eprintln!("skipped: model not found at {} (run .ci/fetch-model)", path.display());
+        eprintln!(
+            "skipped: model not found at {} (run .ci/fetch-model)",
+            path.display()
+        );
         None
     }
 }
@@ -34,14 +39,20 @@ fn int_arrays(json: &str, key: &str) -> Vec<Vec<u32>> {
         rest = &rest[at + pattern.len()..];
         let open = rest.find('[').unwrap();
         let close = rest.find(']').unwrap();
-        out.push(rest[open + 1..close].split(',').map(|n| n.trim().parse().unwrap()).collect());
+        out.push(
+            rest[open + 1..close]
+                .split(',')
+                .map(|n| n.trim().parse().unwrap())
+                .collect(),
+        );
         rest = &rest[close..];
     }
     out
 }
 
 fn reference() -> Option<String> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/smollm2-greedy.json");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/smollm2-greedy.json");
     match std::fs::read_to_string(&path) {
         Ok(text) => Some(text),
         Err(_) => {
@@ -59,17 +70,29 @@ const NOISE: f32 = 0.1;
 
 #[test]
 fn greedy_tokens_match_llama_cpp() {
-    let (Some(model), Some(json)) = (load(), reference()) else { return };
+    let (Some(model), Some(json)) = (load(), reference()) else {
+        return;
+    };
     let prompts = int_arrays(&json, "prompt_ids");
     let expected = int_arrays(&json, "greedy_ids");
     assert_eq!(prompts.len(), 2);
     for (prompt, continuation) in prompts.iter().zip(&expected) {
-        let (spec, mut arena) = kvcache::cli::generate::cache_arena(&model, KvFormat::F16, 1, 128).unwrap();
+        let (spec, mut arena) =
+            kvcache::cli::generate::cache_arena(&model, KvFormat::F16, 1, 128).unwrap();
         let mut cache = KvCache::new(spec, arena.as_mut_slice()).unwrap();
         let seq = cache.add_sequence().unwrap();
         let mut runner = Runner::new(&model, 2);
         let mut logits = vec![0.0; model.config().vocab];
-        runner.forward(&mut cache, &[Step { seq, tokens: prompt }], &mut logits).unwrap();
+        runner
+            .forward(
+                &mut cache,
+                &[Step {
+                    seq,
+                    tokens: prompt,
+                }],
+                &mut logits,
+            )
+            .unwrap();
         // Teacher-forced along llama.cpp's tokens: at every step its token is our top token,
         // or within float noise of it.
         let mut differing = 0;
@@ -78,10 +101,22 @@ fn greedy_tokens_match_llama_cpp() {
             if top != want {
                 let gap = logits[top as usize] - logits[want as usize];
                 eprintln!("step {step}: ours {top}, llama.cpp {want}, logit gap {gap:.4}");
-                assert!(gap <= NOISE, "step {step}: llama.cpp's token {want} is {gap} below our top {top}");
+                assert!(
+                    gap <= NOISE,
+                    "step {step}: llama.cpp's token {want} is {gap} below our top {top}"
+                );
                 differing += 1;
             }
-            runner.forward(&mut cache, &[Step { seq, tokens: &[want] }], &mut logits).unwrap();
+            runner
+                .forward(
+                    &mut cache,
+                    &[Step {
+                        seq,
+                        tokens: &[want],
+                    }],
+                    &mut logits,
+                )
+                .unwrap();
         }
         assert!(differing <= 2, "{differing} steps differ");
     }
@@ -89,9 +124,15 @@ fn greedy_tokens_match_llama_cpp() {
 
 #[test]
 fn prompt_token_ids_match_llama_cpp() {
-    let (Some(model), Some(json)) = (load(), reference()) else { return };
+    let (Some(model), Some(json)) = (load(), reference()) else {
+        return;
+    };
     let prompts = int_arrays(&json, "prompt_ids");
-    let texts: Vec<&str> = json.split("\"prompt\": \"").skip(1).map(|s| &s[..s.find('"').unwrap()]).collect();
+    let texts: Vec<&str> = json
+        .split("\"prompt\": \"")
+        .skip(1)
+        .map(|s| &s[..s.find('"').unwrap()])
+        .collect();
     assert_eq!(texts.len(), prompts.len());
     for (text, ids) in texts.iter().zip(&prompts) {
         assert_eq!(&model.tokenizer().encode(text), ids, "{text}");
@@ -99,22 +140,38 @@ fn prompt_token_ids_match_llama_cpp() {
 }
 
 /// Greedy decoding with the cache for `steps` tokens; returns the tokens and each step's logits.
-fn decode_with_cache(runner: &mut Runner, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+fn decode_with_cache(
+    runner: &mut Runner,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
     let model = runner.model();
-    let (spec, mut arena) = kvcache::cli::generate::cache_arena(model, KvFormat::F16, 1, prompt.len() + steps).unwrap();
+    let (spec, mut arena) =
+        kvcache::cli::generate::cache_arena(model, KvFormat::F16, 1, prompt.len() + steps).unwrap();
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).unwrap();
     let seq = cache.add_sequence().unwrap();
     let mut logits = vec![0.0; model.config().vocab];
     // Prefill in chunks of 3 to exercise chunked prefill too.
     for piece in prompt.chunks(3) {
-        runner.forward(&mut cache, &[Step { seq, tokens: piece }], &mut logits).unwrap();
+        runner
+            .forward(&mut cache, &[Step { seq, tokens: piece }], &mut logits)
+            .unwrap();
     }
     let (mut tokens, mut all_logits) = (Vec::new(), Vec::new());
     for _ in 0..steps {
         let token = argmax(&logits);
         tokens.push(token);
         all_logits.push(logits.clone());
-        runner.forward(&mut cache, &[Step { seq, tokens: &[token] }], &mut logits).unwrap();
+        runner
+            .forward(
+                &mut cache,
+                &[Step {
+                    seq,
+                    tokens: &[token],
+                }],
+                &mut logits,
+            )
+            .unwrap();
     }
     (tokens, all_logits)
 }
@@ -126,18 +183,32 @@ fn cached_decoding_equals_recomputation_without_the_cache() {
     let mut runner = Runner::new(&model, 2);
     let vocab = model.config().vocab;
     let steps = 64;
-    for text in ["The capital of France is", "def fibonacci(n):", "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n"] {
+    for text in [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n",
+    ] {
         let prompt = tokenizer.encode(text);
         let (tokens, cached_logits) = decode_with_cache(&mut runner, &prompt, steps);
         // Recomputation: one pass over prompt + generated tokens, from an empty cache, gives
         // at each position exactly what a no-cache decoder computes at that step.
         let mut sequence = prompt.clone();
         sequence.extend_from_slice(&tokens[..steps - 1]);
-        let (spec, mut arena) = kvcache::cli::generate::cache_arena(&model, KvFormat::F16, 1, sequence.len()).unwrap();
+        let (spec, mut arena) =
+            kvcache::cli::generate::cache_arena(&model, KvFormat::F16, 1, sequence.len()).unwrap();
         let mut cache = KvCache::new(spec, arena.as_mut_slice()).unwrap();
         let seq = cache.add_sequence().unwrap();
         let mut logits = vec![0.0; sequence.len() * vocab];
-        runner.forward_all(&mut cache, &[Step { seq, tokens: &sequence }], &mut logits).unwrap();
+        runner
+            .forward_all(
+                &mut cache,
+                &[Step {
+                    seq,
+                    tokens: &sequence,
+                }],
+                &mut logits,
+            )
+            .unwrap();
         let mut worst = 0.0f32;
         for (step, cached) in cached_logits.iter().enumerate() {
             let row = &logits[(prompt.len() - 1 + step) * vocab..(prompt.len() + step) * vocab];
@@ -154,28 +225,50 @@ fn cached_decoding_equals_recomputation_without_the_cache() {
 fn a_ragged_batch_decodes_like_each_sequence_alone() {
     let Some(model) = load() else { return };
     let tokenizer = model.tokenizer();
-    let prompts: Vec<Vec<u32>> = ["Hi", "The quick brown fox jumps over the lazy dog because", "1, 2, 3, 4,", "In the beginning"]
-        .iter()
-        .map(|t| tokenizer.encode(t))
-        .collect();
+    let prompts: Vec<Vec<u32>> = [
+        "Hi",
+        "The quick brown fox jumps over the lazy dog because",
+        "1, 2, 3, 4,",
+        "In the beginning",
+    ]
+    .iter()
+    .map(|t| tokenizer.encode(t))
+    .collect();
     let steps = 16;
     let mut runner = Runner::new(&model, 2);
-    let alone: Vec<Vec<u32>> = prompts.iter().map(|p| decode_with_cache(&mut runner, p, steps).0).collect();
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| decode_with_cache(&mut runner, p, steps).0)
+        .collect();
 
-    let (spec, mut arena) = kvcache::cli::generate::cache_arena(&model, KvFormat::F16, 4, 64).unwrap();
+    let (spec, mut arena) =
+        kvcache::cli::generate::cache_arena(&model, KvFormat::F16, 4, 64).unwrap();
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).unwrap();
     let seqs: Vec<_> = (0..4).map(|_| cache.add_sequence().unwrap()).collect();
     let vocab = model.config().vocab;
     let mut logits = vec![0.0; 4 * vocab];
-    let batch: Vec<Step> = seqs.iter().zip(&prompts).map(|(&seq, p)| Step { seq, tokens: p }).collect();
+    let batch: Vec<Step> = seqs
+        .iter()
+        .zip(&prompts)
+        .map(|(&seq, p)| Step { seq, tokens: p })
+        .collect();
     runner.forward(&mut cache, &batch, &mut logits).unwrap();
     let mut together = vec![Vec::new(); 4];
     for _ in 0..steps {
-        let next: Vec<u32> = (0..4).map(|i| argmax(&logits[i * vocab..(i + 1) * vocab])).collect();
+        let next: Vec<u32> = (0..4)
+            .map(|i| argmax(&logits[i * vocab..(i + 1) * vocab]))
+            .collect();
         for (list, &t) in together.iter_mut().zip(&next) {
             list.push(t);
         }
-        let batch: Vec<Step> = seqs.iter().zip(&next).map(|(&seq, t)| Step { seq, tokens: std::slice::from_ref(t) }).collect();
+        let batch: Vec<Step> = seqs
+            .iter()
+            .zip(&next)
+            .map(|(&seq, t)| Step {
+                seq,
+                tokens: std::slice::from_ref(t),
+            })
+            .collect();
         runner.forward(&mut cache, &batch, &mut logits).unwrap();
     }
     assert_eq!(together, alone);
@@ -183,7 +276,10 @@ fn a_ragged_batch_decodes_like_each_sequence_alone() {
 }
 
 fn cli(args: &[&str]) -> (i32, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_kvcache")).args(args).output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_kvcache"))
+        .args(args)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
     assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     (output.status.code().unwrap_or(-1), stderr)
@@ -193,11 +289,23 @@ fn cli(args: &[&str]) -> (i32, String) {
 fn bad_input_gets_a_clear_message_and_a_nonzero_exit() {
     let dir = std::env::temp_dir().join(format!("kvcache-bad-input-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (code, err) = cli(&["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"]);
+    let (code, err) = cli(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--prompt",
+        "hi",
+    ]);
     assert!(code != 0 && err.contains("not found"), "{err}");
     let not_gguf = dir.join("not.gguf");
     std::fs::write(&not_gguf, b"this is not a gguf file at all").unwrap();
-    let (code, err) = cli(&["generate", "--model", not_gguf.to_str().unwrap(), "--prompt", "hi"]);
+    let (code, err) = cli(&[
+        "generate",
+        "--model",
+        not_gguf.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
     assert!(code != 0 && err.to_lowercase().contains("magic"), "{err}");
     // A valid GGUF v3 file whose architecture is not llama: header, one string metadata entry.
     let mut gguf = Vec::new();
@@ -215,7 +323,13 @@ fn bad_input_gets_a_clear_message_and_a_nonzero_exit() {
     let gguf = [&gguf[..], b"b"].concat(); // "mamb" + "b": any non-llama name
     let other = dir.join("other.gguf");
     std::fs::write(&other, &gguf).unwrap();
-    let (code, err) = cli(&["generate", "--model", other.to_str().unwrap(), "--prompt", "hi"]);
+    let (code, err) = cli(&[
+        "generate",
+        "--model",
+        other.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
     assert!(code != 0 && err.contains("architecture"), "{err}");
     let (code, err) = cli(&["generate", "--model", "x", "--prompt", "hi", "-n", "0"]);
     assert!(code != 0 && err.contains("-n"), "{err}");
@@ -226,7 +340,15 @@ fn bad_input_gets_a_clear_message_and_a_nonzero_exit() {
     if model_path().is_some() {
         let model = model_path().unwrap();
         let long = "word ".repeat(200);
-        let (code, err) = cli(&["generate", "--model", model.to_str().unwrap(), "--prompt", &long, "--ctx", "64"]);
+        let (code, err) = cli(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            &long,
+            "--ctx",
+            "64",
+        ]);
         assert!(code != 0 && err.contains("does not fit"), "{err}");
     }
     std::fs::remove_dir_all(&dir).ok();

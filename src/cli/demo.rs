@@ -18,7 +18,8 @@ fn synthetic_model_demo() -> Result<(), String> {
     use crate::model::gguf::Gguf;
     use crate::model::llama::{Model, Runner, Step};
     use crate::model::sampler::argmax;
-    let gguf = Gguf::from_bytes(crate::model::synthetic::synthetic_gguf(7)).map_err(|e| e.to_string())?;
+    let gguf =
+        Gguf::from_bytes(crate::model::synthetic::synthetic_gguf(7)).map_err(|e| e.to_string())?;
     let model = Model::from_gguf(gguf).map_err(|e| e.to_string())?;
     let config = *model.config();
     println!(
@@ -29,13 +30,23 @@ fn synthetic_model_demo() -> Result<(), String> {
     let steps = 48;
     let mut runner = Runner::new(&model, 1);
     let mut run = |recompute: bool| -> Result<(Vec<u32>, f64, usize), String> {
-        let (spec, mut arena) = super::generate::cache_arena(&model, KvFormat::F16, 1, prompt.len() + steps)?;
+        let (spec, mut arena) =
+            super::generate::cache_arena(&model, KvFormat::F16, 1, prompt.len() + steps)?;
         let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
         let seq = cache.add_sequence().map_err(|e| e.to_string())?;
         let mut logits = vec![0.0; config.vocab];
         let mut all = prompt.clone();
         let start = std::time::Instant::now();
-        runner.forward(&mut cache, &[Step { seq, tokens: &prompt }], &mut logits).map_err(|e| e.to_string())?;
+        runner
+            .forward(
+                &mut cache,
+                &[Step {
+                    seq,
+                    tokens: &prompt,
+                }],
+                &mut logits,
+            )
+            .map_err(|e| e.to_string())?;
         let mut generated = Vec::new();
         for _ in 0..steps {
             let token = argmax(&logits);
@@ -43,19 +54,47 @@ fn synthetic_model_demo() -> Result<(), String> {
             all.push(token);
             if recompute {
                 cache.truncate(seq, 0).map_err(|e| e.to_string())?;
-                runner.forward(&mut cache, &[Step { seq, tokens: &all }], &mut logits).map_err(|e| e.to_string())?;
+                runner
+                    .forward(&mut cache, &[Step { seq, tokens: &all }], &mut logits)
+                    .map_err(|e| e.to_string())?;
             } else {
-                runner.forward(&mut cache, &[Step { seq, tokens: &[token] }], &mut logits).map_err(|e| e.to_string())?;
+                runner
+                    .forward(
+                        &mut cache,
+                        &[Step {
+                            seq,
+                            tokens: &[token],
+                        }],
+                        &mut logits,
+                    )
+                    .map_err(|e| e.to_string())?;
             }
         }
-        Ok((generated, start.elapsed().as_secs_f64(), cache.stats().bytes_used))
+        Ok((
+            generated,
+            start.elapsed().as_secs_f64(),
+            cache.stats().bytes_used,
+        ))
     };
     let (cached, cached_time, bytes) = run(false)?;
     let (recomputed, recompute_time, _) = run(true)?;
-    println!("  prompt: {} tokens; generated {steps} tokens greedily", prompt.len());
-    println!("  with the cache:    {:>8.2} ms, KV cache {bytes} bytes", cached_time * 1e3);
-    println!("  recomputing all:   {:>8.2} ms ({:.1}x slower)", recompute_time * 1e3, recompute_time / cached_time);
-    println!("  same tokens: {}", if cached == recomputed { "yes" } else { "NO" });
+    println!(
+        "  prompt: {} tokens; generated {steps} tokens greedily",
+        prompt.len()
+    );
+    println!(
+        "  with the cache:    {:>8.2} ms, KV cache {bytes} bytes",
+        cached_time * 1e3
+    );
+    println!(
+        "  recomputing all:   {:>8.2} ms ({:.1}x slower)",
+        recompute_time * 1e3,
+        recompute_time / cached_time
+    );
+    println!(
+        "  same tokens: {}",
+        if cached == recomputed { "yes" } else { "NO" }
+    );
     if cached != recomputed {
         return Err("cached and recomputed generations differ".into());
     }

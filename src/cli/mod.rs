@@ -56,7 +56,16 @@ fn run(args: Vec<String>) -> Result<(), String> {
 fn main_job(args: &Args) -> Result<(), String> {
     let path = generate::model_path(args);
     if std::path::Path::new(&path).exists() {
-        let words = ["generate", "--model", &path, "--chat", "--prompt", "What is a KV cache in a transformer? Answer briefly.", "-n", "96"];
+        let words = [
+            "generate",
+            "--model",
+            &path,
+            "--chat",
+            "--prompt",
+            "What is a KV cache in a transformer? Answer briefly.",
+            "-n",
+            "96",
+        ];
         let args = Args::parse(words.iter().map(|w| w.to_string()))?;
         generate::generate(&args)
     } else {

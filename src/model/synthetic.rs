@@ -76,7 +76,12 @@ pub fn synthetic_gguf(seed: u64) -> Vec<u8> {
     let mut values = Values(seed);
     // (name, rows, cols, type, data)
     let mut tensors: Vec<(String, usize, usize, u32, Vec<u8>)> = Vec::new();
-    let mut matrix = |name: String, rows: usize, cols: usize, ty: WeightType, scale: f32, values: &mut Values| {
+    let mut matrix = |name: String,
+                      rows: usize,
+                      cols: usize,
+                      ty: WeightType,
+                      scale: f32,
+                      values: &mut Values| {
         let row_bytes = ty.row_bytes(cols).unwrap_or(0);
         let mut data = vec![0u8; rows * row_bytes];
         let mut row = vec![0.0f32; cols];
@@ -86,21 +91,82 @@ pub fn synthetic_gguf(seed: u64) -> Vec<u8> {
         }
         tensors.push((name, rows, cols, ty.ggml_id(), data));
     };
-    matrix("token_embd.weight".into(), VOCAB, EMBED, WeightType::Q8_0, 1.0, &mut values);
+    matrix(
+        "token_embd.weight".into(),
+        VOCAB,
+        EMBED,
+        WeightType::Q8_0,
+        1.0,
+        &mut values,
+    );
     let kv = KV_HEADS as usize * (EMBED / HEADS as usize);
     for layer in 0..LAYERS {
         let name = |part: &str| format!("blk.{layer}.{part}.weight");
         let attn = 1.0 / (EMBED as f32).sqrt();
-        matrix(name("attn_q"), EMBED, EMBED, WeightType::Q4_1, 3.0 * attn, &mut values);
-        matrix(name("attn_k"), kv, EMBED, WeightType::Q4_1, 3.0 * attn, &mut values);
-        matrix(name("attn_v"), kv, EMBED, WeightType::Q4_1, attn, &mut values);
-        matrix(name("attn_output"), EMBED, EMBED, WeightType::Q4_1, attn, &mut values);
-        matrix(name("ffn_gate"), FFN, EMBED, WeightType::Q4_1, attn, &mut values);
-        matrix(name("ffn_up"), FFN, EMBED, WeightType::Q4_1, attn, &mut values);
-        matrix(name("ffn_down"), EMBED, FFN, WeightType::Q4_1, 1.0 / (FFN as f32).sqrt(), &mut values);
+        matrix(
+            name("attn_q"),
+            EMBED,
+            EMBED,
+            WeightType::Q4_1,
+            3.0 * attn,
+            &mut values,
+        );
+        matrix(
+            name("attn_k"),
+            kv,
+            EMBED,
+            WeightType::Q4_1,
+            3.0 * attn,
+            &mut values,
+        );
+        matrix(
+            name("attn_v"),
+            kv,
+            EMBED,
+            WeightType::Q4_1,
+            attn,
+            &mut values,
+        );
+        matrix(
+            name("attn_output"),
+            EMBED,
+            EMBED,
+            WeightType::Q4_1,
+            attn,
+            &mut values,
+        );
+        matrix(
+            name("ffn_gate"),
+            FFN,
+            EMBED,
+            WeightType::Q4_1,
+            attn,
+            &mut values,
+        );
+        matrix(
+            name("ffn_up"),
+            FFN,
+            EMBED,
+            WeightType::Q4_1,
+            attn,
+            &mut values,
+        );
+        matrix(
+            name("ffn_down"),
+            EMBED,
+            FFN,
+            WeightType::Q4_1,
+            1.0 / (FFN as f32).sqrt(),
+            &mut values,
+        );
     }
     let ones: Vec<u8> = (0..EMBED).flat_map(|_| 1.0f32.to_le_bytes()).collect();
-    let norm_names = (0..LAYERS).flat_map(|l| [format!("blk.{l}.attn_norm.weight"), format!("blk.{l}.ffn_norm.weight")]);
+    let norm_names = (0..LAYERS).flat_map(|l| {
+        [
+            format!("blk.{l}.attn_norm.weight"),
+            format!("blk.{l}.ffn_norm.weight"),
+        ]
+    });
     for name in norm_names.chain(["output_norm.weight".to_string()]) {
         tensors.push((name, 1, EMBED, 0, ones.clone()));
     }

@@ -1,0 +1,58 @@
+/* Builds a cache in a static arena from C, runs a sequence through it, and checks errors.
+ * Build: cargo rustc --release --lib --crate-type staticlib
+ *        gcc -O2 -Iinclude examples/c/demo.c target/release/libkvcache.a -lpthread -ldl -lm */
+#include <math.h>
+#include <stdalign.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "kvcache.h"
+
+static uint8_t arena[1 << 20];
+static alignas(64) uint8_t handle_memory[512];
+
+#define CHECK(call)                                                          \
+    do {                                                                     \
+        kvc_status s_ = (call);                                              \
+        if (s_ != KVC_OK) {                                                  \
+            char m_[64];                                                     \
+            kvc_status_message(s_, m_, sizeof m_);                           \
+            fprintf(stderr, "%s failed: %s\n", #call, m_);                   \
+            return 1;                                                        \
+        }                                                                    \
+    } while (0)
+
+int main(void) {
+    kvc_spec spec = {2, 4, 2, 8, 16, KVC_F16, KVC_F16, 4, 256, 0, 0};
+    kvc_cache *cache = NULL;
+    if (kvc_cache_size() > sizeof handle_memory) return 1;
+    CHECK(kvc_cache_init(handle_memory, sizeof handle_memory, &spec, arena, sizeof arena, &cache));
+    uint64_t seq;
+    uint32_t first;
+    CHECK(kvc_add_sequence(cache, &seq));
+    CHECK(kvc_reserve(cache, seq, 5, &first));
+    float k[5 * 2 * 8], v[5 * 2 * 8];
+    for (int i = 0; i < 5 * 2 * 8; i++) { k[i] = 0.25f * (i % 7); v[i] = 1.0f; }
+    for (uint32_t layer = 0; layer < 2; layer++) CHECK(kvc_write(cache, seq, layer, first, k, v, 80));
+    size_t scratch_len;
+    CHECK(kvc_attention_scratch_len(cache, &scratch_len));
+    float scratch[4096], q[4 * 8], out[4 * 8];
+    if (scratch_len > 4096) return 1;
+    for (int i = 0; i < 32; i++) q[i] = 0.1f * i;
+    kvc_batch_entry entry = {seq, 4, 1};
+    CHECK(kvc_attention(cache, 0, &entry, 1, q, out, 32, scratch, scratch_len));
+    for (int i = 0; i < 32; i++)
+        if (fabsf(out[i] - 1.0f) > 1e-3f) { fprintf(stderr, "attention out[%d] = %f\n", i, out[i]); return 1; }
+    /* Bad input: errors, not crashes. */
+    if (kvc_reserve(cache, seq + 99, 1, NULL) != KVC_UNKNOWN_SEQUENCE) return 1;
+    if (kvc_truncate(cache, seq, 6) != KVC_BAD_POSITION) return 1;
+    if (kvc_add_sequence(NULL, &seq) != KVC_NULL_POINTER) return 1;
+    if (kvc_write(cache, seq, 0, 0, NULL, v, 80) != KVC_NULL_POINTER) return 1;
+    if (kvc_write(cache, seq, 0, 0, k, v, 79) != KVC_BAD_SHAPE) return 1;
+    kvc_stats stats;
+    CHECK(kvc_stats_get(cache, &stats));
+    printf("C demo: %llu sequence, %llu tokens, %llu of %llu blocks free, attention ok\n",
+           (unsigned long long)stats.sequences, (unsigned long long)stats.tokens,
+           (unsigned long long)stats.blocks_free, (unsigned long long)stats.blocks_total);
+    return 0;
+}

@@ -1,0 +1,99 @@
+/* kvcache: a paged KV cache for transformer inference. C interface.
+ *
+ * Ownership: a kvc_cache lives in memory you provide (kvc_cache_size() bytes aligned to
+ * kvc_cache_align()) and borrows the arena you provide; keep both alive and unmoved while you
+ * use the handle, then free them yourself. Nothing here allocates. Sequence ids are uint64_t.
+ * Every function checks its pointers and lengths and returns a kvc_status; a call that fails
+ * changes nothing. A handle is used by one thread at a time.
+ */
+#ifndef KVCACHE_H
+#define KVCACHE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum kvc_status {
+    KVC_OK = 0,
+    KVC_NULL_POINTER = 1,
+    KVC_BAD_SPEC = 2,
+    KVC_ARENA_TOO_SMALL = 3,
+    KVC_UNKNOWN_SEQUENCE = 4,
+    KVC_TOO_MANY_SEQUENCES = 5,
+    KVC_TOO_LONG = 6,
+    KVC_OUT_OF_BLOCKS = 7,
+    KVC_BAD_POSITION = 8,
+    KVC_EVICTED = 9,
+    KVC_BAD_INDEX = 10,
+    KVC_BAD_SHAPE = 11,
+    KVC_DUPLICATE_SEQUENCE = 12,
+    KVC_SCRATCH_TOO_SMALL = 13,
+    KVC_NON_FINITE = 14
+} kvc_status;
+
+/* Storage formats for kvc_spec.k_format / v_format. */
+enum { KVC_F32 = 0, KVC_F16 = 1, KVC_BF16 = 2 };
+
+typedef struct kvc_spec {
+    uint32_t layers;         /* transformer layers */
+    uint32_t q_heads;        /* query heads */
+    uint32_t kv_heads;       /* key/value heads; divides q_heads (MHA, GQA, MQA) */
+    uint32_t head_dim;       /* elements per head */
+    uint32_t block_tokens;   /* token slots per block */
+    uint32_t k_format;       /* KVC_F32, KVC_F16, KVC_BF16 */
+    uint32_t v_format;
+    uint32_t max_seqs;       /* live sequences at most */
+    uint32_t max_seq_tokens; /* tokens per sequence at most */
+    uint32_t window;         /* sliding window in tokens, 0 = none */
+    uint32_t sink_tokens;    /* first tokens always visible with a window */
+} kvc_spec;
+
+typedef struct kvc_batch_entry {
+    uint64_t seq;            /* sequence id */
+    uint32_t first_position; /* position of the first query token */
+    uint32_t tokens;         /* query tokens (1 for decode) */
+} kvc_batch_entry;
+
+typedef struct kvc_stats {
+    uint64_t sequences, blocks_total, blocks_free, bytes_used, tokens, waste_slots;
+} kvc_stats;
+
+typedef struct kvc_cache kvc_cache; /* opaque */
+
+size_t kvc_cache_size(void);
+size_t kvc_cache_align(void);
+/* Arena bytes for `blocks` blocks (any alignment of the arena). */
+kvc_status kvc_arena_bytes(const kvc_spec *spec, uint32_t blocks, size_t *out);
+/* Builds a cache with as many blocks as fit in the arena; *out receives the handle. */
+kvc_status kvc_cache_init(void *handle, size_t handle_len, const kvc_spec *spec, uint8_t *arena,
+                          size_t arena_len, kvc_cache **out);
+kvc_status kvc_add_sequence(kvc_cache *cache, uint64_t *out_seq);
+/* Reserves n slots at the end of seq; *out_first (may be NULL) gets the first new position. */
+kvc_status kvc_reserve(kvc_cache *cache, uint64_t seq, uint32_t n, uint32_t *out_first);
+/* k, v: len floats = tokens * kv_heads * head_dim, for positions first.. of one layer. */
+kvc_status kvc_write(kvc_cache *cache, uint64_t seq, uint32_t layer, uint32_t first,
+                     const float *k, const float *v, size_t len);
+/* k_out, v_out: len floats = kv_heads * head_dim, one token of one layer. */
+kvc_status kvc_read(kvc_cache *cache, uint64_t seq, uint32_t layer, uint32_t position,
+                    float *k_out, float *v_out, size_t len);
+kvc_status kvc_fork(kvc_cache *cache, uint64_t seq, uint64_t *out_seq);
+kvc_status kvc_truncate(kvc_cache *cache, uint64_t seq, uint32_t len);
+kvc_status kvc_remove(kvc_cache *cache, uint64_t seq);
+kvc_status kvc_stats_get(kvc_cache *cache, kvc_stats *out);
+kvc_status kvc_attention_scratch_len(kvc_cache *cache, size_t *out);
+/* queries, out: len floats, every entry's [tokens][q_heads][head_dim] in order; at most 64
+ * entries. */
+kvc_status kvc_attention(kvc_cache *cache, uint32_t layer, const kvc_batch_entry *entries,
+                         size_t n_entries, const float *queries, float *out, size_t len,
+                         float *scratch, size_t scratch_len);
+/* Copies a NUL-terminated message into buf (len bytes); returns its full length. */
+size_t kvc_status_message(uint32_t status, char *buf, size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVCACHE_H */

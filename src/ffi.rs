@@ -1,0 +1,545 @@
+//! The C ABI: opaque handles placed in caller memory, status codes, no panics.
+//!
+//! Ownership rules, one per handle: a `kvc_cache` lives in memory the caller provides
+//! (`kvc_cache_size()` bytes aligned to `kvc_cache_align()`) and borrows the caller's arena; the
+//! caller keeps both alive and unmoved until it stops using the handle, and frees them itself
+//! (the cache owns nothing, so there is no destroy call). Sequence ids are plain `uint64_t`.
+//!
+//! Every entry point checks its pointers (NULL gives `KVC_NULL_POINTER`) and lengths before it
+//! touches anything, and returns a status; a failed call changes nothing. No path here can
+//! panic: all indexing goes through checked Rust APIs.
+#![allow(clippy::missing_safety_doc)]
+
+use core::ffi::c_char;
+use core::mem::{align_of, size_of};
+
+use crate::attention::{attention, attention_scratch_len, AttentionOptions, BatchEntry};
+use crate::cache::KvCache;
+use crate::error::Error;
+use crate::format::KvFormat;
+use crate::spec::{CacheSpec, Layout};
+use crate::SeqId;
+
+/// Status codes; numbers are never reused.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvcStatus {
+    /// Success.
+    Ok = 0,
+    /// A required pointer was NULL.
+    NullPointer = 1,
+    /// The spec is invalid (zero or inconsistent sizes, unknown format, overflow).
+    BadSpec = 2,
+    /// The arena (or the handle memory) is too small or misaligned.
+    ArenaTooSmall = 3,
+    /// Unknown or removed sequence.
+    UnknownSequence = 4,
+    /// All sequence slots are in use.
+    TooManySequences = 5,
+    /// The sequence would exceed `max_seq_tokens`.
+    TooLong = 6,
+    /// Not enough free blocks.
+    OutOfBlocks = 7,
+    /// Position or length out of range.
+    BadPosition = 8,
+    /// Position dropped by the sliding window.
+    Evicted = 9,
+    /// Layer, head or other index out of range.
+    BadIndex = 10,
+    /// A buffer has the wrong length.
+    BadShape = 11,
+    /// The same sequence twice in one batch.
+    DuplicateSequence = 12,
+    /// Scratch buffer too small.
+    ScratchTooSmall = 13,
+    /// NaN or infinity where the format cannot hold it.
+    NonFinite = 14,
+}
+
+impl From<Error> for KvcStatus {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::ZeroDimension(_)
+            | Error::HeadsNotMultiple { .. }
+            | Error::SizeOverflow
+            | Error::InvalidSpec(_) => KvcStatus::BadSpec,
+            Error::ArenaTooSmall { .. } => KvcStatus::ArenaTooSmall,
+            Error::UnknownSequence => KvcStatus::UnknownSequence,
+            Error::TooManySequences => KvcStatus::TooManySequences,
+            Error::TooLong { .. } => KvcStatus::TooLong,
+            Error::OutOfBlocks { .. } => KvcStatus::OutOfBlocks,
+            Error::BadPosition { .. } => KvcStatus::BadPosition,
+            Error::Evicted { .. } => KvcStatus::Evicted,
+            Error::BadIndex(_) => KvcStatus::BadIndex,
+            Error::BadShape(_) => KvcStatus::BadShape,
+            Error::DuplicateSequence => KvcStatus::DuplicateSequence,
+            Error::ScratchTooSmall { .. } => KvcStatus::ScratchTooSmall,
+            Error::NonFinite => KvcStatus::NonFinite,
+        }
+    }
+}
+
+/// The spec as C sees it. Formats: 0 = f32, 1 = f16, 2 = bf16.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KvcSpec {
+    /// Transformer layers.
+    pub layers: u32,
+    /// Query heads.
+    pub q_heads: u32,
+    /// KV heads (divides `q_heads`).
+    pub kv_heads: u32,
+    /// Elements per head.
+    pub head_dim: u32,
+    /// Token slots per block.
+    pub block_tokens: u32,
+    /// Key format.
+    pub k_format: u32,
+    /// Value format.
+    pub v_format: u32,
+    /// Live sequences at most.
+    pub max_seqs: u32,
+    /// Tokens per sequence at most.
+    pub max_seq_tokens: u32,
+    /// Sliding window in tokens (0: none).
+    pub window: u32,
+    /// Sink tokens kept with a window.
+    pub sink_tokens: u32,
+}
+
+/// One sequence's part of an attention batch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KvcBatchEntry {
+    /// Sequence id.
+    pub seq: u64,
+    /// Position of the first query token.
+    pub first_position: u32,
+    /// Query tokens.
+    pub tokens: u32,
+}
+
+/// Accounting, as `kvcache::cache::CacheStats`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KvcStats {
+    /// Live sequences.
+    pub sequences: u64,
+    /// Blocks in the pool.
+    pub blocks_total: u64,
+    /// Free blocks.
+    pub blocks_free: u64,
+    /// Bytes of blocks in use.
+    pub bytes_used: u64,
+    /// Tokens over all sequences.
+    pub tokens: u64,
+    /// Unused slots in used blocks.
+    pub waste_slots: u64,
+}
+
+/// The opaque handle: a cache whose arena the caller keeps alive.
+pub type KvcCache = KvCache<'static>;
+
+fn format_from(code: u32) -> Option<KvFormat> {
+    KvFormat::ALL.into_iter().find(|f| *f as u32 == code)
+}
+
+fn spec_from(spec: &KvcSpec) -> Result<CacheSpec, KvcStatus> {
+    Ok(CacheSpec {
+        layers: spec.layers as usize,
+        q_heads: spec.q_heads as usize,
+        kv_heads: spec.kv_heads as usize,
+        head_dim: spec.head_dim as usize,
+        block_tokens: spec.block_tokens as usize,
+        k_format: format_from(spec.k_format).ok_or(KvcStatus::BadSpec)?,
+        v_format: format_from(spec.v_format).ok_or(KvcStatus::BadSpec)?,
+        max_seqs: spec.max_seqs as usize,
+        max_seq_tokens: spec.max_seq_tokens as usize,
+        window: spec.window as usize,
+        sink_tokens: spec.sink_tokens as usize,
+    })
+}
+
+fn status(result: Result<(), Error>) -> KvcStatus {
+    match result {
+        Ok(()) => KvcStatus::Ok,
+        Err(e) => e.into(),
+    }
+}
+
+/// Bytes of memory a `kvc_cache` handle needs.
+#[no_mangle]
+pub extern "C" fn kvc_cache_size() -> usize {
+    size_of::<KvcCache>()
+}
+
+/// Alignment a `kvc_cache` handle's memory needs.
+#[no_mangle]
+pub extern "C" fn kvc_cache_align() -> usize {
+    align_of::<KvcCache>()
+}
+
+/// Writes to `*out` the arena bytes a cache of `blocks` blocks needs (any arena alignment).
+#[no_mangle]
+pub unsafe extern "C" fn kvc_arena_bytes(
+    spec: *const KvcSpec,
+    blocks: u32,
+    out: *mut usize,
+) -> KvcStatus {
+    // SAFETY: NULL is checked; otherwise the caller passes valid, aligned pointers.
+    let (Some(spec), Some(out)) = (unsafe { spec.as_ref() }, unsafe { out.as_mut() }) else {
+        return KvcStatus::NullPointer;
+    };
+    let spec = match spec_from(spec) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    match Layout::new(spec).and_then(|l| l.arena_bytes(blocks as usize)) {
+        Ok(bytes) => {
+            *out = bytes;
+            KvcStatus::Ok
+        }
+        Err(e) => e.into(),
+    }
+}
+
+/// Builds a cache in `handle` (`handle_len` bytes, see `kvc_cache_size`/`kvc_cache_align`)
+/// over the arena `arena[0..arena_len]`, with as many blocks as fit; `*out` receives the
+/// handle. The arena and the handle memory must outlive every use of the handle.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_cache_init(
+    handle: *mut u8,
+    handle_len: usize,
+    spec: *const KvcSpec,
+    arena: *mut u8,
+    arena_len: usize,
+    out: *mut *mut KvcCache,
+) -> KvcStatus {
+    if handle.is_null() || spec.is_null() || arena.is_null() || out.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    if handle_len < size_of::<KvcCache>() || (handle as usize) % align_of::<KvcCache>() != 0 {
+        return KvcStatus::ArenaTooSmall;
+    }
+    // SAFETY: checked non-NULL above; the caller passes a valid spec.
+    let spec = match spec_from(unsafe { &*spec }) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    // SAFETY: the caller gives `arena_len` writable bytes that outlive the handle and that
+    // nothing else uses meanwhile (the header's ownership rule); they are initialized memory
+    // as far as C is concerned, and every byte pattern is a valid u8.
+    let arena: &'static mut [u8] = unsafe { core::slice::from_raw_parts_mut(arena, arena_len) };
+    match KvCache::new(spec, arena) {
+        Ok(cache) => {
+            let slot = handle.cast::<KvcCache>();
+            // SAFETY: `handle` is non-NULL, aligned and large enough (checked above), and is
+            // caller memory reserved for this handle; writing does not drop old contents.
+            unsafe { slot.write(cache) };
+            // SAFETY: `out` is non-NULL (checked above).
+            unsafe { *out = slot };
+            KvcStatus::Ok
+        }
+        Err(e) => e.into(),
+    }
+}
+
+/// Runs `f` on the cache behind `cache`, or returns `KVC_NULL_POINTER`.
+unsafe fn with_cache(
+    cache: *mut KvcCache,
+    f: impl FnOnce(&mut KvcCache) -> KvcStatus,
+) -> KvcStatus {
+    // SAFETY: NULL is checked; a non-NULL handle comes from `kvc_cache_init` and is used by one
+    // thread at a time (the header's rule).
+    match unsafe { cache.as_mut() } {
+        Some(cache) => f(cache),
+        None => KvcStatus::NullPointer,
+    }
+}
+
+/// Adds an empty sequence; `*out_seq` receives its id.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_add_sequence(cache: *mut KvcCache, out_seq: *mut u64) -> KvcStatus {
+    // SAFETY: NULL checked; the caller passes a valid pointer otherwise.
+    let Some(out) = (unsafe { out_seq.as_mut() }) else {
+        return KvcStatus::NullPointer;
+    };
+    // SAFETY: see `with_cache`.
+    unsafe {
+        with_cache(cache, |c| match c.add_sequence() {
+            Ok(id) => {
+                *out = id.to_raw();
+                KvcStatus::Ok
+            }
+            Err(e) => e.into(),
+        })
+    }
+}
+
+/// Reserves `n` token slots at the end of `seq`; `*out_first` (may be NULL) receives the
+/// first new position.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_reserve(
+    cache: *mut KvcCache,
+    seq: u64,
+    n: u32,
+    out_first: *mut u32,
+) -> KvcStatus {
+    // SAFETY: see `with_cache`; `out_first` is checked for NULL before use.
+    unsafe {
+        with_cache(cache, |c| {
+            match c.reserve(SeqId::from_raw(seq), n as usize) {
+                Ok(range) => {
+                    if let Some(out) = out_first.as_mut() {
+                        *out = range.start as u32;
+                    }
+                    KvcStatus::Ok
+                }
+                Err(e) => e.into(),
+            }
+        })
+    }
+}
+
+/// Writes keys and values for `tokens` consecutive positions from `first` of one layer;
+/// `k` and `v` hold `len` floats each (`tokens × kv_heads × head_dim`).
+#[no_mangle]
+pub unsafe extern "C" fn kvc_write(
+    cache: *mut KvcCache,
+    seq: u64,
+    layer: u32,
+    first: u32,
+    k: *const f32,
+    v: *const f32,
+    len: usize,
+) -> KvcStatus {
+    if k.is_null() || v.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    // SAFETY: non-NULL checked; the caller gives `len` readable floats behind each.
+    let (k, v) = unsafe {
+        (
+            core::slice::from_raw_parts(k, len),
+            core::slice::from_raw_parts(v, len),
+        )
+    };
+    // SAFETY: see `with_cache`.
+    unsafe {
+        with_cache(cache, |c| {
+            status(c.write_run(SeqId::from_raw(seq), layer as usize, first as usize, k, v))
+        })
+    }
+}
+
+/// Reads one token's keys and values of one layer into `k_out`/`v_out` (`len` floats each,
+/// `kv_heads × head_dim`).
+#[no_mangle]
+pub unsafe extern "C" fn kvc_read(
+    cache: *mut KvcCache,
+    seq: u64,
+    layer: u32,
+    position: u32,
+    k_out: *mut f32,
+    v_out: *mut f32,
+    len: usize,
+) -> KvcStatus {
+    if k_out.is_null() || v_out.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    // SAFETY: non-NULL checked; the caller gives `len` writable floats behind each, not
+    // overlapping.
+    let (k, v) = unsafe {
+        (
+            core::slice::from_raw_parts_mut(k_out, len),
+            core::slice::from_raw_parts_mut(v_out, len),
+        )
+    };
+    // SAFETY: see `with_cache`.
+    unsafe {
+        with_cache(cache, |c| {
+            status(c.read(
+                SeqId::from_raw(seq),
+                layer as usize,
+                position as usize,
+                k,
+                v,
+            ))
+        })
+    }
+}
+
+/// Forks `seq`; `*out_seq` receives the child's id.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_fork(cache: *mut KvcCache, seq: u64, out_seq: *mut u64) -> KvcStatus {
+    // SAFETY: NULL checked; valid otherwise.
+    let Some(out) = (unsafe { out_seq.as_mut() }) else {
+        return KvcStatus::NullPointer;
+    };
+    // SAFETY: see `with_cache`.
+    unsafe {
+        with_cache(cache, |c| match c.fork(SeqId::from_raw(seq)) {
+            Ok(id) => {
+                *out = id.to_raw();
+                KvcStatus::Ok
+            }
+            Err(e) => e.into(),
+        })
+    }
+}
+
+/// Shortens `seq` to `len` tokens.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_truncate(cache: *mut KvcCache, seq: u64, len: u32) -> KvcStatus {
+    // SAFETY: see `with_cache`.
+    unsafe {
+        with_cache(cache, |c| {
+            status(c.truncate(SeqId::from_raw(seq), len as usize))
+        })
+    }
+}
+
+/// Removes `seq`.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_remove(cache: *mut KvcCache, seq: u64) -> KvcStatus {
+    // SAFETY: see `with_cache`.
+    unsafe { with_cache(cache, |c| status(c.remove(SeqId::from_raw(seq)))) }
+}
+
+/// Writes the cache's accounting to `*out`.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_stats_get(cache: *mut KvcCache, out: *mut KvcStats) -> KvcStatus {
+    // SAFETY: NULL checked; valid otherwise.
+    let Some(out) = (unsafe { out.as_mut() }) else {
+        return KvcStatus::NullPointer;
+    };
+    // SAFETY: see `with_cache`.
+    unsafe {
+        with_cache(cache, |c| {
+            let s = c.stats();
+            *out = KvcStats {
+                sequences: s.sequences as u64,
+                blocks_total: s.blocks_total as u64,
+                blocks_free: s.blocks_free as u64,
+                bytes_used: s.bytes_used as u64,
+                tokens: s.tokens as u64,
+                waste_slots: s.waste_slots as u64,
+            };
+            KvcStatus::Ok
+        })
+    }
+}
+
+/// Floats of scratch `kvc_attention` needs (independent of context length).
+#[no_mangle]
+pub unsafe extern "C" fn kvc_attention_scratch_len(
+    cache: *mut KvcCache,
+    out: *mut usize,
+) -> KvcStatus {
+    // SAFETY: NULL checked; valid otherwise.
+    let Some(out) = (unsafe { out.as_mut() }) else {
+        return KvcStatus::NullPointer;
+    };
+    // SAFETY: see `with_cache`.
+    unsafe {
+        with_cache(cache, |c| {
+            *out = attention_scratch_len(c, &AttentionOptions::default());
+            KvcStatus::Ok
+        })
+    }
+}
+
+/// Attention of one layer for a ragged batch of `n_entries` entries. `queries` and `out` hold
+/// `len` floats (all entries' `[tokens][q_heads][head_dim]` concatenated); `scratch` holds
+/// `scratch_len` floats (see `kvc_attention_scratch_len`).
+#[no_mangle]
+pub unsafe extern "C" fn kvc_attention(
+    cache: *mut KvcCache,
+    layer: u32,
+    entries: *const KvcBatchEntry,
+    n_entries: usize,
+    queries: *const f32,
+    out: *mut f32,
+    len: usize,
+    scratch: *mut f32,
+    scratch_len: usize,
+) -> KvcStatus {
+    if entries.is_null() || queries.is_null() || out.is_null() || scratch.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    const MAX_ENTRIES: usize = 64;
+    if n_entries > MAX_ENTRIES {
+        return KvcStatus::BadShape;
+    }
+    // SAFETY: non-NULL checked; the caller gives arrays of the stated lengths, `out` and
+    // `scratch` writable and not overlapping the inputs.
+    let (entries, queries, out, scratch) = unsafe {
+        (
+            core::slice::from_raw_parts(entries, n_entries),
+            core::slice::from_raw_parts(queries, len),
+            core::slice::from_raw_parts_mut(out, len),
+            core::slice::from_raw_parts_mut(scratch, scratch_len),
+        )
+    };
+    let mut batch = [BatchEntry {
+        seq: SeqId::from_raw(0),
+        first_position: 0,
+        tokens: 0,
+    }; MAX_ENTRIES];
+    for (slot, entry) in batch.iter_mut().zip(entries) {
+        *slot = BatchEntry {
+            seq: SeqId::from_raw(entry.seq),
+            first_position: entry.first_position as usize,
+            tokens: entry.tokens as usize,
+        };
+    }
+    let batch = &batch[..n_entries];
+    // SAFETY: see `with_cache`.
+    unsafe {
+        with_cache(cache, |c| {
+            status(attention(
+                c,
+                layer as usize,
+                batch,
+                queries,
+                out,
+                scratch,
+                &AttentionOptions::default(),
+            ))
+        })
+    }
+}
+
+/// Copies a NUL-terminated description of `status` into `buf` (`len` bytes, truncated to
+/// fit); returns the description's length without the NUL. `buf` may be NULL to ask the
+/// length.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_status_message(status: u32, buf: *mut c_char, len: usize) -> usize {
+    let text: &[u8] = match status {
+        0 => b"ok",
+        1 => b"a required pointer was NULL",
+        2 => b"invalid spec",
+        3 => b"arena or handle memory too small or misaligned",
+        4 => b"unknown or removed sequence",
+        5 => b"all sequence slots are in use",
+        6 => b"sequence would exceed max_seq_tokens",
+        7 => b"out of blocks",
+        8 => b"position or length out of range",
+        9 => b"position dropped by the sliding window",
+        10 => b"index out of range",
+        11 => b"buffer has the wrong length",
+        12 => b"sequence appears twice in one batch",
+        13 => b"scratch buffer too small",
+        14 => b"NaN or infinite value",
+        _ => b"unknown status",
+    };
+    if !buf.is_null() && len > 0 {
+        let n = text.len().min(len - 1);
+        // SAFETY: `buf` is non-NULL with `len` writable bytes (caller's contract); we write
+        // `n + 1 <= len` bytes from a source that does not overlap it.
+        unsafe {
+            core::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), n);
+            *buf.add(n) = 0;
+        }
+    }
+    text.len()
+}
