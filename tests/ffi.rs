@@ -102,7 +102,7 @@ fn every_entry_point_refuses_bad_input() {
             kvc_reserve(cache, seq ^ (1 << 40), 1, null_mut()),
             KvcStatus::UnknownSequence
         );
-        let k = vec![1.0f32; 3 * 16];
+        let k = [1.0f32; 3 * 16];
         assert_eq!(
             kvc_write(cache, seq, 0, 0, null(), k.as_ptr(), 48),
             KvcStatus::NullPointer
@@ -115,7 +115,7 @@ fn every_entry_point_refuses_bad_input() {
             kvc_write(cache, seq, 5, 0, k.as_ptr(), k.as_ptr(), 48),
             KvcStatus::BadIndex
         );
-        let nan = vec![f32::NAN; 48];
+        let nan = [f32::NAN; 48];
         assert_eq!(
             kvc_write(cache, seq, 0, 0, nan.as_ptr(), k.as_ptr(), 48),
             KvcStatus::Ok
@@ -154,7 +154,7 @@ fn every_entry_point_refuses_bad_input() {
             KvcStatus::Ok
         );
         let mut scratch = vec![0.0f32; scratch_len];
-        let q = vec![0.5f32; 32];
+        let q = [0.5f32; 32];
         let mut out = vec![0.0f32; 32];
         let entry = KvcBatchEntry {
             seq,
