@@ -477,7 +477,7 @@ unsafe fn dot_heads<const FMT: u8>(
             1 => dot_group::<FMT, 8, 1>(shape, n_rows, q, s),
             2 => dot_group::<FMT, 4, 2>(shape, n_rows, q, s),
             3 => dot_group::<FMT, 4, 3>(shape, n_rows, q, s),
-            _ => dot_group::<FMT, 2, 4>(shape, n_rows, q, s),
+            _ => dot_group::<FMT, 3, 4>(shape, n_rows, q, s),
         };
         h += done;
     }
@@ -664,7 +664,7 @@ unsafe fn acc_heads<const FMT: u8>(
         let done = match left {
             1 => acc_group::<FMT, 8, 1>(shape, n_rows, w, o),
             2 => acc_group::<FMT, 4, 2>(shape, n_rows, w, o),
-            3 => acc_group::<FMT, 3, 3>(shape, n_rows, w, o),
+            3 => acc_group::<FMT, 4, 3>(shape, n_rows, w, o),
             _ => acc_group::<FMT, 2, 4>(shape, n_rows, w, o),
         };
         h += done;
