@@ -8,10 +8,10 @@
 //! - Each 8-element chunk of a stored row is loaded and widened to `f32` once (`vcvtph2ps` for
 //!   f16, a 16-bit shift for bf16) and then fed to the FMAs of every query head of the group,
 //!   so the decode loop does `group / 8` FMA per stored element and stays memory bound.
-//! - [`dot_rows`] keeps `R` rows × `G` heads of accumulators (at most 12 of the 16 ymm
+//! - [`Avx2::dot_rows`] keeps `R` rows × `G` heads of accumulators (at most 12 of the 16 ymm
 //!   registers) and reduces them four at a time with a `vhaddps` tree, which amortises the
 //!   horizontal sums over rows.
-//! - [`accumulate_rows`] keeps `C` chunks of `out` for each of the `G` heads in registers while it
+//! - [`Avx2::accumulate_rows`] keeps `C` chunks of `out` for each of the `G` heads in registers while it
 //!   walks the rows, broadcasting one weight per head and row.
 //! - Groups wider than 4 heads (MQA) are done 4 heads at a time; the rows they re-read are in
 //!   L1 by then.
