@@ -7,12 +7,14 @@
 //! Layout of the work, and why:
 //! - Each 8-element chunk of a stored row is loaded and widened to `f32` once (`vcvtph2ps` for
 //!   f16, a 16-bit shift for bf16) and then fed to the FMAs of every query head of the group,
-//!   so the decode loop does `group / 8` FMA per stored element and stays memory bound.
+//!   so the loop costs one conversion per 8 elements plus the unavoidable `group / 8` FMA per
+//!   element. (On cores where `vcvtph2ps ymm` and 256-bit FMAs share half-width pipes, e.g.
+//!   Zen 1, f16 is bound by those pipes rather than by memory.)
 //! - [`Avx2::dot_rows`] keeps `R` rows × `G` heads of accumulators (at most 12 of the 16 ymm
 //!   registers) and reduces them four at a time with a `vhaddps` tree, which amortises the
 //!   horizontal sums over rows.
-//! - [`Avx2::accumulate_rows`] keeps `C` chunks of `out` for each of the `G` heads in registers while it
-//!   walks the rows, broadcasting one weight per head and row.
+//! - [`Avx2::accumulate_rows`] keeps `C` chunks of `out` for each of the `G` heads in registers
+//!   while it walks the rows, broadcasting one weight per head and row.
 //! - Groups wider than 4 heads (MQA) are done 4 heads at a time; the rows they re-read are in
 //!   L1 by then.
 //! - A `head_dim` that is not a multiple of 8 ends with one partial chunk: `vmaskmovps` for
