@@ -132,7 +132,7 @@ fn check_dot(name: &str, dot: DotFn) {
                                 .sum();
                             assert!(
                                 close(got[i], want[i] as f64, scale),
-                                "{name} {format} hd {head_dim} group {group} rows {n_rows} h {h} r {r}: {} vs {}",
+                                "{name} {format} hd {head_dim} g {group} n {n_rows} h {h} r {r}: {} vs {}",
                                 got[i],
                                 want[i]
                             );
@@ -177,7 +177,7 @@ fn check_accumulate(name: &str, acc: AccFn) {
                                     .sum::<f64>();
                             assert!(
                                 close(got[i], want[i] as f64, scale),
-                                "{name} {format} hd {head_dim} group {group} rows {n_rows} h {h} d {d}: {} vs {}",
+                                "{name} {format} hd {head_dim} g {group} n {n_rows} h {h} d {d}: {} vs {}",
                                 got[i],
                                 want[i]
                             );
