@@ -7,12 +7,14 @@
 //! Layout of the work, and why:
 //! - Each 8-element chunk of a stored row is loaded and widened to `f32` once (`vcvtph2ps` for
 //!   f16, a 16-bit shift for bf16) and then fed to the FMAs of every query head of the group,
-//!   so the decode loop does `group / 8` FMA per stored element and stays memory bound.
-//! - [`dot_rows`] keeps `R` rows × `G` heads of accumulators (at most 12 of the 16 ymm
+//!   so the loop costs one conversion per 8 elements plus the unavoidable `group / 8` FMA per
+//!   element. (On cores where `vcvtph2ps ymm` and 256-bit FMAs share half-width pipes, e.g.
+//!   Zen 1, f16 is bound by those pipes rather than by memory.)
+//! - [`Avx2::dot_rows`] keeps `R` rows × `G` heads of accumulators (at most 12 of the 16 ymm
 //!   registers) and reduces them four at a time with a `vhaddps` tree, which amortises the
 //!   horizontal sums over rows.
-//! - [`accumulate_rows`] keeps `C` chunks of `out` for each of the `G` heads in registers while it
-//!   walks the rows, broadcasting one weight per head and row.
+//! - [`Avx2::accumulate_rows`] keeps `C` chunks of `out` for each of the `G` heads in registers
+//!   while it walks the rows, broadcasting one weight per head and row.
 //! - Groups wider than 4 heads (MQA) are done 4 heads at a time; the rows they re-read are in
 //!   L1 by then.
 //! - A `head_dim` that is not a multiple of 8 ends with one partial chunk: `vmaskmovps` for
@@ -530,12 +532,18 @@ unsafe fn dot_block<const FMT: u8, const R: usize, const G: usize>(
     let full = head_dim / 8 * 8;
     let mut d = 0;
     while d < full {
+        // Query chunks loaded once per R rows: on cores that split 256-bit loads, reloading
+        // them for every row makes the loop load-bound.
+        let mut qv = [_mm256_setzero_ps(); G];
+        for (g, v) in qv.iter_mut().enumerate() {
+            // SAFETY: `d + 8 <= head_dim`: the chunk lies in head `g`'s `head_dim` floats.
+            *v = _mm256_loadu_ps(q.add(g * head_dim + d));
+        }
         for (r, acc_r) in acc.iter_mut().enumerate() {
-            // SAFETY: `d + 8 <= head_dim`, so the chunk lies in row `row + r < n_rows`, and
-            // each query chunk lies in its head's `head_dim` floats.
+            // SAFETY: `d + 8 <= head_dim`, so the chunk lies in row `row + r < n_rows`.
             let x = load8::<FMT>(base.add(r * row_bytes + d * elem_bytes::<FMT>()));
-            for (g, a) in acc_r.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(q.add(g * head_dim + d)), *a);
+            for (a, qg) in acc_r.iter_mut().zip(qv.iter()) {
+                *a = _mm256_fmadd_ps(x, *qg, *a);
             }
         }
         d += 8;
@@ -555,24 +563,37 @@ unsafe fn dot_block<const FMT: u8, const R: usize, const G: usize>(
             }
         }
     }
-    // Reduce the accumulators four at a time in (row, head) order and scatter the sums.
-    let mut sums = [0.0f32; 12];
+    // Reduce four accumulators at a time in (head, row) order, so that with `R` a multiple of
+    // 4 each `hsum4` is four consecutive scores of one head: a single 16-byte store.
+    let flat = |i: usize| acc[i % R][i / R];
     let n = R * G;
-    debug_assert!(n <= sums.len());
-    let flat = |i: usize| acc[i / G][i % G];
     let mut i = 0;
     while i + 4 <= n {
         let v = hsum4(flat(i), flat(i + 1), flat(i + 2), flat(i + 3));
-        _mm_storeu_ps(sums.as_mut_ptr().add(i), v);
+        let (h, r) = (i / R, i % R);
+        // SAFETY (stores): each score written is for a head `< G` of this run and a row
+        // `row + r' < row + R <= n_rows <= per_head`.
+        if R % 4 == 0 {
+            _mm_storeu_ps(s.add(h * shape.per_head + row + r), v);
+        } else if R == 2 {
+            _mm_store_sd(s.add(h * shape.per_head + row).cast(), _mm_castps_pd(v));
+            _mm_storeh_pd(
+                s.add((h + 1) * shape.per_head + row).cast(),
+                _mm_castps_pd(v),
+            );
+        } else {
+            let mut sums = [0.0f32; 4];
+            _mm_storeu_ps(sums.as_mut_ptr(), v);
+            for (k, sum) in sums.iter().enumerate() {
+                *s.add(((i + k) / R) * shape.per_head + row + (i + k) % R) = *sum;
+            }
+        }
         i += 4;
     }
     while i < n {
-        sums[i] = hsum(flat(i));
+        // SAFETY: as above.
+        *s.add((i / R) * shape.per_head + row + i % R) = hsum(flat(i));
         i += 1;
-    }
-    for (i, sum) in sums.iter().take(n).enumerate() {
-        // SAFETY: head `i % G` of this run and row `row + i / G < n_rows <= per_head`.
-        *s.add((i % G) * shape.per_head + row + i / G) = *sum;
     }
 }
 
@@ -645,7 +666,7 @@ unsafe fn acc_heads<const FMT: u8>(
         let done = match left {
             1 => acc_group::<FMT, 8, 1>(shape, n_rows, w, o),
             2 => acc_group::<FMT, 4, 2>(shape, n_rows, w, o),
-            3 => acc_group::<FMT, 3, 3>(shape, n_rows, w, o),
+            3 => acc_group::<FMT, 4, 3>(shape, n_rows, w, o),
             _ => acc_group::<FMT, 2, 4>(shape, n_rows, w, o),
         };
         h += done;
@@ -819,7 +840,7 @@ unsafe fn exp8(x: __m256) -> __m256 {
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.333_452e-3));
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.166_579_6e-2));
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.666_666_5e-1));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.000_000_1e-1));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5));
     let r2 = _mm256_mul_ps(r, r);
     y = _mm256_add_ps(_mm256_fmadd_ps(y, r2, r), _mm256_set1_ps(1.0));
     let k = _mm256_cvtps_epi32(kf);

@@ -13,7 +13,6 @@
 //! Kernels never read or write outside the slices they are given: the number of rows processed
 //! is derived from the slice lengths, and inconsistent lengths are a caller bug caught by
 //! `debug_assert!` (release builds process the largest consistent prefix).
-
 //!
 //! # Kernel selection
 //!
