@@ -42,7 +42,6 @@ const ALL: [WeightType; 5] = [
     WeightType::Q4_0,
     WeightType::Q4_1,
 ];
-const QUANT: [WeightType; 3] = [WeightType::Q8_0, WeightType::Q4_0, WeightType::Q4_1];
 
 fn backends() -> [Backend; 2] {
     [Backend::Scalar, Backend::Avx2]
@@ -186,7 +185,7 @@ fn bad_sizes_are_errors() {
             &mut out[..3],
             &pool
         ),
-        Err(_)
+        Err(QuantError::SizeOverflow)
     ));
     let mut scratch = QuantizedActivations::new();
     assert!(matmul_any(&w, &[0.0; 33], 1, &mut scratch, &mut out[..3], &pool).is_err());
@@ -479,4 +478,20 @@ fn thread_pool_worker_panic_propagates_and_pool_survives() {
         });
         assert_eq!(count.load(Ordering::Relaxed), 3);
     }
+}
+
+#[test]
+fn backend_detection_honours_force_scalar() {
+    let b = Backend::detect();
+    let forced = cfg!(feature = "force-scalar")
+        || std::env::var("KVCACHE_FORCE_SCALAR").as_deref() == Ok("1");
+    if forced {
+        assert_eq!(b, Backend::Scalar);
+    }
+    if cfg!(feature = "force-scalar") {
+        assert!(!Backend::avx2_available());
+        assert_eq!(Backend::Avx2.effective(), Backend::Scalar);
+    }
+    assert_eq!(Backend::Scalar.effective(), Backend::Scalar);
+    assert_eq!(Backend::detect(), b);
 }
