@@ -841,6 +841,7 @@ fn row_loop(
     let mut dst = [0f32; TOKEN_TILE];
     for r in r0..r1 {
         let row = &data[r * rb..(r + 1) * rb];
+        prefetch(data, (r + PREFETCH_ROWS) * rb, rb);
         let mut t0 = 0;
         while t0 < tokens {
             let nt = (tokens - t0).min(TOKEN_TILE);
@@ -851,6 +852,28 @@ fn row_loop(
             t0 += nt;
         }
     }
+}
+
+/// Rows ahead of the current one that `row_loop` asks the CPU to fetch.
+const PREFETCH_ROWS: usize = 2;
+
+/// Hints the CPU to bring `data[start..start + len]` (clamped to `data`) into cache.
+#[inline(always)]
+fn prefetch(data: &[u8], start: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let end = start.saturating_add(len).min(data.len());
+        let mut i = start;
+        while i < end {
+            // SAFETY: SSE is part of the x86_64 baseline; a prefetch is only a hint (it never
+            // faults nor changes memory), and the address is inside `data` anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(data[i..].as_ptr() as *const i8) };
+            i += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, start, len);
 }
 
 /// Token `t`'s quants and `(d, s)` pairs for tokens `t0..t0 + NT`.
