@@ -434,6 +434,28 @@ fn thread_pool_runs_every_index() {
 }
 
 #[test]
+fn thread_pool_run_tasks_runs_each_index_once() {
+    let pool = ThreadPool::new(3);
+    for tasks in [0, 1, 2, 3, 7, 64] {
+        for _ in 0..50 {
+            let hits: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+            pool.run_tasks(tasks, &|i, n| {
+                assert_eq!(n, tasks);
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+    // Index 0 runs on the caller.
+    let me = std::thread::current().id();
+    pool.run(&|i, _| {
+        if i == 0 {
+            assert_eq!(std::thread::current().id(), me);
+        }
+    });
+}
+
+#[test]
 fn thread_pool_sleeps_and_wakes() {
     let pool = ThreadPool::new(3);
     let total = AtomicUsize::new(0);
@@ -452,12 +474,15 @@ fn thread_pool_nested_run_is_inline() {
     let pool = ThreadPool::new(2);
     let inner = AtomicUsize::new(0);
     pool.run(&|_, _| {
-        pool.run(&|i, n| {
-            assert_eq!((i, n), (0, 1));
+        // Runs inline: both indices on this thread.
+        let me = std::thread::current().id();
+        pool.run(&|_, n| {
+            assert_eq!(n, 2);
+            assert_eq!(std::thread::current().id(), me);
             inner.fetch_add(1, Ordering::Relaxed);
         });
     });
-    assert_eq!(inner.load(Ordering::Relaxed), 2);
+    assert_eq!(inner.load(Ordering::Relaxed), 4);
 }
 
 #[test]

@@ -699,7 +699,7 @@ pub fn matmul_with(
     let (rows, rb, data) = (w.rows, w.row_bytes(), w.data);
     let shared = SharedOut::new(out);
     if x.tokens > 0 && rows > 0 {
-        pool.run(&|i, n| {
+        pool.run_tasks(tasks_for(pool, rows), &|i, n| {
             let (r0, r1) = row_range(rows, i, n);
             k.rows(data, rb, rows, r0, r1, x, &shared);
         });
@@ -734,7 +734,7 @@ pub fn matmul_f32_with(
     let (rows, rb, data, cols) = (w.rows, w.row_bytes(), w.data, w.cols);
     let shared = SharedOut::new(out);
     if tokens > 0 && rows > 0 {
-        pool.run(&|i, n| {
+        pool.run_tasks(tasks_for(pool, rows), &|i, n| {
             let (r0, r1) = row_range(rows, i, n);
             k.rows(data, rb, rows, r0, r1, x, cols, tokens, &shared);
         });
@@ -813,7 +813,21 @@ impl<'a> SharedOut<'a> {
     }
 }
 
-/// The row range thread `i` of `n` takes: contiguous, balanced, in multiples of 8 rows where
+/// Row chunks per thread: a few, so that a thread the OS delays (the machine may be shared)
+/// leaves only a small chunk for the others to wait on or take over.
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// How many row ranges a matmul of `rows` rows is split into on `pool`.
+fn tasks_for(pool: &ThreadPool, rows: usize) -> usize {
+    let threads = pool.threads();
+    if threads == 1 {
+        1
+    } else {
+        (threads * CHUNKS_PER_THREAD).min(rows.div_ceil(8)).max(1)
+    }
+}
+
+/// The row range task `i` of `n` takes: contiguous, balanced, in multiples of 8 rows where
 /// possible (so neighbouring threads do not share output cache lines for one token).
 fn row_range(rows: usize, i: usize, n: usize) -> (usize, usize) {
     let units = rows.div_ceil(8);
