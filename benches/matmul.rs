@@ -94,6 +94,15 @@ fn pool_overhead(c: &mut Criterion) {
             })
         });
     }
+    // As matmul uses it on 2 threads: 8 claimable row chunks.
+    let pool = ThreadPool::new(2);
+    group.bench_function("2_threads_8_tasks", |b| {
+        b.iter(|| {
+            pool.run_tasks(8, &|i, n| {
+                black_box((i, n));
+            })
+        })
+    });
     group.finish();
 }
 

@@ -132,7 +132,9 @@ fn bad_sizes_are_errors() {
     bad.rows = 4;
     assert!(bad.dequantize_row(0, &mut row).is_err());
 
-    let mut qa = QuantizedActivations::new();
+    assert!(QuantizedActivations::with_capacity(usize::MAX, 2).is_err());
+    assert!(QuantizedActivations::with_capacity(usize::MAX / 64, 32).is_err());
+    let mut qa = QuantizedActivations::with_capacity(2, 64).unwrap();
     assert!(quantize_activations(&[0.0; 40], 40, &mut qa).is_err());
     assert!(quantize_activations(&[0.0; 40], 32, &mut qa).is_err());
     assert!(quantize_activations(&[0.0; 64], 0, &mut qa).is_err());
@@ -276,7 +278,13 @@ fn activation_round_trip_and_simd_equals_scalar() {
             }
         }
     }
-    // Buffers are reused: no reallocation for the same or a smaller size.
+    // Buffers are reused: no reallocation for the same or a smaller size (nor within a
+    // reserved capacity).
+    let mut c = QuantizedActivations::with_capacity(4, 128).unwrap();
+    quantize_activations(&rng.vec(256, 1.0), 128, &mut c).unwrap();
+    let p = c.quants(0).unwrap().as_ptr();
+    quantize_activations(&rng.vec(512, 1.0), 128, &mut c).unwrap();
+    assert_eq!(p, c.quants(0).unwrap().as_ptr());
     let x = rng.vec(8 * 256, 1.0);
     quantize_activations(&x, 256, &mut a).unwrap();
     let p = a.quants(0).unwrap().as_ptr();

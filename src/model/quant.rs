@@ -484,15 +484,16 @@ impl QuantizedActivations {
         Self::default()
     }
 
-    /// Pre-sized for `tokens × cols` so later calls up to that size never allocate.
-    pub fn with_capacity(tokens: usize, cols: usize) -> Self {
-        let n = tokens.saturating_mul(cols);
-        QuantizedActivations {
-            tokens: 0,
-            cols: 0,
-            q: Vec::with_capacity(n),
-            ds: Vec::with_capacity(n / QK * 2),
-        }
+    /// Pre-sized for `tokens × cols` values so later calls up to that size never allocate;
+    /// [`QuantError::SizeOverflow`] if that much memory cannot be reserved.
+    pub fn with_capacity(tokens: usize, cols: usize) -> Result<Self, QuantError> {
+        let n = tokens.checked_mul(cols).ok_or(QuantError::SizeOverflow)?;
+        let mut a = QuantizedActivations::default();
+        a.q.try_reserve_exact(n)
+            .map_err(|_| QuantError::SizeOverflow)?;
+        a.ds.try_reserve_exact(n.div_ceil(QK) * 2)
+            .map_err(|_| QuantError::SizeOverflow)?;
+        Ok(a)
     }
 
     /// Tokens held.
