@@ -52,8 +52,6 @@ struct Shared {
     sleepers: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
-    /// Total threads including the caller.
-    threads: usize,
 }
 
 impl Shared {
@@ -62,15 +60,17 @@ impl Shared {
     }
 }
 
-/// A fixed set of worker threads that run one closure at a time on all threads.
+/// A fixed set of worker threads that run one job (a closure over task indices) at a time.
 ///
 /// `ThreadPool` is `Sync`; if `run` is entered while another `run` on the same pool is in
-/// progress (from another thread, or nested inside a job), the second call runs its closure
-/// inline on its own thread as `f(0, 1)` instead of waiting, so it never deadlocks.
+/// progress (from another thread, or nested inside a task), the second call runs all its tasks
+/// inline on its own thread instead of waiting, so it never deadlocks.
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     busy: AtomicBool,
+    /// Total threads including the caller.
+    threads: usize,
 }
 
 impl ThreadPool {
@@ -91,7 +91,6 @@ impl ThreadPool {
             sleepers: AtomicUsize::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
-            threads: wanted,
         });
         let mut workers = Vec::with_capacity(wanted - 1);
         for index in 1..wanted {
@@ -104,20 +103,13 @@ impl ThreadPool {
                 Err(_) => break,
             }
         }
-        if workers.len() + 1 != wanted {
-            // Some spawns failed: shut down the ones we got and start over with that many.
-            let got = workers.len() + 1;
-            drop(ThreadPool {
-                shared,
-                workers,
-                busy: AtomicBool::new(false),
-            });
-            return ThreadPool::new(got.min(wanted - 1));
-        }
+        // If some spawns failed, the pool is just smaller (tasks are claimed, not assigned).
+        let threads = workers.len() + 1;
         ThreadPool {
             shared,
             workers,
             busy: AtomicBool::new(false),
+            threads,
         }
     }
 
@@ -128,14 +120,14 @@ impl ThreadPool {
 
     /// Threads in the pool, the caller included (≥ 1).
     pub fn threads(&self) -> usize {
-        self.shared.threads
+        self.threads
     }
 
     /// Calls `f(index, threads)` once for every `index < threads` and returns when all calls
     /// have returned; the caller runs index 0. Panics (after all calls are done) if any call
     /// panicked. See [`ThreadPool::run_tasks`].
     pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
-        self.run_tasks(self.shared.threads, f);
+        self.run_tasks(self.threads, f);
     }
 
     /// Calls `f(index, tasks)` exactly once for every `index < tasks`, spread over the pool's
@@ -149,7 +141,7 @@ impl ThreadPool {
         if tasks == 0 {
             return;
         }
-        if self.shared.threads == 1 || tasks == 1 || self.busy.swap(true, Ordering::Acquire) {
+        if self.threads == 1 || tasks == 1 || self.busy.swap(true, Ordering::Acquire) {
             for i in 0..tasks {
                 f(i, tasks);
             }
@@ -230,7 +222,7 @@ impl Drop for ThreadPool {
 impl std::fmt::Debug for ThreadPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ThreadPool")
-            .field("threads", &self.shared.threads)
+            .field("threads", &self.threads)
             .finish()
     }
 }
