@@ -42,7 +42,6 @@ const ALL: [WeightType; 5] = [
     WeightType::Q4_0,
     WeightType::Q4_1,
 ];
-const QUANT: [WeightType; 3] = [WeightType::Q8_0, WeightType::Q4_0, WeightType::Q4_1];
 
 fn backends() -> [Backend; 2] {
     [Backend::Scalar, Backend::Avx2]
@@ -133,7 +132,9 @@ fn bad_sizes_are_errors() {
     bad.rows = 4;
     assert!(bad.dequantize_row(0, &mut row).is_err());
 
-    let mut qa = QuantizedActivations::new();
+    assert!(QuantizedActivations::with_capacity(usize::MAX, 2).is_err());
+    assert!(QuantizedActivations::with_capacity(usize::MAX / 64, 32).is_err());
+    let mut qa = QuantizedActivations::with_capacity(2, 64).unwrap();
     assert!(quantize_activations(&[0.0; 40], 40, &mut qa).is_err());
     assert!(quantize_activations(&[0.0; 40], 32, &mut qa).is_err());
     assert!(quantize_activations(&[0.0; 64], 0, &mut qa).is_err());
@@ -186,7 +187,7 @@ fn bad_sizes_are_errors() {
             &mut out[..3],
             &pool
         ),
-        Err(_)
+        Err(QuantError::SizeOverflow)
     ));
     let mut scratch = QuantizedActivations::new();
     assert!(matmul_any(&w, &[0.0; 33], 1, &mut scratch, &mut out[..3], &pool).is_err());
@@ -277,7 +278,13 @@ fn activation_round_trip_and_simd_equals_scalar() {
             }
         }
     }
-    // Buffers are reused: no reallocation for the same or a smaller size.
+    // Buffers are reused: no reallocation for the same or a smaller size (nor within a
+    // reserved capacity).
+    let mut c = QuantizedActivations::with_capacity(4, 128).unwrap();
+    quantize_activations(&rng.vec(256, 1.0), 128, &mut c).unwrap();
+    let p = c.quants(0).unwrap().as_ptr();
+    quantize_activations(&rng.vec(512, 1.0), 128, &mut c).unwrap();
+    assert_eq!(p, c.quants(0).unwrap().as_ptr());
     let x = rng.vec(8 * 256, 1.0);
     quantize_activations(&x, 256, &mut a).unwrap();
     let p = a.quants(0).unwrap().as_ptr();
@@ -435,6 +442,28 @@ fn thread_pool_runs_every_index() {
 }
 
 #[test]
+fn thread_pool_run_tasks_runs_each_index_once() {
+    let pool = ThreadPool::new(3);
+    for tasks in [0, 1, 2, 3, 7, 64] {
+        for _ in 0..50 {
+            let hits: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+            pool.run_tasks(tasks, &|i, n| {
+                assert_eq!(n, tasks);
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+    // Index 0 runs on the caller.
+    let me = std::thread::current().id();
+    pool.run(&|i, _| {
+        if i == 0 {
+            assert_eq!(std::thread::current().id(), me);
+        }
+    });
+}
+
+#[test]
 fn thread_pool_sleeps_and_wakes() {
     let pool = ThreadPool::new(3);
     let total = AtomicUsize::new(0);
@@ -453,12 +482,15 @@ fn thread_pool_nested_run_is_inline() {
     let pool = ThreadPool::new(2);
     let inner = AtomicUsize::new(0);
     pool.run(&|_, _| {
-        pool.run(&|i, n| {
-            assert_eq!((i, n), (0, 1));
+        // Runs inline: both indices on this thread.
+        let me = std::thread::current().id();
+        pool.run(&|_, n| {
+            assert_eq!(n, 2);
+            assert_eq!(std::thread::current().id(), me);
             inner.fetch_add(1, Ordering::Relaxed);
         });
     });
-    assert_eq!(inner.load(Ordering::Relaxed), 2);
+    assert_eq!(inner.load(Ordering::Relaxed), 4);
 }
 
 #[test]
@@ -479,4 +511,20 @@ fn thread_pool_worker_panic_propagates_and_pool_survives() {
         });
         assert_eq!(count.load(Ordering::Relaxed), 3);
     }
+}
+
+#[test]
+fn backend_detection_honours_force_scalar() {
+    let b = Backend::detect();
+    let forced = cfg!(feature = "force-scalar")
+        || std::env::var("KVCACHE_FORCE_SCALAR").as_deref() == Ok("1");
+    if forced {
+        assert_eq!(b, Backend::Scalar);
+    }
+    if cfg!(feature = "force-scalar") {
+        assert!(!Backend::avx2_available());
+        assert_eq!(Backend::Avx2.effective(), Backend::Scalar);
+    }
+    assert_eq!(Backend::Scalar.effective(), Backend::Scalar);
+    assert_eq!(Backend::detect(), b);
 }

@@ -484,15 +484,16 @@ impl QuantizedActivations {
         Self::default()
     }
 
-    /// Pre-sized for `tokens × cols` so later calls up to that size never allocate.
-    pub fn with_capacity(tokens: usize, cols: usize) -> Self {
-        let n = tokens.saturating_mul(cols);
-        QuantizedActivations {
-            tokens: 0,
-            cols: 0,
-            q: Vec::with_capacity(n),
-            ds: Vec::with_capacity(n / QK * 2),
-        }
+    /// Pre-sized for `tokens × cols` values so later calls up to that size never allocate;
+    /// [`QuantError::SizeOverflow`] if that much memory cannot be reserved.
+    pub fn with_capacity(tokens: usize, cols: usize) -> Result<Self, QuantError> {
+        let n = tokens.checked_mul(cols).ok_or(QuantError::SizeOverflow)?;
+        let mut a = QuantizedActivations::default();
+        a.q.try_reserve_exact(n)
+            .map_err(|_| QuantError::SizeOverflow)?;
+        a.ds.try_reserve_exact(n.div_ceil(QK) * 2)
+            .map_err(|_| QuantError::SizeOverflow)?;
+        Ok(a)
     }
 
     /// Tokens held.
@@ -625,7 +626,7 @@ pub fn dot_quantized_with(
     check_quantized(w, x)?;
     let row = w.row(r)?;
     x.token(t)?;
-    Ok(kernel_quantized(w.ty, Avx2Token::get(backend)).dot::<1>(row, x, t)[0])
+    Ok(kernel_quantized(w.ty, Avx2Token::get(backend)).dot_one(row, x, t))
 }
 
 /// `W[r] · x` for a float weight (F32, F16) and `f32` activations (`cols` long), on `backend`.
@@ -637,7 +638,7 @@ pub fn dot_f32_with(
 ) -> Result<f32, QuantError> {
     check_float(w, x, 1)?;
     let row = w.row(r)?;
-    Ok(kernel_float(w.ty, Avx2Token::get(backend)).dot::<1>(row, x, w.cols, 0)[0])
+    Ok(kernel_float(w.ty, Avx2Token::get(backend)).dot_one(row, x))
 }
 
 fn check_quantized(w: &WeightMatrix, x: &QuantizedActivations) -> Result<(), QuantError> {
@@ -696,18 +697,14 @@ pub fn matmul_with(
     check_quantized(w, x)?;
     check_out(w, x.tokens, out)?;
     let k = kernel_quantized(w.ty, Avx2Token::get(backend));
-    run_rows(
-        w,
-        x.tokens,
-        out,
-        pool,
-        &|row, t0, nt, dst: &mut [f32; TOKEN_TILE]| match nt {
-            4 => *dst = k.dot::<4>(row, x, t0),
-            3 => dst[..3].copy_from_slice(&k.dot::<3>(row, x, t0)),
-            2 => dst[..2].copy_from_slice(&k.dot::<2>(row, x, t0)),
-            _ => dst[0] = k.dot::<1>(row, x, t0)[0],
-        },
-    );
+    let (rows, rb, data) = (w.rows, w.row_bytes(), w.data);
+    let shared = SharedOut::new(out);
+    if x.tokens > 0 && rows > 0 {
+        pool.run_tasks(tasks_for(pool, rows), &|i, n| {
+            let (r0, r1) = row_range(rows, i, n);
+            k.rows(data, rb, rows, r0, r1, x, &shared);
+        });
+    }
     Ok(())
 }
 
@@ -735,19 +732,14 @@ pub fn matmul_f32_with(
     check_float(w, x, tokens)?;
     check_out(w, tokens, out)?;
     let k = kernel_float(w.ty, Avx2Token::get(backend));
-    let cols = w.cols;
-    run_rows(
-        w,
-        tokens,
-        out,
-        pool,
-        &|row, t0, nt, dst: &mut [f32; TOKEN_TILE]| match nt {
-            4 => *dst = k.dot::<4>(row, x, cols, t0),
-            3 => dst[..3].copy_from_slice(&k.dot::<3>(row, x, cols, t0)),
-            2 => dst[..2].copy_from_slice(&k.dot::<2>(row, x, cols, t0)),
-            _ => dst[0] = k.dot::<1>(row, x, cols, t0)[0],
-        },
-    );
+    let (rows, rb, data, cols) = (w.rows, w.row_bytes(), w.data, w.cols);
+    let shared = SharedOut::new(out);
+    if tokens > 0 && rows > 0 {
+        pool.run_tasks(tasks_for(pool, rows), &|i, n| {
+            let (r0, r1) = row_range(rows, i, n);
+            k.rows(data, rb, rows, r0, r1, x, cols, tokens, &shared);
+        });
+    }
     Ok(())
 }
 
@@ -793,16 +785,25 @@ fn check_out(w: &WeightMatrix, tokens: usize, out: &[f32]) -> Result<(), QuantEr
 }
 
 /// Shared write access to `out` for threads that write disjoint elements.
-struct SharedOut {
+struct SharedOut<'a> {
     ptr: *mut f32,
     len: usize,
+    _out: core::marker::PhantomData<&'a mut [f32]>,
 }
 
 // SAFETY: `SharedOut` is only a pointer plus length; every thread writes a disjoint set of
 // indices (its own rows) and nobody reads `out` until `ThreadPool::run` has returned.
-unsafe impl Sync for SharedOut {}
+unsafe impl Sync for SharedOut<'_> {}
 
-impl SharedOut {
+impl<'a> SharedOut<'a> {
+    fn new(out: &'a mut [f32]) -> SharedOut<'a> {
+        SharedOut {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+            _out: core::marker::PhantomData,
+        }
+    }
+
     #[inline]
     fn write(&self, i: usize, v: f32) {
         assert!(i < self.len);
@@ -813,7 +814,21 @@ impl SharedOut {
     }
 }
 
-/// The row range thread `i` of `n` takes: contiguous, balanced, in multiples of 8 rows where
+/// Row chunks per thread: a few, so that a thread the OS delays (the machine may be shared)
+/// leaves only a small chunk for the others to wait on or take over.
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// How many row ranges a matmul of `rows` rows is split into on `pool`.
+fn tasks_for(pool: &ThreadPool, rows: usize) -> usize {
+    let threads = pool.threads();
+    if threads == 1 {
+        1
+    } else {
+        (threads * CHUNKS_PER_THREAD).min(rows.div_ceil(8)).max(1)
+    }
+}
+
+/// The row range task `i` of `n` takes: contiguous, balanced, in multiples of 8 rows where
 /// possible (so neighbouring threads do not share output cache lines for one token).
 fn row_range(rows: usize, i: usize, n: usize) -> (usize, usize) {
     let units = rows.div_ceil(8);
@@ -822,42 +837,69 @@ fn row_range(rows: usize, i: usize, n: usize) -> (usize, usize) {
     (start, end)
 }
 
-/// Runs `tile(row_bytes, t0, nt, dst)` for every row and every tile of up to `TOKEN_TILE`
-/// tokens, rows split across the pool; `dst[..nt]` are written to `out[t0 + j][r]`.
-fn run_rows(
-    w: &WeightMatrix,
+/// The loop every kernel family runs on one thread: for each row `r0..r1` (of a matrix of
+/// `rows` rows, `rb` bytes each), `tile(row, t0, nt, dst)` dots the row against tokens
+/// `t0..t0 + nt` (tiles of up to [`TOKEN_TILE`]) into `dst[..nt]`, written to `out[t][r]`.
+/// The row is read from memory once and stays in L1 for all token tiles.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn row_loop(
+    data: &[u8],
+    rb: usize,
+    rows: usize,
+    r0: usize,
+    r1: usize,
     tokens: usize,
-    out: &mut [f32],
-    pool: &ThreadPool,
-    tile: &(dyn Fn(&[u8], usize, usize, &mut [f32; TOKEN_TILE]) + Sync),
+    out: &SharedOut,
+    mut tile: impl FnMut(&[u8], usize, usize, &mut [f32; TOKEN_TILE]),
 ) {
-    let rows = w.rows;
-    let rb = w.row_bytes();
-    let data = w.data;
-    let shared = SharedOut {
-        ptr: out.as_mut_ptr(),
-        len: out.len(),
-    };
-    let body = |i: usize, n: usize| {
-        let (r0, r1) = row_range(rows, i, n);
-        let mut dst = [0f32; TOKEN_TILE];
-        for r in r0..r1 {
-            let row = &data[r * rb..(r + 1) * rb];
-            let mut t0 = 0;
-            while t0 < tokens {
-                let nt = (tokens - t0).min(TOKEN_TILE);
-                tile(row, t0, nt, &mut dst);
-                for (j, &v) in dst[..nt].iter().enumerate() {
-                    shared.write((t0 + j) * rows + r, v);
-                }
-                t0 += nt;
+    let mut dst = [0f32; TOKEN_TILE];
+    for r in r0..r1 {
+        let row = &data[r * rb..(r + 1) * rb];
+        prefetch(data, (r + PREFETCH_ROWS) * rb, rb);
+        let mut t0 = 0;
+        while t0 < tokens {
+            let nt = (tokens - t0).min(TOKEN_TILE);
+            tile(row, t0, nt, &mut dst);
+            for (j, &v) in dst[..nt].iter().enumerate() {
+                out.write((t0 + j) * rows + r, v);
             }
+            t0 += nt;
         }
-    };
-    if rows.saturating_mul(tokens) == 0 {
-        return;
     }
-    pool.run(&body);
+}
+
+/// Rows ahead of the current one that `row_loop` asks the CPU to fetch.
+const PREFETCH_ROWS: usize = 2;
+
+/// Hints the CPU to bring `data[start..start + len]` (clamped to `data`) into cache.
+#[inline(always)]
+fn prefetch(data: &[u8], start: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let end = start.saturating_add(len).min(data.len());
+        let mut i = start;
+        while i < end {
+            // SAFETY: SSE is part of the x86_64 baseline; a prefetch is only a hint (it never
+            // faults nor changes memory), and the address is inside `data` anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(data[i..].as_ptr() as *const i8) };
+            i += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, start, len);
+}
+
+/// Token `t`'s quants and `(d, s)` pairs for tokens `t0..t0 + NT`.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn act_tile<const NT: usize>(x: &QuantizedActivations, t0: usize) -> ([&[i8]; NT], [&[f32]; NT]) {
+    let (c, n2) = (x.cols, 2 * x.blocks());
+    (
+        core::array::from_fn(|j| &x.q[(t0 + j) * c..(t0 + j + 1) * c]),
+        core::array::from_fn(|j| &x.ds[(t0 + j) * n2..(t0 + j + 1) * n2]),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -879,25 +921,44 @@ fn kernel_quantized(ty: WeightType, token: Option<Avx2Token>) -> QKernel {
 }
 
 impl QKernel {
-    /// Dots `row` against tokens `t0..t0 + NT` of `x` (callers check the ranges).
-    #[inline]
-    fn dot<const NT: usize>(self, row: &[u8], x: &QuantizedActivations, t0: usize) -> [f32; NT] {
-        let q: [&[i8]; NT] =
-            core::array::from_fn(|j| &x.q[(t0 + j) * x.cols..(t0 + j + 1) * x.cols]);
-        let nb2 = 2 * x.blocks();
-        let ds: [&[f32]; NT] = core::array::from_fn(|j| &x.ds[(t0 + j) * nb2..(t0 + j + 1) * nb2]);
+    /// Rows `r0..r1` against every token of `x` into `out` (`[tokens][rows]`); callers have
+    /// checked all shapes.
+    #[allow(clippy::too_many_arguments)]
+    fn rows(
+        self,
+        data: &[u8],
+        rb: usize,
+        rows: usize,
+        r0: usize,
+        r1: usize,
+        x: &QuantizedActivations,
+        out: &SharedOut,
+    ) {
         match self {
             QKernel::Scalar(ty) => {
-                core::array::from_fn(|j| scalar::dot_quantized(ty, row, q[j], ds[j]))
+                row_loop(data, rb, rows, r0, r1, x.tokens, out, |row, t0, nt, dst| {
+                    for (j, d) in dst[..nt].iter_mut().enumerate() {
+                        let (q, ds) = act_tile::<1>(x, t0 + j);
+                        *d = scalar::dot_quantized(ty, row, q[0], ds[0]);
+                    }
+                })
             }
             #[cfg(target_arch = "x86_64")]
-            // SAFETY (all three arms): an `Avx2Token` exists only when AVX2, FMA and F16C were
-            // detected at run time.
-            QKernel::Avx2(ty, _) => match ty {
-                WeightType::Q4_1 => unsafe { avx2::dot_q4::<NT, true>(row, q, ds) },
-                WeightType::Q4_0 => unsafe { avx2::dot_q4::<NT, false>(row, q, ds) },
-                _ => unsafe { avx2::dot_q8_0::<NT>(row, q, ds) },
+            // SAFETY: an `Avx2Token` exists only when AVX2, FMA and F16C were detected.
+            QKernel::Avx2(ty, _) => unsafe {
+                avx2::rows_quantized(ty, data, rb, rows, r0, r1, x, out)
             },
+        }
+    }
+
+    /// One row against token `t` (callers check), computed exactly as `rows` computes it.
+    fn dot_one(self, row: &[u8], x: &QuantizedActivations, t: usize) -> f32 {
+        let (q, ds) = act_tile::<1>(x, t);
+        match self {
+            QKernel::Scalar(ty) => scalar::dot_quantized(ty, row, q[0], ds[0]),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: an `Avx2Token` exists only when AVX2, FMA and F16C were detected.
+            QKernel::Avx2(ty, _) => unsafe { avx2::dot_quantized_one(ty, row, q[0], ds[0]) },
         }
     }
 }
@@ -918,18 +979,45 @@ fn kernel_float(ty: WeightType, token: Option<Avx2Token>) -> FKernel {
 }
 
 impl FKernel {
-    /// Dots `row` against tokens `t0..t0 + NT` of `x` (`[tokens][cols]`; callers check).
-    #[inline]
-    fn dot<const NT: usize>(self, row: &[u8], x: &[f32], cols: usize, t0: usize) -> [f32; NT] {
-        let xs: [&[f32]; NT] = core::array::from_fn(|j| &x[(t0 + j) * cols..(t0 + j + 1) * cols]);
+    /// Rows `r0..r1` against `tokens` tokens of `x` (`[tokens][cols]`) into `out`
+    /// (`[tokens][rows]`); callers have checked all shapes.
+    #[allow(clippy::too_many_arguments)]
+    fn rows(
+        self,
+        data: &[u8],
+        rb: usize,
+        rows: usize,
+        r0: usize,
+        r1: usize,
+        x: &[f32],
+        cols: usize,
+        tokens: usize,
+        out: &SharedOut,
+    ) {
         match self {
-            FKernel::Scalar(ty) => core::array::from_fn(|j| scalar::dot_float(ty, row, xs[j])),
+            FKernel::Scalar(ty) => {
+                row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
+                    for (j, d) in dst[..nt].iter_mut().enumerate() {
+                        let t = t0 + j;
+                        *d = scalar::dot_float(ty, row, &x[t * cols..(t + 1) * cols]);
+                    }
+                })
+            }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: an `Avx2Token` exists only when AVX2, FMA and F16C were detected.
-            FKernel::Avx2(WeightType::F16, _) => unsafe { avx2::dot_f16::<NT>(row, xs) },
+            FKernel::Avx2(ty, _) => unsafe {
+                avx2::rows_float(ty, data, rb, rows, r0, r1, x, cols, tokens, out)
+            },
+        }
+    }
+
+    /// One row against `x` (`cols` values), computed exactly as `rows` computes it.
+    fn dot_one(self, row: &[u8], x: &[f32]) -> f32 {
+        match self {
+            FKernel::Scalar(ty) => scalar::dot_float(ty, row, x),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            FKernel::Avx2(_, _) => unsafe { avx2::dot_f32::<NT>(row, xs) },
+            // SAFETY: an `Avx2Token` exists only when AVX2, FMA and F16C were detected.
+            FKernel::Avx2(ty, _) => unsafe { avx2::dot_float_one(ty, row, x) },
         }
     }
 }
@@ -1029,8 +1117,172 @@ mod avx2 {
     //! one FMA by `d_w·d_x`. Offsets (Q4_1's `m`, Q4_0's `−8`) use the activation block sums.
     //! Each weight block is unpacked once and used for `NT` tokens.
 
-    use super::QK;
+    use super::{act_tile, row_loop, QuantizedActivations, SharedOut, WeightType, QK, TOKEN_TILE};
     use core::arch::x86_64::*;
+
+    /// Rows `r0..r1` of a block-type matrix against every token of `x` (see `row_loop`).
+    ///
+    /// # Safety
+    /// - The CPU supports AVX2, FMA and F16C.
+    ///
+    /// (Shapes are checked by the callers; a mismatch panics, it is never read out of bounds.)
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rows_quantized(
+        ty: WeightType,
+        data: &[u8],
+        rb: usize,
+        rows: usize,
+        r0: usize,
+        r1: usize,
+        x: &QuantizedActivations,
+        out: &SharedOut,
+    ) {
+        let tokens = x.tokens();
+        match ty {
+            WeightType::Q4_1 => {
+                row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
+                    tile_quantized::<1>(row, x, t0, nt, dst)
+                })
+            }
+            WeightType::Q4_0 => {
+                row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
+                    tile_quantized::<0>(row, x, t0, nt, dst)
+                })
+            }
+            _ => row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
+                tile_quantized::<8>(row, x, t0, nt, dst)
+            }),
+        }
+    }
+
+    /// One row of a block type against one token, exactly as `rows_quantized` computes it.
+    ///
+    /// # Safety
+    /// - The CPU supports AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_quantized_one(
+        ty: WeightType,
+        row: &[u8],
+        q: &[i8],
+        ds: &[f32],
+    ) -> f32 {
+        match ty {
+            WeightType::Q4_1 => dot_q4::<1, true>(row, [q], [ds])[0],
+            WeightType::Q4_0 => dot_q4::<1, false>(row, [q], [ds])[0],
+            _ => dot_q8_0::<1>(row, [q], [ds])[0],
+        }
+    }
+
+    /// `KIND`: ggml id of the type (0 = Q4_0, 1 = Q4_1 here, 8 = Q8_0).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn tile_quantized<const KIND: u8>(
+        row: &[u8],
+        x: &QuantizedActivations,
+        t0: usize,
+        nt: usize,
+        dst: &mut [f32; TOKEN_TILE],
+    ) {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn one<const NT: usize, const KIND: u8>(
+            row: &[u8],
+            x: &QuantizedActivations,
+            t0: usize,
+        ) -> [f32; NT] {
+            let (q, ds) = act_tile::<NT>(x, t0);
+            match KIND {
+                1 => dot_q4::<NT, true>(row, q, ds),
+                0 => dot_q4::<NT, false>(row, q, ds),
+                _ => dot_q8_0::<NT>(row, q, ds),
+            }
+        }
+        match nt {
+            4 => *dst = one::<4, KIND>(row, x, t0),
+            3 => dst[..3].copy_from_slice(&one::<3, KIND>(row, x, t0)),
+            2 => dst[..2].copy_from_slice(&one::<2, KIND>(row, x, t0)),
+            _ => dst[0] = one::<1, KIND>(row, x, t0)[0],
+        }
+    }
+
+    /// Rows `r0..r1` of an F32/F16 matrix against `tokens` tokens of `x` (`[tokens][cols]`).
+    ///
+    /// # Safety
+    /// - The CPU supports AVX2, FMA and F16C.
+    ///
+    /// (Shapes are checked by the callers; a mismatch panics, it is never read out of bounds.)
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rows_float(
+        ty: WeightType,
+        data: &[u8],
+        rb: usize,
+        rows: usize,
+        r0: usize,
+        r1: usize,
+        x: &[f32],
+        cols: usize,
+        tokens: usize,
+        out: &SharedOut,
+    ) {
+        if ty == WeightType::F16 {
+            row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
+                tile_float::<true>(row, x, cols, t0, nt, dst)
+            })
+        } else {
+            row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
+                tile_float::<false>(row, x, cols, t0, nt, dst)
+            })
+        }
+    }
+
+    /// One F32/F16 row against `x`, exactly as `rows_float` computes it.
+    ///
+    /// # Safety
+    /// - The CPU supports AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_float_one(ty: WeightType, row: &[u8], x: &[f32]) -> f32 {
+        if ty == WeightType::F16 {
+            dot_f16::<1>(row, [x])[0]
+        } else {
+            dot_f32::<1>(row, [x])[0]
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn tile_float<const F16: bool>(
+        row: &[u8],
+        x: &[f32],
+        cols: usize,
+        t0: usize,
+        nt: usize,
+        dst: &mut [f32; TOKEN_TILE],
+    ) {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn one<const NT: usize, const F16: bool>(
+            row: &[u8],
+            x: &[f32],
+            cols: usize,
+            t0: usize,
+        ) -> [f32; NT] {
+            let xs: [&[f32]; NT] =
+                core::array::from_fn(|j| &x[(t0 + j) * cols..(t0 + j + 1) * cols]);
+            if F16 {
+                dot_f16::<NT>(row, xs)
+            } else {
+                dot_f32::<NT>(row, xs)
+            }
+        }
+        match nt {
+            4 => *dst = one::<4, F16>(row, x, cols, t0),
+            3 => dst[..3].copy_from_slice(&one::<3, F16>(row, x, cols, t0)),
+            2 => dst[..2].copy_from_slice(&one::<2, F16>(row, x, cols, t0)),
+            _ => dst[0] = one::<1, F16>(row, x, cols, t0)[0],
+        }
+    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -1094,23 +1346,66 @@ mod avx2 {
         (d, d * hsum_i32(sum) as f32)
     }
 
-    /// `(d_w·d_x, m_w·s_x or d_w·s_x, ·, ·)` for one block: `head` is the weight block's first
-    /// 4 bytes (f16 d, f16 m) or 2 bytes (f16 d) widened, `dsx` points at `(d_x, s_x)`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn scale_pair(dm: __m128, dsx: __m128) -> __m128 {
-        _mm_mul_ps(dm, dsx)
-    }
-
-    /// Q4_1 (`HAS_MIN`) or Q4_0 row · `NT` tokens of quantized activations.
+    /// Weight block `b` of a Q4 row: the 32 values unpacked to bytes 0..=15 (low nibbles in
+    /// lanes 0..16, high nibbles in 16..32) and `(d, m)` (Q4_1) or `(d, d)` (Q4_0) as f32.
     ///
     /// # Safety
     /// - The CPU supports AVX2, FMA and F16C.
-    ///
-    /// (Lengths are checked: `row` must be whole blocks and every `q[j]` / `ds[j]` must cover
-    /// as many blocks, or this panics.)
+    /// - `row` holds at least `(b + 1) · bb` bytes, `bb` = 20 (`HAS_MIN`) or 18.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4<const NT: usize, const HAS_MIN: bool>(
+    unsafe fn q4_weights<const HAS_MIN: bool>(row: &[u8], b: usize) -> (__m256i, __m128) {
+        let bb = if HAS_MIN { 20 } else { 18 };
+        // SAFETY: the block's `bb` bytes are in bounds (caller's contract); unaligned reads.
+        let (head, raw) = unsafe {
+            let p = row.as_ptr().add(b * bb);
+            let head = if HAS_MIN {
+                (p as *const u32).read_unaligned() as i32
+            } else {
+                let d = (p as *const u16).read_unaligned() as i32;
+                d | (d << 16)
+            };
+            (head, _mm_loadu_si128(p.add(bb - 16) as *const __m128i))
+        };
+        let low = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(raw, low);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), low);
+        (
+            _mm256_set_m128i(hi, lo),
+            _mm_cvtph_ps(_mm_cvtsi32_si128(head)),
+        )
+    }
+
+    /// One token's part of a Q4 block: the eight partial integer dots (as f32) and
+    /// `(d_w·d_x, m_w·s_x | d_w·s_x, 0, 0)`.
+    ///
+    /// # Safety
+    /// - The CPU supports AVX2, FMA and F16C.
+    /// - `q` holds at least `32 · (b + 1)` values and `ds` at least `2 · (b + 1)`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_token(w: __m256i, dm: __m128, q: &[i8], ds: &[f32], b: usize) -> (__m256, __m128) {
+        // SAFETY: in bounds by the caller's contract; unaligned loads.
+        let (x, dsx) = unsafe {
+            (
+                _mm256_loadu_si256(q.as_ptr().add(b * QK) as *const __m256i),
+                _mm_castpd_ps(_mm_load_sd(ds.as_ptr().add(b * 2) as *const f64)),
+            )
+        };
+        // u8 (0..=15) × i8 → pairwise i16 sums (|·| ≤ 2·15·128), then pairs of those → i32.
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+        (_mm256_cvtepi32_ps(p), _mm_mul_ps(dm, dsx))
+    }
+
+    /// Q4_1 (`HAS_MIN`) or Q4_0 row · `NT` tokens of quantized activations. Lengths are
+    /// checked: `row` must be whole blocks and every `q[j]` / `ds[j]` must cover as many
+    /// blocks, or this panics.
+    ///
+    /// Blocks go in pairs, `acc += s0·p0 + s1·p1`, so the loop-carried chain is one add per
+    /// two blocks; the order of operations per token does not depend on `NT`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_q4<const NT: usize, const HAS_MIN: bool>(
         row: &[u8],
         q: [&[i8]; NT],
         ds: [&[f32]; NT],
@@ -1121,39 +1416,34 @@ mod avx2 {
         for j in 0..NT {
             assert!(q[j].len() >= nb * QK && ds[j].len() >= nb * 2);
         }
-        let low = _mm_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); NT];
         let mut acc_m = [_mm_setzero_ps(); NT];
-        for b in 0..nb {
-            // SAFETY: `b < nb` and `row.len() == nb * bb`: the block's `bb` bytes are in bounds.
-            let (head, raw) = unsafe {
-                let p = row.as_ptr().add(b * bb);
-                let head = if HAS_MIN {
-                    (p as *const u32).read_unaligned() as i32
-                } else {
-                    let d = (p as *const u16).read_unaligned() as i32;
-                    d | (d << 16)
-                };
-                (head, _mm_loadu_si128(p.add(bb - 16) as *const __m128i))
-            };
-            // (d, m) or (d, d) as f32.
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(head));
-            let lo = _mm_and_si128(raw, low);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), low);
-            let w = _mm256_set_m128i(hi, lo);
-            for j in 0..NT {
-                // SAFETY: `q[j]` has at least `nb * 32` i8 and `ds[j]` `nb * 2` f32 (asserted).
-                let (x, dsx) = unsafe {
-                    (
-                        _mm256_loadu_si256(q[j].as_ptr().add(b * QK) as *const __m256i),
-                        _mm_castpd_ps(_mm_load_sd(ds[j].as_ptr().add(b * 2) as *const f64)),
-                    )
-                };
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
-                let s = scale_pair(dm, dsx);
-                acc[j] = _mm256_fmadd_ps(_mm256_broadcastss_ps(s), _mm256_cvtepi32_ps(p), acc[j]);
-                acc_m[j] = _mm_add_ps(acc_m[j], s);
+        let mut b = 0;
+        while b + 2 <= nb {
+            // SAFETY: `b + 1 < nb`; the lengths were asserted above.
+            unsafe {
+                let (w0, dm0) = q4_weights::<HAS_MIN>(row, b);
+                let (w1, dm1) = q4_weights::<HAS_MIN>(row, b + 1);
+                for j in 0..NT {
+                    let (p0, s0) = q4_token(w0, dm0, q[j], ds[j], b);
+                    let (p1, s1) = q4_token(w1, dm1, q[j], ds[j], b + 1);
+                    let t = _mm256_mul_ps(_mm256_broadcastss_ps(s0), p0);
+                    let t = _mm256_fmadd_ps(_mm256_broadcastss_ps(s1), p1, t);
+                    acc[j] = _mm256_add_ps(acc[j], t);
+                    acc_m[j] = _mm_add_ps(acc_m[j], _mm_add_ps(s0, s1));
+                }
+            }
+            b += 2;
+        }
+        if b < nb {
+            // SAFETY: `b < nb`; the lengths were asserted above.
+            unsafe {
+                let (w0, dm0) = q4_weights::<HAS_MIN>(row, b);
+                for j in 0..NT {
+                    let (p0, s0) = q4_token(w0, dm0, q[j], ds[j], b);
+                    acc[j] = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc[j]);
+                    acc_m[j] = _mm_add_ps(acc_m[j], s0);
+                }
             }
         }
         core::array::from_fn(|j| {
@@ -1166,49 +1456,90 @@ mod avx2 {
         })
     }
 
-    /// Q8_0 row · `NT` tokens of quantized activations.
+    /// Weight block `b` of a Q8_0 row: `(|w|, w, d_w)`.
     ///
     /// # Safety
     /// - The CPU supports AVX2, FMA and F16C.
-    ///
-    /// (Lengths are checked as in [`dot_q4`].)
+    /// - `row` holds at least `34 · (b + 1)` bytes.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q8_0<const NT: usize>(
-        row: &[u8],
-        q: [&[i8]; NT],
-        ds: [&[f32]; NT],
-    ) -> [f32; NT] {
-        const BB: usize = 34;
-        let nb = row.len() / BB;
-        assert!(row.len() == nb * BB);
+    unsafe fn q8_weights(row: &[u8], b: usize) -> (__m256i, __m256i, __m128) {
+        // SAFETY: the block's 34 bytes are in bounds (caller's contract); unaligned reads. The
+        // scale is read as 4 bytes (d and two quants; only lane 0 is used): a full-width load
+        // avoids a 16-bit insert's false dependency on a live register.
+        let (head, w) = unsafe {
+            let p = row.as_ptr().add(b * 34);
+            (
+                (p as *const u32).read_unaligned() as i32,
+                _mm256_loadu_si256(p.add(2) as *const __m256i),
+            )
+        };
+        (_mm256_abs_epi8(w), w, _mm_cvtph_ps(_mm_cvtsi32_si128(head)))
+    }
+
+    /// One token's part of a Q8_0 block: eight partial dots (as f32) and `d_w·d_x` in lane 0.
+    ///
+    /// # Safety
+    /// - The CPU supports AVX2, FMA and F16C.
+    /// - `q` holds at least `32 · (b + 1)` values and `ds` at least `2 · (b + 1)`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_token(
+        aw: __m256i,
+        w: __m256i,
+        dw: __m128,
+        q: &[i8],
+        ds: &[f32],
+        b: usize,
+    ) -> (__m256, __m128) {
+        // SAFETY: in bounds by the caller's contract; unaligned loads.
+        let (x, dx) = unsafe {
+            (
+                _mm256_loadu_si256(q.as_ptr().add(b * QK) as *const __m256i),
+                _mm_load_ss(ds.as_ptr().add(b * 2)),
+            )
+        };
+        // |w| (u8, ≤ 128) × sign(w)·x (i8) = w·x: pairwise i16 sums ≤ 2·128·127 < 2^15.
+        let sx = _mm256_sign_epi8(x, w);
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
+        (_mm256_cvtepi32_ps(p), _mm_mul_ss(dw, dx))
+    }
+
+    /// Q8_0 row · `NT` tokens of quantized activations (lengths checked as in [`dot_q4`]; the
+    /// same block-pair accumulation).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_q8_0<const NT: usize>(row: &[u8], q: [&[i8]; NT], ds: [&[f32]; NT]) -> [f32; NT] {
+        let nb = row.len() / 34;
+        assert!(row.len() == nb * 34);
         for j in 0..NT {
             assert!(q[j].len() >= nb * QK && ds[j].len() >= nb * 2);
         }
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); NT];
-        for b in 0..nb {
-            // SAFETY: `b < nb` and `row.len() == nb * 34`: the block's 34 bytes are in bounds.
-            let (head, w) = unsafe {
-                let p = row.as_ptr().add(b * BB);
-                (
-                    (p as *const u16).read_unaligned() as i32,
-                    _mm256_loadu_si256(p.add(2) as *const __m256i),
-                )
-            };
-            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(head));
-            let aw = _mm256_abs_epi8(w);
-            for j in 0..NT {
-                // SAFETY: `q[j]` has at least `nb * 32` i8 and `ds[j]` `nb * 2` f32 (asserted).
-                let (x, dx) = unsafe {
-                    (
-                        _mm256_loadu_si256(q[j].as_ptr().add(b * QK) as *const __m256i),
-                        _mm_load_ss(ds[j].as_ptr().add(b * 2)),
-                    )
-                };
-                let sx = _mm256_sign_epi8(x, w);
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-                let s = _mm256_broadcastss_ps(_mm_mul_ss(dw, dx));
-                acc[j] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[j]);
+        let mut b = 0;
+        while b + 2 <= nb {
+            // SAFETY: `b + 1 < nb`; the lengths were asserted above.
+            unsafe {
+                let (a0, w0, d0) = q8_weights(row, b);
+                let (a1, w1, d1) = q8_weights(row, b + 1);
+                for j in 0..NT {
+                    let (p0, s0) = q8_token(a0, w0, d0, q[j], ds[j], b);
+                    let (p1, s1) = q8_token(a1, w1, d1, q[j], ds[j], b + 1);
+                    let t = _mm256_mul_ps(_mm256_broadcastss_ps(s0), p0);
+                    let t = _mm256_fmadd_ps(_mm256_broadcastss_ps(s1), p1, t);
+                    acc[j] = _mm256_add_ps(acc[j], t);
+                }
+            }
+            b += 2;
+        }
+        if b < nb {
+            // SAFETY: `b < nb`; the lengths were asserted above.
+            unsafe {
+                let (a0, w0, d0) = q8_weights(row, b);
+                for j in 0..NT {
+                    let (p0, s0) = q8_token(a0, w0, d0, q[j], ds[j], b);
+                    acc[j] = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc[j]);
+                }
             }
         }
         core::array::from_fn(|j| hsum(acc[j]))
@@ -1256,21 +1587,18 @@ mod avx2 {
         let mut out: [f32; NT] = core::array::from_fn(|j| hsum(_mm256_add_ps(acc0[j], acc1[j])));
         for k in i..n {
             let w = scalar(k);
-            for j in 0..NT {
-                out[j] += w * x[j][k];
+            for (o, xj) in out.iter_mut().zip(&x) {
+                *o += w * xj[k];
             }
         }
         out
     }
 
-    /// F32 row (little-endian bytes) · `NT` tokens of f32 activations.
-    ///
-    /// # Safety
-    /// - The CPU supports AVX2, FMA and F16C.
-    ///
-    /// (Lengths are checked: every `x[j]` must hold `row.len() / 4` values, or this panics.)
+    /// F32 row (little-endian bytes) · `NT` tokens of f32 activations (every `x[j]` must hold
+    /// `row.len() / 4` values, or this panics).
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_f32<const NT: usize>(row: &[u8], x: [&[f32]; NT]) -> [f32; NT] {
+    fn dot_f32<const NT: usize>(row: &[u8], x: [&[f32]; NT]) -> [f32; NT] {
         let n = row.len() / 4;
         let p = row.as_ptr();
         dot_float(
@@ -1282,14 +1610,11 @@ mod avx2 {
         )
     }
 
-    /// F16 row · `NT` tokens of f32 activations.
-    ///
-    /// # Safety
-    /// - The CPU supports AVX2, FMA and F16C.
-    ///
-    /// (Lengths are checked as in [`dot_f32`], with `row.len() / 2` values.)
+    /// F16 row · `NT` tokens of f32 activations (every `x[j]` must hold `row.len() / 2`
+    /// values, or this panics).
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_f16<const NT: usize>(row: &[u8], x: [&[f32]; NT]) -> [f32; NT] {
+    fn dot_f16<const NT: usize>(row: &[u8], x: [&[f32]; NT]) -> [f32; NT] {
         let n = row.len() / 2;
         let p = row.as_ptr();
         dot_float(

@@ -1,11 +1,18 @@
 //! A small persistent thread pool for the forward pass (std only, no dependencies).
 //!
-//! [`ThreadPool::run`] runs one closure on every thread of the pool — the calling thread takes
-//! index 0, the `threads - 1` workers take `1..threads` — and returns once all of them are done.
+//! [`ThreadPool::run`] calls one closure `f(index, count)` once for every `index < count`
+//! (`count` = the pool's threads) and returns once all calls are done; the calling thread runs
+//! index 0 itself. [`ThreadPool::run_tasks`] does the same for any number of tasks.
 //! A forward pass calls it a few hundred times per token, so a call must cost microseconds:
 //! the job is published through an atomic generation counter, workers spin on it for a short
 //! while ([`SPIN_TIME`]) after each job and only then sleep on a condition variable, and no call
 //! allocates.
+//!
+//! Indices are *claimed* from an atomic counter rather than tied to threads: on a machine shared
+//! with other work, a worker the OS has not scheduled yet does not hold the caller up — the
+//! caller (or another worker) runs its index, and a worker that arrives after the job is closed
+//! skips it without touching it. Each index still runs exactly once, on one thread, so a
+//! partition of work by index gives the same results whichever thread runs it.
 //!
 //! A panic inside the closure, on any thread, is caught; `run` still waits for every thread
 //! and then panics on the caller (with the caller's own payload when the caller panicked), so a
@@ -24,13 +31,20 @@ pub const SPIN_TIME: Duration = Duration::from_micros(100);
 type Job<'a> = &'a (dyn Fn(usize, usize) + Sync + 'a);
 
 struct Shared {
-    /// Bumped once per `run` (and once at shutdown); workers wait for it to change.
+    /// Bumped once per parallel `run_tasks` (and once at shutdown); workers wait for changes.
     generation: AtomicUsize,
-    /// Points at a [`Job`] on the stack of the thread inside `run`, valid while a job is out.
+    /// Points at a [`Job`] on the stack of the thread inside `run_tasks`; valid while `open`,
+    /// and for as long as any worker that registered (`active`) while it was open runs it.
     job: AtomicPtr<()>,
-    /// Workers that have not finished the current job yet.
-    pending: AtomicUsize,
-    /// Some worker's job panicked during the current `run`.
+    /// Task count of the current job.
+    tasks: AtomicUsize,
+    /// Next task index to claim.
+    next: AtomicUsize,
+    /// The current job accepts workers.
+    open: AtomicBool,
+    /// Workers registered on the current job (they may be running it).
+    active: AtomicUsize,
+    /// Some worker's task panicked during the current job.
     panicked: AtomicBool,
     /// Set by `Drop`: workers exit at the next generation.
     shutdown: AtomicBool,
@@ -38,8 +52,6 @@ struct Shared {
     sleepers: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
-    /// Total threads including the caller.
-    threads: usize,
 }
 
 impl Shared {
@@ -48,15 +60,17 @@ impl Shared {
     }
 }
 
-/// A fixed set of worker threads that run one closure at a time on all threads.
+/// A fixed set of worker threads that run one job (a closure over task indices) at a time.
 ///
 /// `ThreadPool` is `Sync`; if `run` is entered while another `run` on the same pool is in
-/// progress (from another thread, or nested inside a job), the second call runs its closure
-/// inline on its own thread as `f(0, 1)` instead of waiting, so it never deadlocks.
+/// progress (from another thread, or nested inside a task), the second call runs all its tasks
+/// inline on its own thread instead of waiting, so it never deadlocks.
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     busy: AtomicBool,
+    /// Total threads including the caller.
+    threads: usize,
 }
 
 impl ThreadPool {
@@ -68,39 +82,34 @@ impl ThreadPool {
         let shared = Arc::new(Shared {
             generation: AtomicUsize::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
-            pending: AtomicUsize::new(0),
+            tasks: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
+            open: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
-            threads: wanted,
         });
         let mut workers = Vec::with_capacity(wanted - 1);
         for index in 1..wanted {
             let s = Arc::clone(&shared);
             let spawned = thread::Builder::new()
                 .name(format!("kvcache-worker-{index}"))
-                .spawn(move || worker(s, index));
+                .spawn(move || worker(s));
             match spawned {
                 Ok(handle) => workers.push(handle),
                 Err(_) => break,
             }
         }
-        if workers.len() + 1 != wanted {
-            // Some spawns failed: shut down the ones we got and start over with that many.
-            let got = workers.len() + 1;
-            drop(ThreadPool {
-                shared,
-                workers,
-                busy: AtomicBool::new(false),
-            });
-            return ThreadPool::new(got.min(wanted - 1));
-        }
+        // If some spawns failed, the pool is just smaller (tasks are claimed, not assigned).
+        let threads = workers.len() + 1;
         ThreadPool {
             shared,
             workers,
             busy: AtomicBool::new(false),
+            threads,
         }
     }
 
@@ -111,38 +120,61 @@ impl ThreadPool {
 
     /// Threads in the pool, the caller included (≥ 1).
     pub fn threads(&self) -> usize {
-        self.shared.threads
+        self.threads
     }
 
-    /// Runs `f(index, threads)` once on every thread of the pool (the caller is index 0) and
-    /// returns when all calls have returned. Panics (after every thread is done) if any call
-    /// panicked.
+    /// Calls `f(index, threads)` once for every `index < threads` and returns when all calls
+    /// have returned; the caller runs index 0. Panics (after all calls are done) if any call
+    /// panicked. See [`ThreadPool::run_tasks`].
     pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
-        let n = self.shared.threads;
-        if n == 1 || self.busy.swap(true, Ordering::Acquire) {
-            f(0, 1);
+        self.run_tasks(self.threads, f);
+    }
+
+    /// Calls `f(index, tasks)` exactly once for every `index < tasks`, spread over the pool's
+    /// threads (the caller runs index 0, then claims more like the workers do), and returns
+    /// when all calls have returned. Panics (after all calls are done) if any call panicked.
+    ///
+    /// With one thread, one task, or when entered while another `run_tasks` on this pool is in
+    /// progress (from another thread, or nested inside a task), the calls run inline on the
+    /// calling thread, in index order.
+    pub fn run_tasks(&self, tasks: usize, f: &(dyn Fn(usize, usize) + Sync)) {
+        if tasks == 0 {
+            return;
+        }
+        if self.threads == 1 || tasks == 1 || self.busy.swap(true, Ordering::Acquire) {
+            for i in 0..tasks {
+                f(i, tasks);
+            }
             return;
         }
         let shared = &*self.shared;
         let job: Job<'_> = f;
         shared.panicked.store(false, Ordering::Relaxed);
-        shared.pending.store(n - 1, Ordering::Relaxed);
+        shared.tasks.store(tasks, Ordering::Relaxed);
+        shared.next.store(1, Ordering::Relaxed);
         shared
             .job
             .store(&job as *const Job<'_> as *mut (), Ordering::Relaxed);
-        // Publishes `job` and `pending` (SeqCst also orders it before the `sleepers` check).
+        // Publishes `job`, `tasks` and `next` to workers that see `open` (SeqCst also orders it
+        // with the `active` registrations, see `worker`).
+        shared.open.store(true, Ordering::SeqCst);
         shared.generation.fetch_add(1, Ordering::SeqCst);
         if shared.sleepers.load(Ordering::SeqCst) > 0 {
             let _guard = shared.lock();
             shared.wake.notify_all();
         }
 
-        let mine = panic::catch_unwind(AssertUnwindSafe(|| f(0, n)));
+        let mine = panic::catch_unwind(AssertUnwindSafe(|| {
+            f(0, tasks);
+            drain(shared, f, tasks);
+        }));
 
-        // Wait for every worker: `job` points into this frame and must outlive their use.
+        // Close the job, then wait for every worker that registered while it was open: `job`
+        // points into this frame and must outlive their use. Late workers see it closed.
+        shared.open.store(false, Ordering::SeqCst);
         let start = Instant::now();
         let mut spins = 0u32;
-        while shared.pending.load(Ordering::Acquire) != 0 {
+        while shared.active.load(Ordering::SeqCst) != 0 {
             spins = spins.wrapping_add(1);
             if spins % 64 == 0 && start.elapsed() > SPIN_TIME {
                 thread::yield_now();
@@ -157,8 +189,19 @@ impl ThreadPool {
             panic::resume_unwind(payload);
         }
         if worker_panicked {
-            panic!("a kvcache thread-pool worker panicked");
+            panic!("a kvcache thread-pool task panicked on a worker");
         }
+    }
+}
+
+/// Claims and runs task indices until none are left.
+fn drain(shared: &Shared, f: Job<'_>, tasks: usize) {
+    loop {
+        let i = shared.next.fetch_add(1, Ordering::Relaxed);
+        if i >= tasks {
+            return;
+        }
+        f(i, tasks);
     }
 }
 
@@ -179,7 +222,7 @@ impl Drop for ThreadPool {
 impl std::fmt::Debug for ThreadPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ThreadPool")
-            .field("threads", &self.shared.threads)
+            .field("threads", &self.threads)
             .finish()
     }
 }
@@ -215,24 +258,32 @@ fn wait_for_job(shared: &Shared, seen: usize) -> usize {
     }
 }
 
-fn worker(shared: Arc<Shared>, index: usize) {
+fn worker(shared: Arc<Shared>) {
     let mut seen = 0usize;
     loop {
         seen = wait_for_job(&shared, seen);
         if shared.shutdown.load(Ordering::SeqCst) {
             return;
         }
-        let ptr = shared.job.load(Ordering::Relaxed) as *const Job<'static>;
-        // SAFETY: the generation changed (Acquire), so `job` holds the pointer `run` stored
-        // before bumping it: a `Job` on `run`'s stack frame. `run` does not return (nor unwind)
-        // before `pending` reaches zero, and we decrement `pending` only after our last use of
-        // the job below, so the pointee and the closure it borrows are alive for this call.
-        // The `'static` lifetime is never observed beyond that window.
-        let job: Job<'static> = unsafe { *ptr };
-        let result = panic::catch_unwind(AssertUnwindSafe(|| job(index, shared.threads)));
-        if result.is_err() {
-            shared.panicked.store(true, Ordering::Relaxed);
+        // Register, then check the job is still open (both SeqCst): either `run_tasks` closes
+        // after our registration and then waits for us, or we see it closed and keep away.
+        shared.active.fetch_add(1, Ordering::SeqCst);
+        if shared.open.load(Ordering::SeqCst) {
+            seen = shared.generation.load(Ordering::Relaxed).max(seen);
+            let ptr = shared.job.load(Ordering::Relaxed) as *const Job<'static>;
+            let tasks = shared.tasks.load(Ordering::Relaxed);
+            // SAFETY: `open` was true after we registered in `active`, so `job` holds the
+            // pointer `run_tasks` stored before opening this job (made visible by the SeqCst
+            // store/load of `open`): a `Job` on `run_tasks`'s stack frame. `run_tasks` does not
+            // return (nor unwind) before `active` drops to zero, and we decrement it only after
+            // our last use of the job below, so the pointee and the closure it borrows are alive
+            // throughout. The `'static` lifetime is never observed beyond that window.
+            let job: Job<'static> = unsafe { *ptr };
+            // After a panic the task that panicked is over: keep helping with the rest.
+            while panic::catch_unwind(AssertUnwindSafe(|| drain(&shared, job, tasks))).is_err() {
+                shared.panicked.store(true, Ordering::Relaxed);
+            }
         }
-        shared.pending.fetch_sub(1, Ordering::Release);
+        shared.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
