@@ -284,30 +284,29 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
             let block = self.cache.block(entry.seq, logical)?;
             // Keys of this block that the tile may see at all: up to the last query.
             let keys = block.tokens.min(last_query + 1 - block.first_position);
-            let k_rows = &block.rows(self.layer, Kind::K, item.kv_head)
-                [..keys * self.cache.layout().row_bytes(Kind::K)];
+            // Scores are computed for every slot of the block and the slots past `keys` masked,
+            // so that each key's score comes out of the same kernel path whatever the tile and
+            // batch: results do not depend on how a prompt was chunked or batched.
+            let k_rows = block.segment(self.layer, Kind::K, item.kv_head);
             let v_rows = &block.rows(self.layer, Kind::V, item.kv_head)
                 [..keys * self.cache.layout().row_bytes(Kind::V)];
-            let scores = &mut scores_buf[..rows * keys];
+            let scores = &mut scores_buf[..rows * block_tokens];
             kernels::dot_rows(spec.k_format, k_rows, head_dim, query_buf, rows, scores);
             let mask = Mask {
                 window: spec.window,
                 sinks: spec.sink_tokens,
                 first_key: block.first_position,
             };
-            if mask.needed(first_query, last_query, keys) {
-                for t in 0..item.tokens {
-                    let position = first_query + t;
-                    for row in
-                        scores[t * group * keys..(t + 1) * group * keys].chunks_exact_mut(keys)
-                    {
-                        mask.apply(position, row);
-                    }
+            let masked = mask.needed(first_query, last_query, keys);
+            for (r, row) in scores.chunks_exact_mut(block_tokens).enumerate() {
+                row[keys..].fill(f32::NEG_INFINITY);
+                if masked {
+                    mask.apply(first_query + r / group, &mut row[..keys]);
                 }
             }
             // Online softmax update, one query row at a time.
             for r in 0..rows {
-                let row = &mut scores[r * keys..(r + 1) * keys];
+                let row = &mut scores[r * block_tokens..(r + 1) * block_tokens];
                 let block_max = kernels::max(row);
                 if block_max == f32::NEG_INFINITY {
                     row.fill(0.0);
@@ -324,6 +323,13 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
                 running_sum[r] = running_sum[r] * correction + sum;
                 running_max[r] = new_max;
             }
+            // The weights of the stored keys only: `[rows][keys]` (stale slots never reach V).
+            if keys < block_tokens {
+                for r in 1..rows {
+                    scores.copy_within(r * block_tokens..r * block_tokens + keys, r * keys);
+                }
+            }
+            let scores = &scores[..rows * keys];
             kernels::accumulate_rows(spec.v_format, v_rows, head_dim, scores, rows, acc);
         }
         Ok(())

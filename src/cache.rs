@@ -126,6 +126,21 @@ impl<'c> BlockRef<'c> {
     }
 }
 
+impl<'c> BlockRef<'c> {
+    /// All `block_tokens` stored rows of (layer, kind, head), including slots past the
+    /// sequence's tokens (whose bytes are stale: callers mask them). Indices out of range give
+    /// an empty slice.
+    pub fn segment(&self, layer: usize, kind: Kind, kv_head: usize) -> &'c [u8] {
+        let spec = self.layout.spec();
+        if layer >= spec.layers || kv_head >= spec.kv_heads {
+            return &[];
+        }
+        let start = self.layout.segment_offset(layer, kind, kv_head);
+        let len = spec.block_tokens * self.layout.row_bytes(kind);
+        self.data.get(start..start + len).unwrap_or(&[])
+    }
+}
+
 /// The KV cache: a block pool, a sequence table and page tables, all inside one arena.
 pub struct KvCache<'a> {
     layout: Layout,
