@@ -282,6 +282,12 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
         for list_index in from..to {
             let logical = needed.logical(list_index);
             let block = self.cache.block(entry.seq, logical)?;
+            if list_index + 1 < to {
+                if let Ok(next) = self.cache.block(entry.seq, needed.logical(list_index + 1)) {
+                    kernels::prefetch(next.rows(self.layer, Kind::K, item.kv_head));
+                    kernels::prefetch(next.rows(self.layer, Kind::V, item.kv_head));
+                }
+            }
             // Keys of this block that the tile may see at all: up to the last query.
             let keys = block.tokens.min(last_query + 1 - block.first_position);
             // Scores are computed for every slot of the block and the slots past `keys` masked,

@@ -148,3 +148,22 @@ pub fn active_isa() -> &'static str {
 pub fn stream_read(bytes: &[u8]) -> u64 {
     dispatch!(stream_read(bytes))
 }
+
+/// Asks the CPU to start loading `bytes` into its caches, one hint per 64-byte line. Only a
+/// hint: it never faults and never changes a result. Attention issues it for the next block's
+/// rows, which lie a whole block (all layers) away from the current ones, too far for the
+/// hardware prefetcher to follow.
+#[inline]
+pub fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        // SAFETY: a prefetch hint has no architectural effect and cannot fault; the address
+        // is inside `bytes` anyway. SSE is part of the x86_64 baseline.
+        #[allow(unused_unsafe)]
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
