@@ -315,6 +315,7 @@ fn stored_rows(
 }
 
 /// Compares `dot` and `acc` against the scalar kernels for one shape; returns cases checked.
+#[allow(clippy::too_many_arguments)]
 fn compare_one(
     rng: &mut Rng,
     format: KvFormat,
