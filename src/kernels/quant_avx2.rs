@@ -293,10 +293,12 @@ unsafe fn dot_heads<const FMT: u8>(
         // slices (see the contract above).
         let (q, s) = (q.add(h * shape.head_dim), s.add(h * shape.per_head));
         h += match heads - h {
-            1 => dot_group::<FMT, 8, 1>(shape, n_rows, q, s),
-            2 => dot_group::<FMT, 4, 2>(shape, n_rows, q, s),
-            3 => dot_group::<FMT, 4, 3>(shape, n_rows, q, s),
-            _ => dot_group::<FMT, 3, 4>(shape, n_rows, q, s),
+            // Fewer rows per block than the float kernel: each row also holds its scale and
+            // minimum in registers, and spilling the accumulators costs more than it saves.
+            1 => dot_group::<FMT, 4, 1>(shape, n_rows, q, s),
+            2 => dot_group::<FMT, 3, 2>(shape, n_rows, q, s),
+            3 => dot_group::<FMT, 2, 3>(shape, n_rows, q, s),
+            _ => dot_group::<FMT, 2, 4>(shape, n_rows, q, s),
         };
     }
 }
@@ -481,22 +483,22 @@ unsafe fn acc_heads<const FMT: u8>(
         // slices.
         let (w, o) = (w.add(h * shape.per_head), o.add(h * shape.head_dim));
         h += match heads - h {
-            1 => acc_group::<FMT, 1>(shape, n_rows, w, o),
-            2 => acc_group::<FMT, 2>(shape, n_rows, w, o),
-            _ => acc_group::<FMT, 3>(shape, n_rows, w, o),
+            1 => acc_group::<FMT, 4, 1>(shape, n_rows, w, o),
+            2 => acc_group::<FMT, 4, 2>(shape, n_rows, w, o),
+            _ => acc_group::<FMT, 2, 3>(shape, n_rows, w, o),
         };
     }
 }
 
-/// All of `head_dim` for `G` heads: whole groups 4 chunks at a time, the last partial group
-/// chunk by chunk; returns `G`.
+/// All of `head_dim` for `G` heads, `C` (2 or 4) chunks of one group at a time, then chunk by
+/// chunk; returns `G`.
 ///
 /// # Safety
 ///
 /// - As for [`acc_heads`], with `w` / `o` pointing at the first of `G` heads.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn acc_group<const FMT: u8, const G: usize>(
+unsafe fn acc_group<const FMT: u8, const C: usize, const G: usize>(
     shape: Shape,
     n_rows: usize,
     w: *const f32,
@@ -504,9 +506,10 @@ unsafe fn acc_group<const FMT: u8, const G: usize>(
 ) -> usize {
     let head_dim = shape.head_dim;
     let mut d = 0;
-    while d + GROUP <= head_dim {
-        acc_block::<FMT, 4, G>(shape, n_rows, d, 8, w, o);
-        d += GROUP;
+    // `8C` divides 32, so a block that starts at a multiple of `8C` stays inside one group.
+    while d + 8 * C <= head_dim {
+        acc_block::<FMT, C, G>(shape, n_rows, d, 8, w, o);
+        d += 8 * C;
     }
     while d + 8 <= head_dim {
         acc_block::<FMT, 1, G>(shape, n_rows, d, 8, w, o);
