@@ -35,7 +35,7 @@ typedef enum kvc_status {
 } kvc_status;
 
 /* Storage formats for kvc_spec.k_format / v_format. */
-enum { KVC_F32 = 0, KVC_F16 = 1, KVC_BF16 = 2 };
+enum { KVC_F32 = 0, KVC_F16 = 1, KVC_BF16 = 2, KVC_INT8 = 3, KVC_INT4 = 4 };
 
 typedef struct kvc_spec {
     uint32_t layers;         /* transformer layers */
@@ -43,7 +43,7 @@ typedef struct kvc_spec {
     uint32_t kv_heads;       /* key/value heads; divides q_heads (MHA, GQA, MQA) */
     uint32_t head_dim;       /* elements per head */
     uint32_t block_tokens;   /* token slots per block */
-    uint32_t k_format;       /* KVC_F32, KVC_F16, KVC_BF16 */
+    uint32_t k_format;       /* KVC_F32, KVC_F16, KVC_BF16, KVC_INT8, KVC_INT4 */
     uint32_t v_format;
     uint32_t max_seqs;       /* live sequences at most */
     uint32_t max_seq_tokens; /* tokens per sequence at most */

@@ -39,6 +39,7 @@ pub mod half;
 pub mod kernels;
 pub mod memory;
 pub mod pool;
+pub mod quant;
 pub mod spec;
 
 #[cfg(feature = "std")]

@@ -50,6 +50,7 @@ fn element(format: KvFormat, row: &[u8], d: usize) -> f64 {
         KvFormat::F32 => f32::from_le_bytes(row[d * 4..d * 4 + 4].try_into().unwrap()) as f64,
         KvFormat::F16 => f16_to_f32(u16::from_le_bytes([row[d * 2], row[d * 2 + 1]])) as f64,
         KvFormat::Bf16 => bf16_to_f32(u16::from_le_bytes([row[d * 2], row[d * 2 + 1]])) as f64,
+        _ => unreachable!("float formats only here; int8/int4 are tested in kv_quant.rs"),
     }
 }
 
@@ -100,7 +101,7 @@ const GROUPS: [usize; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 32];
 fn check_dot(name: &str, dot: DotFn) {
     let mut rng = Rng(0x05ee_dd07);
     let mut cases = 0;
-    for format in KvFormat::ALL {
+    for format in KvFormat::FLOATS {
         for head_dim in HEAD_DIMS {
             for group in GROUPS {
                 for n_rows in 0..=17usize {
@@ -149,7 +150,7 @@ fn check_dot(name: &str, dot: DotFn) {
 /// Same sweep for the weighted sum; `out` starts random so the `+=` is checked too.
 fn check_accumulate(name: &str, acc: AccFn) {
     let mut rng = Rng(0x0acc_0001);
-    for format in KvFormat::ALL {
+    for format in KvFormat::FLOATS {
         for head_dim in HEAD_DIMS {
             for group in GROUPS {
                 for n_rows in 0..=17usize {
@@ -192,7 +193,7 @@ fn check_accumulate(name: &str, acc: AccFn) {
 /// Every head dim in `0..=300` for one group and row count (the sweep above covers the rest).
 fn check_all_head_dims(name: &str, dot: DotFn, acc: AccFn) {
     let mut rng = Rng(0x0ddd_01e5);
-    for format in KvFormat::ALL {
+    for format in KvFormat::FLOATS {
         for head_dim in 0..=300usize {
             let group = 1 + head_dim % 5;
             let n_rows = 1 + head_dim % 17;
@@ -244,7 +245,7 @@ type DecFn<'a> = &'a dyn Fn(KvFormat, &[u8], &mut [f32]);
 
 fn check_rows(name: &str, encode: EncFn, decode: DecFn) {
     let mut rng = Rng(0xc0de);
-    for format in KvFormat::ALL {
+    for format in KvFormat::FLOATS {
         for n in 0..=300usize {
             let offset = n % 4;
             let src = mixed_floats(&mut rng, n);
@@ -540,7 +541,7 @@ fn avx2_stream_read_matches() {
 fn avx2_inconsistent_lengths_match_scalar() {
     let Some(t) = avx2() else { return };
     let mut rng = Rng(0xbad);
-    for format in KvFormat::ALL {
+    for format in KvFormat::FLOATS {
         for (head_dim, group, n_rows, q_len, s_len) in [
             (64, 3, 16, 64 * 2, 3 * 16),     // queries for 2 of 3 heads
             (64, 3, 16, 64 * 3 + 5, 3 * 16), // extra queries
@@ -625,7 +626,7 @@ fn force_scalar_env_var() {
 #[test]
 fn scalar_dot_rows_matches_f64() {
     let mut rng = Rng(0xf64d);
-    for format in KvFormat::ALL {
+    for format in KvFormat::FLOATS {
         for head_dim in HEAD_DIMS {
             for group in [1, 3, 8] {
                 let n_rows = 1 + (head_dim + group) % 17;
@@ -656,7 +657,7 @@ fn scalar_dot_rows_matches_f64() {
 #[test]
 fn scalar_accumulate_rows_matches_f64() {
     let mut rng = Rng(0xf64a);
-    for format in KvFormat::ALL {
+    for format in KvFormat::FLOATS {
         for head_dim in HEAD_DIMS {
             for group in [1, 3, 8] {
                 let n_rows = 1 + (head_dim * 5 + group) % 17;
@@ -694,7 +695,7 @@ fn scalar_exp_shifted_sum_accurate() {
 #[test]
 fn scalar_encode_decode_round_trip() {
     let mut rng = Rng(0x7417);
-    for format in KvFormat::ALL {
+    for format in KvFormat::FLOATS {
         let src = rng.values(300);
         let mut bytes = vec![0u8; row_bytes(format, 300)];
         scalar::encode_row(format, &src, &mut bytes);
@@ -704,6 +705,7 @@ fn scalar_encode_decode_round_trip() {
             KvFormat::F32 => 0.0,
             KvFormat::F16 => 1.0 / 2048.0,
             KvFormat::Bf16 => 1.0 / 256.0,
+            _ => unreachable!("float formats only"),
         };
         for (a, b) in src.iter().zip(&back) {
             // Rounding to nearest: within half a unit in the last place, relative.

@@ -291,6 +291,7 @@ unsafe fn encode_row(format: KvFormat, src: &[f32], dst: &mut [u8]) {
     let size = match format {
         KvFormat::F32 => 4,
         KvFormat::F16 | KvFormat::Bf16 => 2,
+        KvFormat::Int8 | KvFormat::Int4 => return scalar::encode_row(format, src, dst),
     };
     let n = src.len().min(dst.len() / size);
     let full = n / 8 * 8;
@@ -320,6 +321,7 @@ unsafe fn encode_row(format: KvFormat, src: &[f32], dst: &mut [u8]) {
                 i += 8;
             }
         }
+        KvFormat::Int8 | KvFormat::Int4 => {}
     }
     scalar::encode_row(format, &src[full..n], &mut dst[full * size..n * size]);
 }
@@ -359,6 +361,7 @@ unsafe fn decode_row(format: KvFormat, src: &[u8], dst: &mut [f32]) {
         KvFormat::F32 => decode::<F32>(src, dst),
         KvFormat::F16 => decode::<F16>(src, dst),
         KvFormat::Bf16 => decode::<BF16>(src, dst),
+        KvFormat::Int8 | KvFormat::Int4 => scalar::decode_row(format, src, dst),
     }
 }
 
@@ -438,6 +441,15 @@ unsafe fn dot_rows(
         KvFormat::F32 => dot_heads::<F32>(shape, n_rows, queries, heads, scores),
         KvFormat::F16 => dot_heads::<F16>(shape, n_rows, queries, heads, scores),
         KvFormat::Bf16 => dot_heads::<BF16>(shape, n_rows, queries, heads, scores),
+        KvFormat::Int8 | KvFormat::Int4 => super::quant_avx2::dot_rows(
+            Avx2 { _private: () },
+            format,
+            rows,
+            head_dim,
+            queries,
+            group,
+            scores,
+        ),
     }
 }
 
@@ -635,6 +647,15 @@ unsafe fn accumulate_rows(
         KvFormat::F32 => acc_heads::<F32>(shape, n_rows, weights, heads, out),
         KvFormat::F16 => acc_heads::<F16>(shape, n_rows, weights, heads, out),
         KvFormat::Bf16 => acc_heads::<BF16>(shape, n_rows, weights, heads, out),
+        KvFormat::Int8 | KvFormat::Int4 => super::quant_avx2::accumulate_rows(
+            Avx2 { _private: () },
+            format,
+            rows,
+            head_dim,
+            weights,
+            group,
+            out,
+        ),
     }
 }
 

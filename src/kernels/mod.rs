@@ -31,6 +31,9 @@ use crate::format::KvFormat;
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod quant_avx2;
+pub mod quant_scalar;
 pub mod scalar;
 
 /// Calls the AVX2 kernel when [`simd`] allows it, else the scalar twin.
@@ -43,6 +46,19 @@ macro_rules! dispatch {
             }
         }
         scalar::$name($($arg),*)
+    }};
+}
+
+/// Same as `dispatch!` for the quantized formats: [`quant_avx2`] or [`quant_scalar`].
+macro_rules! dispatch_quant {
+    ($name:ident($($arg:expr),* $(,)?)) => {{
+        #[cfg(all(target_arch = "x86_64", not(feature = "force-scalar")))]
+        {
+            if let Some(isa) = simd() {
+                return quant_avx2::$name(isa, $($arg),*);
+            }
+        }
+        return quant_scalar::$name($($arg),*)
     }};
 }
 
@@ -85,11 +101,17 @@ fn simd() -> Option<avx2::Avx2> {
 /// Writes one row of `src.len()` elements into `dst` in `format` (`dst.len()` must be
 /// `format.row_bytes(src.len())`).
 pub fn encode_row(format: KvFormat, src: &[f32], dst: &mut [u8]) {
+    if !format.is_float() {
+        dispatch_quant!(encode_row(format, src, dst))
+    }
     dispatch!(encode_row(format, src, dst))
 }
 
 /// Reads one stored row back into `dst` (`dst.len()` elements).
 pub fn decode_row(format: KvFormat, src: &[u8], dst: &mut [f32]) {
+    if !format.is_float() {
+        dispatch_quant!(decode_row(format, src, dst))
+    }
     dispatch!(decode_row(format, src, dst))
 }
 
@@ -103,6 +125,9 @@ pub fn dot_rows(
     group: usize,
     scores: &mut [f32],
 ) {
+    if !format.is_float() {
+        dispatch_quant!(dot_rows(format, rows, head_dim, queries, group, scores))
+    }
     dispatch!(dot_rows(format, rows, head_dim, queries, group, scores))
 }
 
@@ -116,6 +141,9 @@ pub fn accumulate_rows(
     group: usize,
     out: &mut [f32],
 ) {
+    if !format.is_float() {
+        dispatch_quant!(accumulate_rows(format, rows, head_dim, weights, group, out))
+    }
     dispatch!(accumulate_rows(format, rows, head_dim, weights, group, out))
 }
 
@@ -161,7 +189,9 @@ pub fn prefetch(bytes: &[u8]) {
         // is inside `bytes` anyway. SSE is part of the x86_64 baseline.
         #[allow(unused_unsafe)]
         unsafe {
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast());
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            );
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -21,6 +21,7 @@ pub fn encode_row(format: KvFormat, src: &[f32], dst: &mut [u8]) {
                 out.copy_from_slice(&f32_to_bf16(*value).to_le_bytes());
             }
         }
+        KvFormat::Int8 | KvFormat::Int4 => super::quant_scalar::encode_row(format, src, dst),
     }
 }
 
@@ -42,6 +43,7 @@ pub fn decode_row(format: KvFormat, src: &[u8], dst: &mut [f32]) {
                 *out = bf16_to_f32(u16::from_le_bytes([bytes[0], bytes[1]]));
             }
         }
+        KvFormat::Int8 | KvFormat::Int4 => super::quant_scalar::decode_row(format, src, dst),
     }
 }
 
@@ -55,6 +57,8 @@ fn element(format: KvFormat, row: &[u8], index: usize) -> f32 {
         }
         KvFormat::F16 => f16_to_f32(u16::from_le_bytes([row[index * 2], row[index * 2 + 1]])),
         KvFormat::Bf16 => bf16_to_f32(u16::from_le_bytes([row[index * 2], row[index * 2 + 1]])),
+        // Quantized rows are forwarded to `quant_scalar` before any element is read.
+        KvFormat::Int8 | KvFormat::Int4 => 0.0,
     }
 }
 
@@ -73,6 +77,9 @@ pub fn dot_rows(
     group: usize,
     scores: &mut [f32],
 ) {
+    if !format.is_float() {
+        return super::quant_scalar::dot_rows(format, rows, head_dim, queries, group, scores);
+    }
     if group == 0 || head_dim == 0 {
         return;
     }
@@ -101,6 +108,9 @@ pub fn accumulate_rows(
     group: usize,
     out: &mut [f32],
 ) {
+    if !format.is_float() {
+        return super::quant_scalar::accumulate_rows(format, rows, head_dim, weights, group, out);
+    }
     if group == 0 || head_dim == 0 {
         return;
     }

@@ -1,0 +1,602 @@
+//! AVX2 + FMA twins of the quantized kernels in [`super::quant_scalar`].
+//!
+//! The safe entry points take the [`Avx2`] token of [`super::avx2`] as the proof that the CPU
+//! has the features the `unsafe` `#[target_feature]` functions below are compiled for.
+//!
+//! Layout of the work, and why:
+//! - Stored rows are never copied out: every 8-element chunk of a row is dequantized in
+//!   registers and used at once. int8: `vpmovsxbd` (8 bytes → 8 × i32), `vcvtdq2ps`, times the
+//!   group's scale. int4: the chunk's 4 bytes are broadcast to all lanes, shifted by
+//!   `0, 4, …, 28` (`vpsrlvd`) and masked to a nibble, converted, then `m + s·q` with one FMA.
+//!   `s·q` is exact in `f32` (4 or 7 significant bits times the 8 of a bfloat16), so these are
+//!   exactly the values the scalar twin computes.
+//! - The group parameters are read once per row and group (chunks never straddle a group:
+//!   32 is a multiple of 8).
+//! - [`dot_rows`] keeps `R` rows × `G` heads of accumulators, like the float kernel, and reuses
+//!   each dequantized chunk for all `G` heads.
+//! - [`accumulate_rows`] keeps one group (4 chunks) of `out` for `G <= 3` heads in registers
+//!   while it walks the rows. For int8 the group scale is folded into the softmax weight
+//!   (`w·s`, one scalar multiply per head, row and group), so the chunk needs no multiply; for
+//!   int4 the chunk is dequantized once (`m + s·q`) and shared by the heads (folding `m` out as
+//!   a per-head constant would save one FMA per chunk but adds cancellation error).
+//! - A `head_dim` that is not a multiple of 8 ends with a partial chunk, read through a
+//!   zero-padded stack copy and masked to its lanes.
+//!
+//! Every function reads and writes only inside the slices it is given; row, head and element
+//! counts are derived from the slice lengths exactly as the scalar kernels do.
+
+use core::arch::x86_64::*;
+
+use super::avx2::Avx2;
+use super::quant_scalar::{self, geometry};
+use crate::format::KvFormat;
+use crate::quant::{self, GROUP};
+
+/// Format tags used as const generic parameters.
+const I8: u8 = 0;
+const I4: u8 = 1;
+
+/// See [`super::encode_row`]. Quantizing is done once per token and row and is not on the
+/// attention path, so it is the scalar code (which also keeps the bytes identical).
+#[inline]
+pub fn encode_row(_token: Avx2, format: KvFormat, src: &[f32], dst: &mut [u8]) {
+    quant_scalar::encode_row(format, src, dst)
+}
+
+/// See [`super::decode_row`] (scalar, like [`encode_row`]: only `KvCache::read_row` uses it).
+#[inline]
+pub fn decode_row(_token: Avx2, format: KvFormat, src: &[u8], dst: &mut [f32]) {
+    quant_scalar::decode_row(format, src, dst)
+}
+
+/// See [`super::dot_rows`], for the quantized formats (others are ignored).
+#[inline]
+pub fn dot_rows(
+    _token: Avx2,
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    queries: &[f32],
+    group: usize,
+    scores: &mut [f32],
+) {
+    // SAFETY: the token exists, so the CPU has AVX2, FMA and F16C.
+    unsafe { dot_rows_impl(format, rows, head_dim, queries, group, scores) }
+}
+
+/// See [`super::accumulate_rows`], for the quantized formats (others are ignored).
+#[inline]
+pub fn accumulate_rows(
+    _token: Avx2,
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    weights: &[f32],
+    group: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: the token exists, so the CPU has AVX2, FMA and F16C.
+    unsafe { accumulate_rows_impl(format, rows, head_dim, weights, group, out) }
+}
+
+/// Where the stored rows are and how the arrays are strided.
+#[derive(Clone, Copy)]
+struct Shape {
+    rows: *const u8,
+    head_dim: usize,
+    row_bytes: usize,
+    /// Stride between heads in `scores` / `weights`.
+    per_head: usize,
+}
+
+/// `-1` eight times then `0` eight times: 8 lanes from `8 - n` are a mask of the first `n`.
+static MASK_TABLE: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// A lane mask with the first `n` of 8 lanes set.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2.
+/// - `n <= 8`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn first_lanes(n: usize) -> __m256i {
+    debug_assert!(n <= 8);
+    // SAFETY: `8 - n` is in `0..=8`, so the 8 lanes read lie inside the 16-entry table.
+    _mm256_loadu_si256(MASK_TABLE.as_ptr().add(8 - n).cast())
+}
+
+/// The bfloat16 at `p` as `f32`.
+///
+/// # Safety
+///
+/// - `p` must be valid for reading 2 bytes (any alignment).
+#[inline(always)]
+unsafe fn bf16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller vouches for 2 readable bytes.
+    let bits = u16::from_le_bytes(core::ptr::read_unaligned(p.cast::<[u8; 2]>()));
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// `(scale, min)` of group `g` of the row at `row` (`min = 0` for int8).
+///
+/// # Safety
+///
+/// - `row` must point at a whole stored row of `head_dim` elements of `FMT`.
+#[inline(always)]
+unsafe fn params<const FMT: u8>(row: *const u8, head_dim: usize, g: usize) -> (f32, f32) {
+    if FMT == I8 {
+        // SAFETY: the scale of group `g < groups(head_dim)` lies inside the row.
+        (bf16_at(row.add(head_dim + 2 * g)), 0.0)
+    } else {
+        let at = head_dim.div_ceil(2) + 4 * g;
+        // SAFETY: the (scale, min) pair of group `g` lies inside the row.
+        (bf16_at(row.add(at)), bf16_at(row.add(at + 2)))
+    }
+}
+
+/// The 8 stored integers of the chunk whose first element byte is at `p` (int8: 8 bytes;
+/// int4: 4 bytes), as `f32`.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2.
+/// - `p` must be valid for reading 8 (int8) or 4 (int4) bytes, any alignment.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ints8<const FMT: u8>(p: *const u8) -> __m256 {
+    if FMT == I8 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())))
+    } else {
+        let word = _mm256_broadcastd_epi32(_mm_loadu_si32(p));
+        let shifted = _mm256_srlv_epi32(word, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+        _mm256_cvtepi32_ps(_mm256_and_si256(shifted, _mm256_set1_epi32(0x0f)))
+    }
+}
+
+/// Byte offset of the chunk starting at element `d` (a multiple of 8) inside a row.
+#[inline(always)]
+const fn chunk_offset<const FMT: u8>(d: usize) -> usize {
+    if FMT == I8 {
+        d
+    } else {
+        d / 2
+    }
+}
+
+/// The first `n < 8` stored integers of the chunk at element `d` of the row at `row`, as
+/// `f32`, other lanes `0.0`.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2.
+/// - `row` must point at a whole stored row and `d + n <= head_dim`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ints_partial<const FMT: u8>(row: *const u8, d: usize, n: usize) -> __m256 {
+    let bytes = if FMT == I8 { n } else { n.div_ceil(2) };
+    let mut buf = [0u8; 8];
+    // SAFETY: the `bytes` bytes of the chunk's elements lie in the row; `buf` holds 8.
+    core::ptr::copy_nonoverlapping(row.add(chunk_offset::<FMT>(d)), buf.as_mut_ptr(), bytes);
+    // An odd `n` for int4 leaves the high nibble of the last byte: mask it off with the lanes.
+    _mm256_and_ps(
+        ints8::<FMT>(buf.as_ptr()),
+        _mm256_castsi256_ps(first_lanes(n)),
+    )
+}
+
+/// Dequantizes integers: `s·q` or `m + s·q`.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2 and FMA.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequant<const FMT: u8>(q: __m256, s: __m256, m: __m256) -> __m256 {
+    if FMT == I8 {
+        _mm256_mul_ps(q, s)
+    } else {
+        _mm256_fmadd_ps(q, s, m)
+    }
+}
+
+/// Sum of the 8 lanes.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// `[Σa, Σb, Σc, Σd]`.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+    let s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dot products.
+
+/// # Safety
+///
+/// - The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_impl(
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    queries: &[f32],
+    group: usize,
+    scores: &mut [f32],
+) {
+    if group == 0 || head_dim == 0 {
+        return;
+    }
+    debug_assert_eq!(queries.len(), group * head_dim);
+    let per_head = scores.len() / group;
+    let heads = group.min(queries.len() / head_dim);
+    let Some((row_bytes, n_rows)) = geometry(format, rows, head_dim, per_head) else {
+        return;
+    };
+    if heads == 0 {
+        return;
+    }
+    let shape = Shape {
+        rows: rows.as_ptr(),
+        head_dim,
+        row_bytes,
+        per_head,
+    };
+    // From here on `n_rows * row_bytes <= rows.len()`, `heads * head_dim <= queries.len()` and
+    // `heads * per_head <= scores.len()`, which is what the block kernels rely on.
+    match format {
+        KvFormat::Int8 => dot_heads::<I8>(shape, n_rows, queries, heads, scores),
+        KvFormat::Int4 => dot_heads::<I4>(shape, n_rows, queries, heads, scores),
+        _ => {}
+    }
+}
+
+/// Splits the heads into runs of at most 4 and each run's rows into register blocks.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2, FMA and F16C.
+/// - `shape.rows` must be valid for reading `n_rows` rows of `shape.row_bytes` bytes of `FMT`.
+/// - `queries.len() >= heads * head_dim`, `scores.len() >= heads * per_head`,
+///   `n_rows <= per_head`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_heads<const FMT: u8>(
+    shape: Shape,
+    n_rows: usize,
+    queries: &[f32],
+    heads: usize,
+    scores: &mut [f32],
+) {
+    let q = queries.as_ptr();
+    let s = scores.as_mut_ptr();
+    let mut h = 0;
+    while h < heads {
+        // SAFETY: head `h + g` for `g < G <= heads - h` has its query and scores inside the
+        // slices (see the contract above).
+        let (q, s) = (q.add(h * shape.head_dim), s.add(h * shape.per_head));
+        h += match heads - h {
+            // Fewer rows per block than the float kernel: each row also holds its scale and
+            // minimum in registers, and spilling the accumulators costs more than it saves.
+            1 => dot_group::<FMT, 4, 1>(shape, n_rows, q, s),
+            2 => dot_group::<FMT, 3, 2>(shape, n_rows, q, s),
+            3 => dot_group::<FMT, 2, 3>(shape, n_rows, q, s),
+            _ => dot_group::<FMT, 2, 4>(shape, n_rows, q, s),
+        };
+    }
+}
+
+/// All `n_rows` rows against `G` heads, `R` rows at a time; returns `G`.
+///
+/// # Safety
+///
+/// - As for [`dot_heads`], with `q` / `s` pointing at the first of `G` heads.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_group<const FMT: u8, const R: usize, const G: usize>(
+    shape: Shape,
+    n_rows: usize,
+    q: *const f32,
+    s: *mut f32,
+) -> usize {
+    let mut r = 0;
+    while r + R <= n_rows {
+        dot_block::<FMT, R, G>(shape, r, q, s);
+        r += R;
+    }
+    while r < n_rows {
+        dot_block::<FMT, 1, G>(shape, r, q, s);
+        r += 1;
+    }
+    G
+}
+
+/// Scores of rows `row..row + R` against `G` heads, group by group: the rows' group parameters
+/// are read once, each chunk dequantized once and used for all `G` heads.
+///
+/// # Safety
+///
+/// - As for [`dot_heads`], with `row + R <= n_rows`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_block<const FMT: u8, const R: usize, const G: usize>(
+    shape: Shape,
+    row: usize,
+    q: *const f32,
+    s: *mut f32,
+) {
+    let head_dim = shape.head_dim;
+    let rb = shape.row_bytes;
+    // SAFETY: `row < n_rows`, so row `row` starts inside the rows slice.
+    let base = shape.rows.add(row * rb);
+    let mut acc = [[_mm256_setzero_ps(); G]; R];
+    for g in 0..quant::groups(head_dim) {
+        let d0 = g * GROUP;
+        let len = (head_dim - d0).min(GROUP);
+        let mut sv = [_mm256_setzero_ps(); R];
+        let mut mv = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            // SAFETY: row `row + r < n_rows` is whole.
+            let (sc, mn) = params::<FMT>(base.add(r * rb), head_dim, g);
+            sv[r] = _mm256_set1_ps(sc);
+            mv[r] = _mm256_set1_ps(mn);
+        }
+        let full = d0 + len / 8 * 8;
+        let mut d = d0;
+        while d < full {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                // SAFETY: `d + 8 <= head_dim`: the chunk lies in row `row + r`, and each query
+                // chunk in its head's `head_dim` floats.
+                let x = dequant::<FMT>(
+                    ints8::<FMT>(base.add(r * rb + chunk_offset::<FMT>(d))),
+                    sv[r],
+                    mv[r],
+                );
+                for (h, a) in acc_r.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(q.add(h * head_dim + d)), *a);
+                }
+            }
+            d += 8;
+        }
+        let tail = d0 + len - full;
+        if tail > 0 {
+            let mask = first_lanes(tail);
+            let mut qt = [_mm256_setzero_ps(); G];
+            for (h, v) in qt.iter_mut().enumerate() {
+                // SAFETY: the `tail` floats from `d` are the end of head `h`'s query.
+                *v = _mm256_maskload_ps(q.add(h * head_dim + d), mask);
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                // SAFETY: the last `tail` elements of row `row + r`.
+                let x = ints_partial::<FMT>(base.add(r * rb), d, tail);
+                // Padding lanes are `0 · s + m`; the zero query lanes cancel them (`m` is
+                // finite) but NaN/inf parameters from arbitrary bytes must not leak: mask.
+                let x = _mm256_and_ps(dequant::<FMT>(x, sv[r], mv[r]), _mm256_castsi256_ps(mask));
+                for (a, qv) in acc_r.iter_mut().zip(qt.iter()) {
+                    *a = _mm256_fmadd_ps(x, *qv, *a);
+                }
+            }
+        }
+    }
+    // Reduce the accumulators four at a time in (row, head) order and scatter the sums.
+    let mut sums = [0.0f32; 12];
+    let n = R * G;
+    debug_assert!(n <= sums.len());
+    let flat = |i: usize| acc[i / G][i % G];
+    let mut i = 0;
+    while i + 4 <= n {
+        let v = hsum4(flat(i), flat(i + 1), flat(i + 2), flat(i + 3));
+        _mm_storeu_ps(sums.as_mut_ptr().add(i), v);
+        i += 4;
+    }
+    while i < n {
+        sums[i] = hsum(flat(i));
+        i += 1;
+    }
+    for (i, sum) in sums.iter().take(n).enumerate() {
+        // SAFETY: head `i % G` of this run and row `row + i / G < n_rows <= per_head`.
+        *s.add((i % G) * shape.per_head + row + i / G) = *sum;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weighted sums.
+
+/// # Safety
+///
+/// - The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn accumulate_rows_impl(
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    weights: &[f32],
+    group: usize,
+    out: &mut [f32],
+) {
+    if group == 0 || head_dim == 0 {
+        return;
+    }
+    debug_assert_eq!(out.len(), group * head_dim);
+    let per_head = weights.len() / group;
+    let heads = group.min(out.len() / head_dim);
+    let Some((row_bytes, n_rows)) = geometry(format, rows, head_dim, per_head) else {
+        return;
+    };
+    if heads == 0 {
+        return;
+    }
+    let shape = Shape {
+        rows: rows.as_ptr(),
+        head_dim,
+        row_bytes,
+        per_head,
+    };
+    // From here on `n_rows * row_bytes <= rows.len()`, `heads * per_head <= weights.len()`
+    // and `heads * head_dim <= out.len()`.
+    match format {
+        KvFormat::Int8 => acc_heads::<I8>(shape, n_rows, weights, heads, out),
+        KvFormat::Int4 => acc_heads::<I4>(shape, n_rows, weights, heads, out),
+        _ => {}
+    }
+}
+
+/// Splits the heads into runs of at most 3 and `head_dim` into groups.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2, FMA and F16C.
+/// - `shape.rows` must be valid for reading `n_rows` rows of `FMT`.
+/// - `weights.len() >= heads * per_head`, `out.len() >= heads * head_dim`,
+///   `n_rows <= per_head`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn acc_heads<const FMT: u8>(
+    shape: Shape,
+    n_rows: usize,
+    weights: &[f32],
+    heads: usize,
+    out: &mut [f32],
+) {
+    let w = weights.as_ptr();
+    let o = out.as_mut_ptr();
+    let mut h = 0;
+    while h < heads {
+        // SAFETY: head `h + g` for `g < G <= heads - h` has its weights and output inside the
+        // slices.
+        let (w, o) = (w.add(h * shape.per_head), o.add(h * shape.head_dim));
+        h += match heads - h {
+            1 => acc_group::<FMT, 4, 1>(shape, n_rows, w, o),
+            2 => acc_group::<FMT, 4, 2>(shape, n_rows, w, o),
+            _ => acc_group::<FMT, 2, 3>(shape, n_rows, w, o),
+        };
+    }
+}
+
+/// All of `head_dim` for `G` heads, `C` (2 or 4) chunks of one group at a time, then chunk by
+/// chunk; returns `G`.
+///
+/// # Safety
+///
+/// - As for [`acc_heads`], with `w` / `o` pointing at the first of `G` heads.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn acc_group<const FMT: u8, const C: usize, const G: usize>(
+    shape: Shape,
+    n_rows: usize,
+    w: *const f32,
+    o: *mut f32,
+) -> usize {
+    let head_dim = shape.head_dim;
+    let mut d = 0;
+    // `8C` divides 32, so a block that starts at a multiple of `8C` stays inside one group.
+    while d + 8 * C <= head_dim {
+        acc_block::<FMT, C, G>(shape, n_rows, d, 8, w, o);
+        d += 8 * C;
+    }
+    while d + 8 <= head_dim {
+        acc_block::<FMT, 1, G>(shape, n_rows, d, 8, w, o);
+        d += 8;
+    }
+    if d < head_dim {
+        acc_block::<FMT, 1, G>(shape, n_rows, d, head_dim - d, w, o);
+    }
+    G
+}
+
+/// `out[h][d..d + 8C] += Σ_r w[h][r] · x_r[d..d + 8C]` with the `G × C` output chunks held in
+/// registers across all rows; the `C` chunks lie in one group. With `last < 8` (only for
+/// `C == 1`) the chunk is partial.
+///
+/// # Safety
+///
+/// - As for [`acc_heads`], with `d + 8 * (C - 1) + last <= head_dim`, `1 <= last <= 8` and
+///   `d..d + 8C` inside one group.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn acc_block<const FMT: u8, const C: usize, const G: usize>(
+    shape: Shape,
+    n_rows: usize,
+    d: usize,
+    last: usize,
+    w: *const f32,
+    o: *mut f32,
+) {
+    debug_assert!(C == 1 || last == 8);
+    let head_dim = shape.head_dim;
+    let g = d / GROUP;
+    let partial = last < 8;
+    let mask = first_lanes(last);
+    let mut acc = [[_mm256_setzero_ps(); C]; G];
+    for (h, acc_h) in acc.iter_mut().enumerate() {
+        for (c, a) in acc_h.iter_mut().enumerate() {
+            // SAFETY: chunk `c` of head `h`'s output; a partial one is masked to `last` lanes.
+            let p = o.add(h * head_dim + d + 8 * c);
+            *a = if partial {
+                _mm256_maskload_ps(p, mask)
+            } else {
+                _mm256_loadu_ps(p)
+            };
+        }
+    }
+    let mut row = shape.rows;
+    for r in 0..n_rows {
+        // SAFETY: row `r < n_rows` is whole.
+        let (sc, mn) = params::<FMT>(row, head_dim, g);
+        let mut wv = [_mm256_setzero_ps(); G];
+        for (h, v) in wv.iter_mut().enumerate() {
+            // SAFETY: `r < n_rows <= per_head`, inside head `h`'s weights.
+            let weight = *w.add(h * shape.per_head + r);
+            // int8: the scale folds into the weight (`(w·s)·q`); int4 dequantizes the chunk.
+            *v = _mm256_set1_ps(if FMT == I8 { weight * sc } else { weight });
+        }
+        let (sv, mv) = (_mm256_set1_ps(sc), _mm256_set1_ps(mn));
+        for c in 0..C {
+            let at = d + 8 * c;
+            // SAFETY: chunk `c` lies within the row's elements (`at + last <= head_dim`).
+            let ints = if partial {
+                ints_partial::<FMT>(row, at, last)
+            } else {
+                ints8::<FMT>(row.add(chunk_offset::<FMT>(at)))
+            };
+            let x = if FMT == I8 {
+                ints
+            } else {
+                dequant::<FMT>(ints, sv, mv)
+            };
+            for (acc_h, wh) in acc.iter_mut().zip(wv.iter()) {
+                acc_h[c] = _mm256_fmadd_ps(*wh, x, acc_h[c]);
+            }
+        }
+        // `wrapping_add` so the step past the last row never forms an out-of-bounds pointer.
+        row = row.wrapping_add(shape.row_bytes);
+    }
+    for (h, acc_h) in acc.iter().enumerate() {
+        for (c, a) in acc_h.iter().enumerate() {
+            // SAFETY: as for the loads above.
+            let p = o.add(h * head_dim + d + 8 * c);
+            if partial {
+                _mm256_maskstore_ps(p, mask, *a);
+            } else {
+                _mm256_storeu_ps(p, *a);
+            }
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Quantized row formats: [`KvFormat::Int8`] and [`KvFormat::Int4`].
+//!
+//! Both split a row of `head_dim` elements into *groups* of [`GROUP`] = 32 consecutive elements
+//! along `head_dim` (the last group holds the remaining `head_dim % 32` elements when that is not
+//! zero, so every `head_dim >= 1` is supported). Each group has its own parameters, stored as
+//! bfloat16 after all the elements of the row (a row stays self-contained, see
+//! [`crate::format`]). bfloat16 has the exponent range of `f32`, so a scale for values up to
+//! 1e30 and beyond never overflows, at 2 bytes; its 8-bit significand only costs precision in
+//! the *parameters*, which the encoder absorbs: it rounds the scale **up** (and the int4 minimum
+//! **down**) to bfloat16 first and then quantizes against the stored values, so the
+//! round-trip error stays within half a step of the *stored* scale.
+//!
+//! # int8: symmetric, one scale per group
+//!
+//! `x ≈ s · q`, `q ∈ -127..=127` (two's complement `i8`; `-128` is never written),
+//! `s = max|x| / 127` rounded up to bfloat16 (`0` for an all-zero group).
+//!
+//! ```text
+//! byte:  0      1            D-1    D         D+2            D+2·(G-1)
+//!        [q0:i8][q1:i8] ... [qD-1]  [s0:bf16] [s1:bf16] ...  [sG-1:bf16]
+//!        └──── D bytes, element d at byte d ┘ └─ G = ceil(D/32) scales, little-endian ─┘
+//! row bytes = D + 2·ceil(D/32)        (head_dim 64: 68 bytes = 0.53× of f16)
+//! ```
+//!
+//! # int4: asymmetric, scale and minimum per group
+//!
+//! `x ≈ m + s · q`, `q ∈ 0..=15`, `m = min(x)` rounded down to bfloat16,
+//! `s = (max(x) - m) / 15` rounded up to bfloat16 (`0` for a constant group: then `x = m` is
+//! exact whenever the constant is a bfloat16, and within half a step otherwise).
+//! Elements `2i` and `2i + 1` share byte `i`: `2i` in the low nibble, `2i + 1` in the high one
+//! (for an odd `head_dim` the last high nibble is `0`). Groups are 32 elements = 16 bytes, so no
+//! byte straddles two groups.
+//!
+//! ```text
+//! byte:  0               1                   P-1        P         P+2       P+4
+//!        [q1<<4 | q0]    [q3<<4 | q2]  ...   [..]       [s0:bf16] [m0:bf16] [s1:bf16][m1:bf16]…
+//!        └── P = ceil(D/2) bytes of nibbles ──┘         └── G = ceil(D/32) (scale, min) pairs ──┘
+//! row bytes = ceil(D/2) + 4·ceil(D/32)  (head_dim 64: 40 bytes = 0.31× of f16)
+//! ```
+//!
+//! # Range
+//!
+//! Inputs are saturated to `±2^126` (≈ 8.5e37) before quantizing so that every dequantized
+//! value (`s·q`, `m + s·q`) is finite; below that the error bound holds for every finite
+//! input. NaN encodes as `0` and `±inf` as `±2^126`: the kernels never panic on them, but the
+//! cache refuses them before they get here ([`crate::Error::NonFinite`]).
+//!
+//! # Why groups of 32 with bfloat16 parameters
+//!
+//! For `head_dim` a multiple of 32, a group-of-32 int8 row costs exactly what one `f32` scale
+//! per row would (`2 · D/32 = 4` bytes at `D = 64`) while an outlier only coarsens the step of
+//! its own 32 elements; for int4 the (scale, min) pair per 32 elements keeps the row at
+//! `0.31×` of f16. The kernels dequantize 8 elements at a time in registers
+//! (`q · s` is exact in `f32`: at most 4 + 8 or 7 + 8 significant bits), so attention over a
+//! quantized cache is exact arithmetic on the dequantized values up to `f32` summation.
+
+use crate::format::KvFormat;
+use crate::half::bf16_to_f32;
+
+/// Elements per quantization group (along `head_dim`).
+pub const GROUP: usize = 32;
+
+/// Largest magnitude stored unsaturated: `2^126`.
+pub const SATURATE: f32 = 8.507_059e37;
+
+/// Number of groups in a row of `head_dim` elements: `ceil(head_dim / 32)`.
+#[inline]
+pub const fn groups(head_dim: usize) -> usize {
+    head_dim.div_ceil(GROUP)
+}
+
+/// Bytes of one int8 row: `head_dim + 2·ceil(head_dim/32)`; `None` on overflow.
+#[inline]
+pub const fn int8_row_bytes(head_dim: usize) -> Option<usize> {
+    head_dim.checked_add(2 * groups(head_dim))
+}
+
+/// Bytes of one int4 row: `ceil(head_dim/2) + 4·ceil(head_dim/32)`; `None` on overflow.
+#[inline]
+pub const fn int4_row_bytes(head_dim: usize) -> Option<usize> {
+    head_dim.div_ceil(2).checked_add(4 * groups(head_dim))
+}
+
+/// Byte offset, inside a row, of the parameters of group `g`: the int8 scale, or the int4
+/// (scale, min) pair.
+#[inline]
+pub const fn params_offset(format: KvFormat, head_dim: usize, g: usize) -> usize {
+    match format {
+        KvFormat::Int4 => head_dim.div_ceil(2) + 4 * g,
+        _ => head_dim + 2 * g,
+    }
+}
+
+/// The bfloat16 at `row[at..at + 2]` as `f32`; `0.0` if out of bounds.
+#[inline]
+pub fn read_bf16(row: &[u8], at: usize) -> f32 {
+    match row.get(at..at + 2) {
+        Some(b) => bf16_to_f32(u16::from_le_bytes([b[0], b[1]])),
+        None => 0.0,
+    }
+}
+
+/// `(scale, min)` of group `g` of a stored row (`min` is `0.0` for int8). Both are `0.0` when
+/// the row is too short.
+#[inline]
+pub fn group_params(format: KvFormat, row: &[u8], head_dim: usize, g: usize) -> (f32, f32) {
+    let at = params_offset(format, head_dim, g);
+    match format {
+        KvFormat::Int4 => (read_bf16(row, at), read_bf16(row, at + 2)),
+        _ => (read_bf16(row, at), 0.0),
+    }
+}
+
+/// The stored integer `q` of element `d` (`i8` for int8, `0..=15` for int4); `0` when the row is
+/// too short.
+#[inline]
+pub fn stored_q(format: KvFormat, row: &[u8], d: usize) -> i32 {
+    match format {
+        KvFormat::Int4 => match row.get(d / 2) {
+            Some(&b) => ((b >> ((d & 1) * 4)) & 0x0f) as i32,
+            None => 0,
+        },
+        _ => row.get(d).map_or(0, |&b| b as i8 as i32),
+    }
+}
+
+/// Element `d` of a stored int8 / int4 row of `head_dim` elements, dequantized exactly as the
+/// kernels do: `s·q` (int8) or `m + s·q` (int4, one rounding: `s·q` is exact).
+#[inline]
+pub fn element(format: KvFormat, row: &[u8], head_dim: usize, d: usize) -> f32 {
+    let (s, m) = group_params(format, row, head_dim, d / GROUP);
+    let q = stored_q(format, row, d) as f32;
+    match format {
+        KvFormat::Int4 => m + s * q,
+        _ => s * q,
+    }
+}
+
+/// bfloat16 bits of the smallest bfloat16 `>= x` (`x` finite and `>= 0`).
+#[inline]
+fn bf16_up(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let top = (bits >> 16) as u16;
+    if bits & 0xffff != 0 {
+        top + 1
+    } else {
+        top
+    }
+}
+
+/// bfloat16 bits of the largest bfloat16 `<= x` (`x` finite).
+#[inline]
+fn bf16_down(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let top = (bits >> 16) as u16;
+    if bits & 0xffff != 0 && x < 0.0 {
+        // Truncating a negative value rounds it towards zero, i.e. up: one more step down.
+        top + 1
+    } else {
+        top
+    }
+}
+
+/// The smallest `f32 >= x` for `x >= 0` given in `f64`.
+#[inline]
+fn f32_up(x: f64) -> f32 {
+    let y = x as f32;
+    if (y as f64) < x {
+        f32::from_bits(y.to_bits() + 1)
+    } else {
+        y
+    }
+}
+
+/// Input value clamped to the stored range (NaN → 0).
+#[inline]
+fn sanitize(x: f32) -> f32 {
+    if x.is_nan() {
+        0.0
+    } else {
+        x.clamp(-SATURATE, SATURATE)
+    }
+}
+
+/// Round half away from zero, for `|v| < 2^31` (no `f64::round` without `std`).
+#[inline]
+fn round_i32(v: f64) -> i32 {
+    if v >= 0.0 {
+        (v + 0.5) as i32
+    } else {
+        -((-v + 0.5) as i32)
+    }
+}
+
+/// Quantizes `src` (one row, `head_dim = src.len()`) to int8. `dst.len()` must be
+/// [`int8_row_bytes`]`(src.len())`; if it is shorter nothing is written.
+pub fn encode_int8(src: &[f32], dst: &mut [u8]) {
+    let head_dim = src.len();
+    match int8_row_bytes(head_dim) {
+        Some(n) if n <= dst.len() => {}
+        _ => return,
+    }
+    for (g, chunk) in src.chunks(GROUP).enumerate() {
+        let amax = chunk.iter().fold(0.0f32, |m, &x| m.max(sanitize(x).abs()));
+        let bits = if amax == 0.0 {
+            0
+        } else {
+            bf16_up(f32_up(amax as f64 / 127.0))
+        };
+        let s = bf16_to_f32(bits) as f64;
+        for (i, &x) in chunk.iter().enumerate() {
+            let q = if bits == 0 {
+                0
+            } else {
+                round_i32(sanitize(x) as f64 / s).clamp(-127, 127)
+            };
+            dst[g * GROUP + i] = q as i8 as u8;
+        }
+        let at = params_offset(KvFormat::Int8, head_dim, g);
+        dst[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+    }
+}
+
+/// Quantizes `src` (one row, `head_dim = src.len()`) to int4. `dst.len()` must be
+/// [`int4_row_bytes`]`(src.len())`; if it is shorter nothing is written.
+pub fn encode_int4(src: &[f32], dst: &mut [u8]) {
+    let head_dim = src.len();
+    match int4_row_bytes(head_dim) {
+        Some(n) if n <= dst.len() => {}
+        _ => return,
+    }
+    for (g, chunk) in src.chunks(GROUP).enumerate() {
+        let (lo, hi) = chunk
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
+                let x = sanitize(x);
+                (lo.min(x), hi.max(x))
+            });
+        let m_bits = bf16_down(lo);
+        let m = bf16_to_f32(m_bits) as f64;
+        // In f64 `hi - m` cannot overflow; `/ 15` brings it back into f32 range.
+        let range = hi as f64 - m;
+        let s_bits = if range <= 0.0 {
+            0
+        } else {
+            bf16_up(f32_up(range / 15.0))
+        };
+        let s = bf16_to_f32(s_bits) as f64;
+        for (i, &x) in chunk.iter().enumerate() {
+            let q = if s_bits == 0 {
+                0
+            } else {
+                round_i32((sanitize(x) as f64 - m) / s).clamp(0, 15)
+            };
+            let d = g * GROUP + i;
+            let byte = &mut dst[d / 2];
+            if d % 2 == 0 {
+                *byte = q as u8;
+            } else {
+                *byte |= (q as u8) << 4;
+            }
+        }
+        let at = params_offset(KvFormat::Int4, head_dim, g);
+        dst[at..at + 2].copy_from_slice(&s_bits.to_le_bytes());
+        dst[at + 2..at + 4].copy_from_slice(&m_bits.to_le_bytes());
+    }
+}
+
+/// Dequantizes one int8 or int4 row into `dst` (`head_dim = dst.len()`); if `src` is shorter
+/// than the row, `dst` is left unchanged.
+pub fn decode(format: KvFormat, src: &[u8], dst: &mut [f32]) {
+    let head_dim = dst.len();
+    match format.row_bytes(head_dim) {
+        Some(n) if n <= src.len() => {}
+        _ => return,
+    }
+    for (d, out) in dst.iter_mut().enumerate() {
+        *out = element(format, src, head_dim, d);
+    }
+}

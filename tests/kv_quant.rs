@@ -1,0 +1,631 @@
+//! The quantized formats (int8, int4): round-trip bounds derived from the stored scales,
+//! special values, refusal of non-finite input, the AVX2 kernels against the scalar ones, and
+//! attention on quantized caches against an f64 oracle.
+
+use kvcache::attention::{attention, attention_scratch_len, AttentionOptions, BatchEntry};
+use kvcache::kernels::{self, quant_scalar};
+use kvcache::quant::{self, GROUP, SATURATE};
+use kvcache::spec::Kind;
+use kvcache::{CacheSpec, Error, KvCache, KvFormat, Layout};
+
+#[cfg(target_arch = "x86_64")]
+use kvcache::kernels::{avx2::Avx2, quant_avx2};
+
+/// splitmix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-1, 1)`.
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    /// Uniform in `[-1, 1)` times `2^-3..=2^3`, so magnitudes vary.
+    fn value(&mut self) -> f32 {
+        let e = (self.next() % 7) as i32 - 3;
+        self.unit() * f32::powi(2.0, e)
+    }
+
+    fn values(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.value()).collect()
+    }
+
+    fn units(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.unit()).collect()
+    }
+}
+
+fn encode(format: KvFormat, src: &[f32]) -> Vec<u8> {
+    let mut row = vec![0xa5u8; format.row_bytes(src.len()).unwrap()];
+    kernels::encode_row(format, src, &mut row);
+    row
+}
+
+fn decode(format: KvFormat, row: &[u8], head_dim: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; head_dim];
+    kernels::decode_row(format, row, &mut out);
+    out
+}
+
+/// Checks every element of `src` against its decoded value: within half a step of the stored
+/// scale (plus `f32` rounding of `m + s·q`) after saturation to `±2^126`.
+fn assert_round_trip(format: KvFormat, src: &[f32]) {
+    let head_dim = src.len();
+    let row = encode(format, src);
+    let back = decode(format, &row, head_dim);
+    for (d, (&x, &y)) in src.iter().zip(&back).enumerate() {
+        let (s, m) = quant::group_params(format, &row, head_dim, d / GROUP);
+        assert!(
+            s.is_finite() && s >= 0.0 && m.is_finite(),
+            "{format} params {s} {m}"
+        );
+        assert!(y.is_finite(), "{format} hd {head_dim} d {d}: {x} -> {y}");
+        let x = x.clamp(-SATURATE, SATURATE) as f64;
+        let bound = s as f64 / 2.0 * (1.0 + 1e-6) + x.abs() * 2f64.powi(-23) + 1e-44;
+        assert!(
+            (y as f64 - x).abs() <= bound,
+            "{format} hd {head_dim} d {d}: {x} -> {y} (scale {s}, min {m})"
+        );
+        // The stored integer is in range.
+        let q = quant::stored_q(format, &row, d);
+        match format {
+            KvFormat::Int8 => assert!((-127..=127).contains(&q)),
+            _ => assert!((0..=15).contains(&q)),
+        }
+    }
+    // The step is not wasteful: at most the ideal one plus bfloat16 rounding (2^-7 relative)
+    // and the int4 minimum's rounding.
+    for (g, chunk) in src.chunks(GROUP).enumerate() {
+        let (s, _) = quant::group_params(format, &row, head_dim, g);
+        let c: Vec<f64> = chunk
+            .iter()
+            .map(|x| x.clamp(-SATURATE, SATURATE) as f64)
+            .collect();
+        let hi = c.iter().cloned().fold(f64::MIN, f64::max);
+        let lo = c.iter().cloned().fold(f64::MAX, f64::min);
+        let ideal = match format {
+            KvFormat::Int8 => hi.abs().max(lo.abs()) / 127.0,
+            _ => (hi - lo + lo.abs() / 128.0) / 15.0,
+        };
+        assert!(
+            s as f64 <= ideal * (1.0 + 1.0 / 64.0) + 1e-39,
+            "{format} scale {s} vs ideal {ideal}"
+        );
+    }
+}
+
+#[test]
+fn row_bytes_and_targets() {
+    let f16 = KvFormat::F16.row_bytes(64).unwrap() as f64;
+    assert_eq!(KvFormat::Int8.row_bytes(64), Some(68));
+    assert_eq!(KvFormat::Int4.row_bytes(64), Some(40));
+    assert!(68.0 / f16 <= 0.56 && 40.0 / f16 <= 0.32);
+    assert_eq!(KvFormat::Int8.row_bytes(1), Some(3));
+    assert_eq!(KvFormat::Int4.row_bytes(1), Some(5));
+    assert_eq!(KvFormat::Int4.row_bytes(33), Some(17 + 8));
+    assert_eq!(KvFormat::Int8.row_bytes(usize::MAX), None);
+    for format in KvFormat::QUANTIZED {
+        assert_eq!(KvFormat::from_name(format.name()), Some(format));
+        assert!(!format.is_float());
+        // Every head dim makes a valid layout.
+        for head_dim in [1, 3, 31, 33, 63, 64, 65, 127, 128, 255, 256] {
+            let mut spec = CacheSpec::new(2, 4, 2, head_dim);
+            spec.k_format = format;
+            spec.v_format = KvFormat::Int4;
+            Layout::new(spec).unwrap();
+        }
+    }
+    let mut spec = CacheSpec::smollm2_135m();
+    spec.k_format = KvFormat::Int8;
+    spec.v_format = KvFormat::Int8;
+    let int8 = Layout::new(spec).unwrap().bytes_per_token();
+    spec.k_format = KvFormat::Int4;
+    spec.v_format = KvFormat::Int4;
+    let int4 = Layout::new(spec).unwrap().bytes_per_token();
+    assert_eq!(int8 / 23_040.0, 68.0 / 128.0);
+    assert_eq!(int4 / 23_040.0, 40.0 / 128.0);
+}
+
+#[test]
+fn round_trip_random_rows_every_head_dim() {
+    let mut rng = Rng(0x9a17);
+    for format in KvFormat::QUANTIZED {
+        for head_dim in 1..=260usize {
+            assert_round_trip(format, &rng.values(head_dim));
+            // Offset data (all positive) and wide-magnitude data.
+            let offset: Vec<f32> = rng.units(head_dim).iter().map(|x| 100.0 + x).collect();
+            assert_round_trip(format, &offset);
+            let wide: Vec<f32> = (0..head_dim)
+                .map(|_| rng.unit() * f32::powi(10.0, (rng.next() % 60) as i32 - 30))
+                .collect();
+            assert_round_trip(format, &wide);
+        }
+    }
+}
+
+#[test]
+fn round_trip_special_rows() {
+    let mut rng = Rng(5);
+    for format in KvFormat::QUANTIZED {
+        for head_dim in [1, 2, 7, 31, 32, 33, 64, 100, 128] {
+            let zeros = vec![0.0f32; head_dim];
+            let row = encode(format, &zeros);
+            assert_eq!(decode(format, &row, head_dim), zeros, "{format} zeros");
+            let neg_zeros = vec![-0.0f32; head_dim];
+            assert_round_trip(format, &neg_zeros);
+            // Constant rows: scale 0 must not give NaN; for int4 a bfloat16 constant is exact
+            // (it is the stored minimum).
+            for c in [1.0f32, -3.5, 0.1, 1e30, -1e30, 1e-40, 65504.0] {
+                let row_values = vec![c; head_dim];
+                assert_round_trip(format, &row_values);
+                let back = decode(format, &encode(format, &row_values), head_dim);
+                if format == KvFormat::Int4 && (c.to_bits() & 0xffff) == 0 {
+                    assert!(
+                        back.iter().all(|&y| y == c),
+                        "{format} constant {c}: {back:?}"
+                    );
+                }
+            }
+            // Large magnitudes: 1e30 must not overflow the scale.
+            let mut big = rng.values(head_dim);
+            big[0] = 1e30;
+            if head_dim > 1 {
+                big[head_dim - 1] = -1e30;
+            }
+            assert_round_trip(format, &big);
+            let huge: Vec<f32> = (0..head_dim)
+                .map(|i| [f32::MAX, -f32::MAX, 3e38, 1.0, -1e37][i % 5])
+                .collect();
+            assert_round_trip(format, &huge);
+            // Subnormals and tiny values.
+            let tiny: Vec<f32> = (0..head_dim)
+                .map(|i| {
+                    f32::from_bits(1 + (i as u32 * 7919) % 5000)
+                        * if i % 2 == 0 { 1.0 } else { -1.0 }
+                })
+                .collect();
+            assert_round_trip(format, &tiny);
+            // One outlier only coarsens its own group.
+            let mut outlier = rng.values(head_dim);
+            outlier[0] = 1000.0;
+            assert_round_trip(format, &outlier);
+            // Non-finite input never panics and decodes to finite values.
+            let mut bad = rng.values(head_dim);
+            bad[0] = f32::NAN;
+            bad[head_dim / 2] = f32::INFINITY;
+            bad[head_dim - 1] = f32::NEG_INFINITY;
+            assert!(decode(format, &encode(format, &bad), head_dim)
+                .iter()
+                .all(|y| y.is_finite()));
+        }
+    }
+}
+
+#[test]
+fn short_buffers_are_left_alone() {
+    for format in KvFormat::QUANTIZED {
+        let src = [1.0f32; 40];
+        let mut dst = vec![7u8; format.row_bytes(40).unwrap() - 1];
+        kernels::encode_row(format, &src, &mut dst);
+        assert!(dst.iter().all(|&b| b == 7));
+        let mut out = [3.0f32; 40];
+        kernels::decode_row(format, &dst, &mut out);
+        assert!(out.iter().all(|&v| v == 3.0));
+    }
+}
+
+fn quant_spec(k: KvFormat, v: KvFormat, head_dim: usize) -> CacheSpec {
+    let mut spec = CacheSpec::new(2, 6, 2, head_dim);
+    spec.block_tokens = 5;
+    spec.k_format = k;
+    spec.v_format = v;
+    spec.max_seq_tokens = 64;
+    spec
+}
+
+#[test]
+fn non_finite_writes_are_refused_and_change_nothing() {
+    for (k, v) in [
+        (KvFormat::Int8, KvFormat::Int8),
+        (KvFormat::Int4, KvFormat::Int4),
+        (KvFormat::F16, KvFormat::Int4),
+        (KvFormat::Int8, KvFormat::F32),
+    ] {
+        let spec = quant_spec(k, v, 40);
+        let mut arena = vec![0u8; Layout::new(spec).unwrap().arena_bytes(8).unwrap()];
+        let mut cache = KvCache::new(spec, &mut arena).unwrap();
+        let seq = cache.add_sequence().unwrap();
+        cache.reserve(seq, 3).unwrap();
+        let mut rng = Rng(17);
+        let elems = 3 * 2 * 40;
+        let (keys, values) = (rng.values(elems), rng.values(elems));
+        cache.write_run(seq, 1, 0, &keys, &values).unwrap();
+        let snapshot = |cache: &KvCache| {
+            let mut all = Vec::new();
+            for p in 0..3 {
+                for kind in [Kind::K, Kind::V] {
+                    for h in 0..2 {
+                        let mut row = vec![0.0f32; 40];
+                        cache.read_row(seq, 1, kind, h, p, &mut row).unwrap();
+                        all.extend(row.iter().map(|x| x.to_bits()));
+                    }
+                }
+            }
+            all
+        };
+        let before = snapshot(&cache);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for in_keys in [true, false] {
+                let (mut k2, mut v2) = (rng.values(elems), rng.values(elems));
+                if in_keys {
+                    k2[elems / 2] = bad;
+                } else {
+                    v2[elems - 1] = bad;
+                }
+                assert_eq!(cache.write_run(seq, 1, 0, &k2, &v2), Err(Error::NonFinite));
+                assert_eq!(snapshot(&cache), before, "{k}/{v}");
+            }
+        }
+        // The stored rows are the quantized input.
+        for p in 0..3 {
+            for h in 0..2 {
+                let mut row = vec![0.0f32; 40];
+                cache.read_row(seq, 1, Kind::K, h, p, &mut row).unwrap();
+                let src = &keys[(p * 2 + h) * 40..(p * 2 + h + 1) * 40];
+                let want = decode(k, &encode(k, src), 40);
+                assert_eq!(row, want);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// AVX2 against scalar.
+
+type KernelFn<'a> = &'a dyn Fn(KvFormat, &[u8], usize, &[f32], usize, &mut [f32]);
+
+/// `n_rows` random quantized rows starting `offset` bytes into the buffer.
+fn stored_rows(
+    rng: &mut Rng,
+    format: KvFormat,
+    head_dim: usize,
+    n_rows: usize,
+    offset: usize,
+) -> Vec<u8> {
+    let rb = format.row_bytes(head_dim).unwrap();
+    let mut buf = vec![0u8; offset + n_rows * rb];
+    for r in 0..n_rows {
+        let mut values = rng.values(head_dim);
+        if r % 3 == 1 {
+            // Offset rows, where the int4 minimum is far from zero.
+            values.iter_mut().for_each(|v| *v += 5.0);
+        }
+        let at = offset + r * rb;
+        quant_scalar::encode_row(format, &values, &mut buf[at..at + rb]);
+    }
+    buf
+}
+
+/// Compares `dot` and `acc` against the scalar kernels for one shape; returns cases checked.
+#[allow(clippy::too_many_arguments)]
+fn compare_one(
+    rng: &mut Rng,
+    format: KvFormat,
+    head_dim: usize,
+    group: usize,
+    n_rows: usize,
+    offset: usize,
+    dot: KernelFn,
+    acc: KernelFn,
+) -> usize {
+    let rb = format.row_bytes(head_dim).unwrap();
+    let buf = stored_rows(rng, format, head_dim, n_rows, offset);
+    let rows = &buf[offset..];
+    let el = |r: usize, d: usize| {
+        quant::element(format, &rows[r * rb..(r + 1) * rb], head_dim, d) as f64
+    };
+    let per_head = n_rows + n_rows % 2;
+    let queries = rng.values(group * head_dim);
+    let mut want = vec![f32::from_bits(0x7fc0_1234); group * per_head];
+    let mut got = want.clone();
+    quant_scalar::dot_rows(format, rows, head_dim, &queries, group, &mut want);
+    dot(format, rows, head_dim, &queries, group, &mut got);
+    for h in 0..group {
+        for r in 0..per_head {
+            let i = h * per_head + r;
+            if r >= n_rows {
+                assert_eq!(got[i].to_bits(), 0x7fc0_1234, "slot past the rows written");
+                continue;
+            }
+            let mag: f64 = (0..head_dim)
+                .map(|d| (queries[h * head_dim + d] as f64 * el(r, d)).abs())
+                .sum();
+            assert!(
+                (got[i] as f64 - want[i] as f64).abs() <= 1e-5 * mag + 1e-30,
+                "dot {format} hd {head_dim} group {group} rows {n_rows} h {h} r {r}: {} vs {}",
+                got[i],
+                want[i]
+            );
+        }
+    }
+    let weights = rng.values(group * per_head);
+    let start = rng.values(group * head_dim);
+    let mut want = start.clone();
+    let mut got = start.clone();
+    quant_scalar::accumulate_rows(format, rows, head_dim, &weights, group, &mut want);
+    acc(format, rows, head_dim, &weights, group, &mut got);
+    for h in 0..group {
+        for d in 0..head_dim {
+            let i = h * head_dim + d;
+            let mag = start[i].abs() as f64
+                + (0..n_rows)
+                    .map(|r| (weights[h * per_head + r] as f64 * el(r, d)).abs())
+                    .sum::<f64>();
+            assert!(
+                (got[i] as f64 - want[i] as f64).abs() <= 1e-5 * mag + 1e-30,
+                "acc {format} hd {head_dim} group {group} rows {n_rows} h {h} d {d}: {} vs {}",
+                got[i],
+                want[i]
+            );
+        }
+    }
+    group * (per_head + head_dim)
+}
+
+const GROUPS: [usize; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 32];
+
+fn sweep(dot: KernelFn, acc: KernelFn) {
+    let mut rng = Rng(0x51d);
+    let mut cases = 0;
+    for format in KvFormat::QUANTIZED {
+        // Every head dim 1..=256 and every row count, groups cycling.
+        for head_dim in 1..=256usize {
+            for n_rows in 0..=17usize {
+                let group = GROUPS[(head_dim + n_rows) % GROUPS.len()];
+                let offset = (head_dim + n_rows) % 5;
+                cases += compare_one(&mut rng, format, head_dim, group, n_rows, offset, dot, acc);
+            }
+        }
+        // Every group against a spread of head dims and row counts.
+        for head_dim in [1, 7, 8, 9, 31, 32, 33, 63, 64, 65, 100, 128, 256] {
+            for group in GROUPS {
+                for n_rows in [0, 1, 2, 3, 5, 8, 16, 17] {
+                    let offset = (head_dim * 3 + group + n_rows) % 4;
+                    cases +=
+                        compare_one(&mut rng, format, head_dim, group, n_rows, offset, dot, acc);
+                }
+            }
+        }
+    }
+    assert!(cases > 100_000);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_kernels_match_scalar() {
+    let Some(t) = Avx2::new() else {
+        eprintln!("CPU lacks AVX2/FMA/F16C: AVX2 kernels not tested");
+        return;
+    };
+    sweep(
+        &|f, r, hd, q, g, s| quant_avx2::dot_rows(t, f, r, hd, q, g, s),
+        &|f, r, hd, w, g, o| quant_avx2::accumulate_rows(t, f, r, hd, w, g, o),
+    );
+    // Through the float token's entry points too.
+    sweep(
+        &|f, r, hd, q, g, s| t.dot_rows(f, r, hd, q, g, s),
+        &|f, r, hd, w, g, o| t.accumulate_rows(f, r, hd, w, g, o),
+    );
+}
+
+#[test]
+fn dispatched_kernels_match_scalar() {
+    sweep(&kernels::dot_rows, &kernels::accumulate_rows);
+}
+
+/// Arbitrary bytes as rows (NaN / inf parameters included): no panic, and AVX2 agrees with
+/// scalar wherever the scalar result is finite.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_on_arbitrary_bytes() {
+    let Some(t) = Avx2::new() else { return };
+    let mut rng = Rng(0xb17e5);
+    for format in KvFormat::QUANTIZED {
+        for head_dim in [1, 5, 8, 13, 32, 45, 64] {
+            let rb = format.row_bytes(head_dim).unwrap();
+            for n_rows in [1, 4, 9] {
+                let bytes: Vec<u8> = (0..rb * n_rows + 3).map(|_| rng.next() as u8).collect();
+                let rows = &bytes[1..];
+                let queries = rng.values(3 * head_dim);
+                let (mut want, mut got) = (vec![0.0; 3 * n_rows], vec![0.0; 3 * n_rows]);
+                quant_scalar::dot_rows(format, rows, head_dim, &queries, 3, &mut want);
+                quant_avx2::dot_rows(t, format, rows, head_dim, &queries, 3, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    if w.is_finite() && w.abs() < 1e30 {
+                        assert!((g - w).abs() <= 1e-3 * w.abs().max(1.0), "{g} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Lengths that disagree: the largest consistent prefix, as the scalar kernels do.
+#[test]
+fn inconsistent_lengths_match_scalar() {
+    let mut rng = Rng(0xbad);
+    for format in KvFormat::QUANTIZED {
+        for (head_dim, group, n_rows, q_len, s_len) in [
+            (64, 3, 16, 64 * 2, 3 * 16),
+            (64, 3, 16, 64 * 3 + 5, 3 * 16),
+            (17, 4, 5, 17 * 4, 4 * 5 + 3),
+            (9, 2, 7, 3, 2 * 7),
+            (8, 5, 3, 8 * 5, 2),
+            (usize::MAX / 2, 1, 0, 0, 4),
+        ] {
+            let buf = stored_rows(&mut rng, format, head_dim.min(1024), n_rows, 1);
+            let queries = rng.values(q_len);
+            let mut want = vec![1.5f32; s_len];
+            let mut got = want.clone();
+            quant_scalar::dot_rows(format, &buf[1..], head_dim, &queries, group, &mut want);
+            kernels::dot_rows(format, &buf[1..], head_dim, &queries, group, &mut got);
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{format} hd {head_dim}"
+                );
+            }
+            let weights = rng.values(s_len);
+            let mut want = vec![0.25f32; q_len];
+            let mut got = want.clone();
+            quant_scalar::accumulate_rows(format, &buf[1..], head_dim, &weights, group, &mut want);
+            kernels::accumulate_rows(format, &buf[1..], head_dim, &weights, group, &mut got);
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{format} hd {head_dim}"
+                );
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Attention on quantized caches.
+
+/// Softmax attention in f64 over rows given as `[position][head_dim]`.
+fn naive_attention(query: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f64) -> Vec<f64> {
+    let scores: Vec<f64> = keys
+        .iter()
+        .map(|k| {
+            k.iter()
+                .zip(query)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>()
+                * scale
+        })
+        .collect();
+    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let mut out = vec![0.0; query.len()];
+    for (w, v) in weights.iter().zip(values) {
+        for (o, &x) in out.iter_mut().zip(v) {
+            *o += w / total * x as f64;
+        }
+    }
+    out
+}
+
+/// Runs one decode step over a cache of `len` random tokens in `format` and returns the worst
+/// absolute error against the oracle on the dequantized rows and on the original rows.
+fn attention_errors(
+    k_format: KvFormat,
+    v_format: KvFormat,
+    head_dim: usize,
+    len: usize,
+) -> (f64, f64) {
+    let (q_heads, kv_heads) = (6, 2);
+    let mut spec = CacheSpec::new(1, q_heads, kv_heads, head_dim);
+    spec.k_format = k_format;
+    spec.v_format = v_format;
+    spec.max_seq_tokens = len;
+    let layout = Layout::new(spec).unwrap();
+    let mut arena = vec![0u8; layout.arena_bytes(len.div_ceil(16) + 1).unwrap()];
+    let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    let mut rng = Rng(0xa77 + head_dim as u64);
+    let seq = cache.add_sequence().unwrap();
+    let elems = len * kv_heads * head_dim;
+    let (keys, values) = (rng.units(elems), rng.units(elems));
+    cache.reserve(seq, len).unwrap();
+    cache.write_run(seq, 0, 0, &keys, &values).unwrap();
+    let queries: Vec<f32> = rng
+        .units(q_heads * head_dim)
+        .iter()
+        .map(|q| q * 4.0)
+        .collect();
+    let mut out = vec![0.0; q_heads * head_dim];
+    let options = AttentionOptions::default();
+    let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
+    let entry = BatchEntry {
+        seq,
+        first_position: len - 1,
+        tokens: 1,
+    };
+    attention(
+        &cache,
+        0,
+        &[entry],
+        &queries,
+        &mut out,
+        &mut scratch,
+        &options,
+    )
+    .unwrap();
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let (mut deq_err, mut orig_err) = (0.0f64, 0.0f64);
+    for kv in 0..kv_heads {
+        let original = |data: &[f32]| {
+            (0..len)
+                .map(|p| {
+                    data[(p * kv_heads + kv) * head_dim..(p * kv_heads + kv + 1) * head_dim]
+                        .to_vec()
+                })
+                .collect::<Vec<_>>()
+        };
+        let stored = |kind: Kind| {
+            (0..len)
+                .map(|p| {
+                    let mut row = vec![0.0; head_dim];
+                    cache.read_row(seq, 0, kind, kv, p, &mut row).unwrap();
+                    row
+                })
+                .collect::<Vec<_>>()
+        };
+        let (k_deq, v_deq) = (stored(Kind::K), stored(Kind::V));
+        let (k_orig, v_orig) = (original(&keys), original(&values));
+        for head in kv * 3..(kv + 1) * 3 {
+            let q = &queries[head * head_dim..(head + 1) * head_dim];
+            let got = &out[head * head_dim..(head + 1) * head_dim];
+            let want_deq = naive_attention(q, &k_deq, &v_deq, scale);
+            let want_orig = naive_attention(q, &k_orig, &v_orig, scale);
+            for d in 0..head_dim {
+                deq_err = deq_err.max((got[d] as f64 - want_deq[d]).abs());
+                orig_err = orig_err.max((got[d] as f64 - want_orig[d]).abs());
+            }
+        }
+    }
+    (deq_err, orig_err)
+}
+
+#[test]
+fn attention_on_quantized_caches_matches_oracle() {
+    // (K, V, bound against the original values). Values are in [-1, 1), queries in [-4, 4).
+    for (k, v, bound) in [
+        (KvFormat::Int8, KvFormat::Int8, 0.01),
+        (KvFormat::Int4, KvFormat::Int4, 0.05),
+        (KvFormat::Int8, KvFormat::Int4, 0.05),
+        (KvFormat::F16, KvFormat::Int8, 0.01),
+    ] {
+        for head_dim in [64, 37, 128] {
+            let (deq, orig) = attention_errors(k, v, head_dim, 300);
+            eprintln!("attention {k}/{v} hd {head_dim}: max |err| vs dequantized {deq:.2e}, vs original {orig:.2e}");
+            assert!(
+                deq < 2e-5,
+                "{k}/{v} hd {head_dim}: {deq} against the dequantized rows"
+            );
+            assert!(
+                orig < bound,
+                "{k}/{v} hd {head_dim}: {orig} against the original rows"
+            );
+        }
+    }
+}
