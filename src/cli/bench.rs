@@ -42,12 +42,14 @@ pub fn attention(args: &Args) -> Result<(), String> {
     let default_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads: usize = args.value("threads", default_threads)?;
     let steps_arg: usize = args.value("steps", 0)?;
+    let block_tokens: usize = args.value("block-tokens", spec.block_tokens)?;
     args.reject_unknown()?;
     if ctx == 0 || batch == 0 || threads == 0 {
         return Err("--ctx, --batch and --threads must be positive".into());
     }
     spec.k_format = format;
     spec.v_format = format;
+    spec.block_tokens = block_tokens;
     spec.max_seqs = batch;
     spec.max_seq_tokens = ctx;
     let layout = Layout::new(spec).map_err(|e| e.to_string())?;
