@@ -354,3 +354,37 @@ fn bad_input_gets_a_clear_message_and_a_nonzero_exit() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Teacher-forced along the f16 cache's greedy tokens: how often a compressed cache's top
+/// token is the same. Prints the rates (reported in the README) and holds a floor.
+#[test]
+fn compressed_caches_agree_with_f16_on_greedy_tokens() {
+    let Some(model) = load() else { return };
+    let tokenizer = model.tokenizer();
+    let mut runner = Runner::new(&model, 2);
+    let vocab = model.config().vocab;
+    let prompts = ["The capital of France is", "Once upon a time, there was a little robot who", "def fibonacci(n):"];
+    let steps = 64;
+    let mut agree = [0usize; 2];
+    let mut total = 0;
+    for text in prompts {
+        let prompt = tokenizer.encode(text);
+        let (reference, _) = decode_with_cache(&mut runner, &prompt, steps);
+        for (i, format) in [KvFormat::Int8, KvFormat::Int4].into_iter().enumerate() {
+            let (spec, mut arena) = kvcache::cli::generate::cache_arena(&model, format, 1, prompt.len() + steps).unwrap();
+            let mut cache = KvCache::new(spec, arena.as_mut_slice()).unwrap();
+            let seq = cache.add_sequence().unwrap();
+            let mut logits = vec![0.0; vocab];
+            runner.forward(&mut cache, &[Step { seq, tokens: &prompt }], &mut logits).unwrap();
+            for &token in &reference {
+                agree[i] += (argmax(&logits) == token) as usize;
+                runner.forward(&mut cache, &[Step { seq, tokens: &[token] }], &mut logits).unwrap();
+            }
+        }
+        total += steps;
+    }
+    let rate = |a: usize| a as f64 / total as f64;
+    eprintln!("greedy agreement with the f16 cache over {total} teacher-forced steps: int8 {:.3}, int4 {:.3}", rate(agree[0]), rate(agree[1]));
+    assert!(rate(agree[0]) >= 0.9, "int8 agreement {}", rate(agree[0]));
+    assert!(rate(agree[1]) >= 0.7, "int4 agreement {}", rate(agree[1]));
+}
