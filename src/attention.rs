@@ -172,9 +172,12 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
         self.max_rows() * (self.cache.spec().head_dim + 2)
     }
 
-    /// `f32` scratch one worker needs to run items: gathered queries and one block of scores.
+    /// `f32` scratch one worker needs to run items: gathered queries, one block of scores and,
+    /// for quantized keys, the prepared (quantized) queries.
     pub fn scratch_len(&self) -> usize {
-        self.max_rows() * (self.cache.spec().head_dim + self.cache.spec().block_tokens)
+        let spec = self.cache.spec();
+        self.max_rows() * (spec.head_dim + spec.block_tokens)
+            + prepared_f32_len(spec.k_format, spec.head_dim, self.max_rows())
     }
 
     /// `f32` elements of queries (and of the output) the batch needs.
@@ -246,7 +249,10 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
         let rows = item.tokens * group;
         let (query_buf, rest) = scratch.split_at_mut(self.max_rows() * head_dim);
         let query_buf = &mut query_buf[..rows * head_dim];
-        let scores_buf = &mut rest[..rows * block_tokens];
+        let (scores_buf, prepared_buf) = rest.split_at_mut(self.max_rows() * block_tokens);
+        let scores_buf = &mut scores_buf[..rows * block_tokens];
+        let prepared_len = kernels::prepared_query_len(spec.k_format, head_dim, rows);
+        let prepared = &mut kernels::scratch_bytes(prepared_buf)[..prepared_len];
         let (state, acc) = partial.split_at_mut(2 * self.max_rows());
         let (running_max, running_sum) = state.split_at_mut(self.max_rows());
         let (running_max, running_sum) = (&mut running_max[..rows], &mut running_sum[..rows]);
@@ -268,6 +274,9 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
                 *dst = src * self.scale;
             }
         }
+        // Quantized keys: quantize the queries once for the integer dot products.
+        kernels::prepare_queries(spec.k_format, head_dim, query_buf, rows, prepared);
+        let prepared = &*prepared;
 
         let first_query = entry.first_position + item.token_start;
         let last_query = first_query + item.tokens - 1;
@@ -297,7 +306,11 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
             let v_rows = &block.rows(self.layer, Kind::V, item.kv_head)
                 [..keys * self.cache.layout().row_bytes(Kind::V)];
             let scores = &mut scores_buf[..rows * block_tokens];
-            kernels::dot_rows(spec.k_format, k_rows, head_dim, query_buf, rows, scores);
+            if spec.k_format.is_float() {
+                kernels::dot_rows(spec.k_format, k_rows, head_dim, query_buf, rows, scores);
+            } else {
+                kernels::dot_rows_prepared(spec.k_format, k_rows, head_dim, prepared, rows, scores);
+            }
             let mask = Mask {
                 window: spec.window,
                 sinks: spec.sink_tokens,
@@ -416,12 +429,19 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
     }
 }
 
+/// `f32` elements holding the prepared queries of `rows` query rows
+/// ([`kernels::prepared_query_len`] bytes, rounded up to whole `f32`); 0 for float keys.
+fn prepared_f32_len(k_format: crate::format::KvFormat, head_dim: usize, rows: usize) -> usize {
+    kernels::prepared_query_len(k_format, head_dim, rows).div_ceil(4)
+}
+
 /// `f32` scratch [`attention`] needs for a batch: one worker's scratch plus two partial
 /// states. Independent of the context length.
 pub fn attention_scratch_len(cache: &KvCache<'_>, options: &AttentionOptions) -> usize {
     let spec = cache.spec();
     let rows = options.query_tile.max(1) * spec.group();
     rows * (spec.head_dim + spec.block_tokens)
+        + prepared_f32_len(spec.k_format, spec.head_dim, rows)
         + 2 * rows * (spec.head_dim + 2) * options.splits.max(1)
 }
 

@@ -278,3 +278,115 @@ pub fn decode(format: KvFormat, src: &[u8], dst: &mut [f32]) {
         *out = element(format, src, head_dim, d);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Prepared (quantized) queries for the integer dot products.
+
+/// Bytes of one *prepared* query row of `head_dim` elements for dot products against int8 or
+/// int4 keys ([`crate::kernels::prepare_queries`]): with `G = ceil(head_dim / 32)`,
+///
+/// ```text
+/// byte:  0                         32·G            32·G + 4·G
+///        [q: i8 × 32 per group]    [s_q: f32 × G]  [w: f32 × G]
+/// ```
+///
+/// - `q`: the query quantized per group of 32 elements, `x ≈ s_q · q`, `q ∈ -127..=127`,
+///   zero-padded past `head_dim` (padding lanes contribute exactly 0 to the integer sums).
+///   For int8 keys group `g` holds elements `32g..32g + 32` in order; for int4 keys it holds the
+///   even elements `32g, 32g + 2, …, 32g + 30` then the odd ones (the order in which the
+///   kernel unpacks a group's nibbles: low nibbles, then high nibbles).
+/// - `s_q`: the group's query scale, little-endian `f32`: the smallest `f32 >= max|x| / 127`
+///   (`0` for an all-zero group), so `|x - s_q·q| <= s_q / 2` for every element.
+/// - `w`: `s_q · Σ q` over the group, little-endian `f32` (used by int4 for the `m · Σ x`
+///   term; written for int8 too).
+///
+/// `None` on overflow.
+#[inline]
+pub const fn prepared_row_bytes(head_dim: usize) -> Option<usize> {
+    groups(head_dim).checked_mul(GROUP + 8)
+}
+
+/// Position, inside its group's 32 bytes of a prepared query row, of element `i` (`i < 32`) of
+/// the group: `i` for int8, even elements first then odd ones for int4.
+#[inline]
+pub const fn prepared_position(format: KvFormat, i: usize) -> usize {
+    match format {
+        KvFormat::Int4 => (i & 1) * 16 + i / 2,
+        _ => i,
+    }
+}
+
+/// Element of a group for position `t < 32` of a prepared group (inverse of
+/// [`prepared_position`]).
+#[inline]
+pub const fn prepared_element(format: KvFormat, t: usize) -> usize {
+    match format {
+        KvFormat::Int4 => {
+            if t < 16 {
+                2 * t
+            } else {
+                2 * (t - 16) + 1
+            }
+        }
+        _ => t,
+    }
+}
+
+/// Little-endian `f32` at `bytes[at..at + 4]`; `0.0` if out of bounds.
+#[inline]
+pub fn read_f32(bytes: &[u8], at: usize) -> f32 {
+    match bytes.get(at..at + 4) {
+        Some(b) => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        None => 0.0,
+    }
+}
+
+/// Quantizes one query row (`head_dim = query.len()`) into `dst` in the layout of
+/// [`prepared_row_bytes`] for keys stored as `format` (int8 or int4; other formats write
+/// nothing). If `dst` is shorter than a prepared row nothing is written. Inputs are sanitized
+/// like stored rows (NaN → 0, clamped to `±2^126`).
+pub fn prepare_query(format: KvFormat, query: &[f32], dst: &mut [u8]) {
+    let head_dim = query.len();
+    if format.is_float() {
+        return;
+    }
+    let ng = groups(head_dim);
+    let dst = match prepared_row_bytes(head_dim) {
+        Some(n) if n <= dst.len() => &mut dst[..n],
+        _ => return,
+    };
+    dst[..ng * GROUP].fill(0);
+    for (g, chunk) in query.chunks(GROUP).enumerate() {
+        let amax = chunk.iter().fold(0.0f32, |m, &x| m.max(sanitize(x).abs()));
+        let s = if amax == 0.0 {
+            0.0
+        } else {
+            f32_up(amax as f64 / 127.0)
+        };
+        let mut sum = 0i32;
+        for (i, &x) in chunk.iter().enumerate() {
+            let q = if s == 0.0 {
+                0
+            } else {
+                round_i32(sanitize(x) as f64 / s as f64).clamp(-127, 127)
+            };
+            sum += q;
+            dst[g * GROUP + prepared_position(format, i)] = q as i8 as u8;
+        }
+        let at = ng * GROUP + 4 * g;
+        dst[at..at + 4].copy_from_slice(&s.to_le_bytes());
+        let at = ng * GROUP + 4 * ng + 4 * g;
+        dst[at..at + 4].copy_from_slice(&(s * sum as f32).to_le_bytes());
+    }
+}
+
+/// Element `d` of a prepared query row (see [`prepared_row_bytes`]) dequantized exactly, in
+/// `f64`: `s_q · q` (`0.0` when the row is too short).
+pub fn prepared_value(format: KvFormat, prepared: &[u8], head_dim: usize, d: usize) -> f64 {
+    let ng = groups(head_dim);
+    let (g, i) = (d / GROUP, d % GROUP);
+    let q = prepared
+        .get(g * GROUP + prepared_position(format, i))
+        .map_or(0, |&b| b as i8);
+    read_f32(prepared, ng * GROUP + 4 * g) as f64 * q as f64
+}

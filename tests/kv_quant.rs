@@ -502,13 +502,13 @@ fn inconsistent_lengths_match_scalar() {
 // Attention on quantized caches.
 
 /// Softmax attention in f64 over rows given as `[position][head_dim]`.
-fn naive_attention(query: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f64) -> Vec<f64> {
+fn naive_attention(query: &[f64], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f64) -> Vec<f64> {
     let scores: Vec<f64> = keys
         .iter()
         .map(|k| {
             k.iter()
                 .zip(query)
-                .map(|(&a, &b)| a as f64 * b as f64)
+                .map(|(&a, &b)| a as f64 * b)
                 .sum::<f64>()
                 * scale
         })
@@ -525,14 +525,28 @@ fn naive_attention(query: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale:
     out
 }
 
-/// Runs one decode step over a cache of `len` random tokens in `format` and returns the worst
-/// absolute error against the oracle on the dequantized rows and on the original rows.
-fn attention_errors(
-    k_format: KvFormat,
-    v_format: KvFormat,
-    head_dim: usize,
-    len: usize,
-) -> (f64, f64) {
+/// Worst errors of one decode step (see [`attention_errors`]).
+struct Errors {
+    /// Against the oracle on the dequantized rows and the query the kernels use (the scaled
+    /// query, quantized when K is int8 / int4): only `f32` arithmetic separates them.
+    exact: f64,
+    /// Against the oracle on the dequantized rows and the `f32` query, as a fraction of the
+    /// bound that the query's quantization allows (see [`attention_errors`]); `<= 1` passes.
+    query: f64,
+    /// Against the oracle on the original rows and the `f32` query.
+    orig: f64,
+}
+
+/// Runs one decode step over a cache of `len` random tokens in `format` and measures the worst
+/// absolute errors against three oracles ([`Errors`]).
+///
+/// The query bound: with quantized keys the kernels quantize the scaled query `x = q·scale`
+/// per group of 32 to `s_q·n`, `|x_d - s_q·n_d| <= s_q / 2`, so the score of key `p` moves by
+/// at most `Δ_p = Σ_d |k_pd| · s_q(d) / 2` (`k` dequantized). Scores that each move by at most
+/// `Δ = max_p Δ_p` change each softmax weight by a factor in `[e^-2Δ, e^2Δ]`, so
+/// `Σ_p |w'_p - w_p| <= e^2Δ - 1` and each output element moves by at most
+/// `(e^2Δ - 1) · max_p |v_pd|`; `2e-5` more covers `f32` arithmetic.
+fn attention_errors(k_format: KvFormat, v_format: KvFormat, head_dim: usize, len: usize) -> Errors {
     let (q_heads, kv_heads) = (6, 2);
     let mut spec = CacheSpec::new(1, q_heads, kv_heads, head_dim);
     spec.k_format = k_format;
@@ -553,7 +567,11 @@ fn attention_errors(
         .map(|q| q * 4.0)
         .collect();
     let mut out = vec![0.0; q_heads * head_dim];
-    let options = AttentionOptions::default();
+    let scale32 = 1.0 / (head_dim as f32).sqrt();
+    let options = AttentionOptions {
+        scale: Some(scale32),
+        ..AttentionOptions::default()
+    };
     let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
     let entry = BatchEntry {
         seq,
@@ -570,8 +588,12 @@ fn attention_errors(
         &options,
     )
     .unwrap();
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    let (mut deq_err, mut orig_err) = (0.0f64, 0.0f64);
+    let scale = scale32 as f64;
+    let mut errors = Errors {
+        exact: 0.0,
+        query: 0.0,
+        orig: 0.0,
+    };
     for kv in 0..kv_heads {
         let original = |data: &[f32]| {
             (0..len)
@@ -593,17 +615,57 @@ fn attention_errors(
         let (k_deq, v_deq) = (stored(Kind::K), stored(Kind::V));
         let (k_orig, v_orig) = (original(&keys), original(&values));
         for head in kv * 3..(kv + 1) * 3 {
-            let q = &queries[head * head_dim..(head + 1) * head_dim];
+            let q: Vec<f64> = queries[head * head_dim..(head + 1) * head_dim]
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            // The query the kernels use: scaled in f32, then quantized for int8 / int4 keys.
+            let scaled: Vec<f32> = queries[head * head_dim..(head + 1) * head_dim]
+                .iter()
+                .map(|&x| x * scale32)
+                .collect();
+            let (q_kernel, step): (Vec<f64>, Vec<f64>) = if k_format.is_float() {
+                (
+                    scaled.iter().map(|&x| x as f64).collect(),
+                    vec![0.0; head_dim],
+                )
+            } else {
+                let mut prepared = vec![0u8; kernels::prepared_query_len(k_format, head_dim, 1)];
+                kernels::prepare_queries(k_format, head_dim, &scaled, 1, &mut prepared);
+                let ng = quant::groups(head_dim);
+                (
+                    (0..head_dim)
+                        .map(|d| quant::prepared_value(k_format, &prepared, head_dim, d))
+                        .collect(),
+                    (0..head_dim)
+                        .map(|d| quant::read_f32(&prepared, ng * GROUP + 4 * (d / GROUP)) as f64)
+                        .collect(),
+                )
+            };
+            let delta = k_deq
+                .iter()
+                .map(|k| {
+                    k.iter()
+                        .zip(&step)
+                        .map(|(&x, s)| x.abs() as f64 * s / 2.0)
+                        .sum::<f64>()
+                })
+                .fold(0.0f64, f64::max);
             let got = &out[head * head_dim..(head + 1) * head_dim];
-            let want_deq = naive_attention(q, &k_deq, &v_deq, scale);
-            let want_orig = naive_attention(q, &k_orig, &v_orig, scale);
+            let want_exact = naive_attention(&q_kernel, &k_deq, &v_deq, 1.0);
+            let want_deq = naive_attention(&q, &k_deq, &v_deq, scale);
+            let want_orig = naive_attention(&q, &k_orig, &v_orig, scale);
             for d in 0..head_dim {
-                deq_err = deq_err.max((got[d] as f64 - want_deq[d]).abs());
-                orig_err = orig_err.max((got[d] as f64 - want_orig[d]).abs());
+                let v_max = v_deq.iter().map(|v| v[d].abs() as f64).fold(0.0, f64::max);
+                let bound = (2.0 * delta).exp_m1() * v_max + 2e-5;
+                let got = got[d] as f64;
+                errors.exact = errors.exact.max((got - want_exact[d]).abs());
+                errors.query = errors.query.max((got - want_deq[d]).abs() / bound);
+                errors.orig = errors.orig.max((got - want_orig[d]).abs());
             }
         }
     }
-    (deq_err, orig_err)
+    errors
 }
 
 #[test]
@@ -616,16 +678,242 @@ fn attention_on_quantized_caches_matches_oracle() {
         (KvFormat::F16, KvFormat::Int8, 0.01),
     ] {
         for head_dim in [64, 37, 128] {
-            let (deq, orig) = attention_errors(k, v, head_dim, 300);
-            eprintln!("attention {k}/{v} hd {head_dim}: max |err| vs dequantized {deq:.2e}, vs original {orig:.2e}");
+            let Errors { exact, query, orig } = attention_errors(k, v, head_dim, 300);
+            eprintln!("attention {k}/{v} hd {head_dim}: max |err| vs dequantized rows and kernel query {exact:.2e}, vs f32 query {query:.2} of the bound, vs original {orig:.2e}");
             assert!(
-                deq < 2e-5,
-                "{k}/{v} hd {head_dim}: {deq} against the dequantized rows"
+                exact < 2e-5,
+                "{k}/{v} hd {head_dim}: {exact} against the dequantized rows and kernel query"
+            );
+            assert!(
+                query <= 1.0,
+                "{k}/{v} hd {head_dim}: {query} × the query-quantization bound against the f32 query"
             );
             assert!(
                 orig < bound,
                 "{k}/{v} hd {head_dim}: {orig} against the original rows"
             );
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Integer dot products against prepared (quantized) queries.
+
+fn prepare(format: KvFormat, head_dim: usize, queries: &[f32], group: usize) -> Vec<u8> {
+    let mut prepared = vec![0x5au8; kernels::prepared_query_len(format, head_dim, group)];
+    quant_scalar::prepare_queries(format, head_dim, queries, group, &mut prepared);
+    prepared
+}
+
+#[test]
+fn prepared_query_layout_and_bound() {
+    let mut rng = Rng(0x9e9);
+    for format in KvFormat::QUANTIZED {
+        assert_eq!(kernels::prepared_query_len(KvFormat::F16, 64, 3), 0);
+        assert_eq!(kernels::prepared_query_len(format, 64, 3), 3 * 80);
+        for head_dim in 1..=130 {
+            let query = rng.values(head_dim);
+            let prepared = prepare(format, head_dim, &query, 1);
+            let ng = quant::groups(head_dim);
+            for g in 0..ng {
+                let sq = quant::read_f32(&prepared, ng * GROUP + 4 * g) as f64;
+                let mut sum = 0i32;
+                for t in 0..GROUP {
+                    let d = g * GROUP + quant::prepared_element(format, t);
+                    let n = prepared[g * GROUP + t] as i8 as i32;
+                    assert!((-127..=127).contains(&n));
+                    if d >= head_dim {
+                        assert_eq!(n, 0, "padding lane");
+                        continue;
+                    }
+                    sum += n;
+                    let x = query[d] as f64;
+                    let err = (x - quant::prepared_value(format, &prepared, head_dim, d)).abs();
+                    assert!(
+                        err <= sq / 2.0 * (1.0 + 1e-12),
+                        "{format} hd {head_dim} d {d}"
+                    );
+                }
+                let w = quant::read_f32(&prepared, ng * GROUP + 4 * ng + 4 * g);
+                assert_eq!(w, sq as f32 * sum as f32);
+            }
+        }
+    }
+}
+
+/// Checks `dot_rows_prepared` (dispatched) on one shape against the f64 oracle on the
+/// dequantized keys and the dequantized prepared query (`1e-5` of `Σ|terms|`), and against the
+/// `f32` query (the quantization bound `Σ_d |k_d| · s_q(d) / 2` plus the same slack).
+fn check_prepared_oracle(
+    rng: &mut Rng,
+    format: KvFormat,
+    head_dim: usize,
+    group: usize,
+    n_rows: usize,
+) {
+    let rb = format.row_bytes(head_dim).unwrap();
+    let rows = stored_rows(rng, format, head_dim, n_rows, 0);
+    let queries = rng.values(group * head_dim);
+    let stride = quant::prepared_row_bytes(head_dim).unwrap();
+    let prepared = prepare(format, head_dim, &queries, group);
+    let mut scores = vec![f32::NAN; group * n_rows];
+    kernels::dot_rows_prepared(format, &rows, head_dim, &prepared, group, &mut scores);
+    let ng = quant::groups(head_dim);
+    for h in 0..group {
+        let pq = &prepared[h * stride..(h + 1) * stride];
+        for r in 0..n_rows {
+            let row = &rows[r * rb..(r + 1) * rb];
+            let (mut exact, mut magnitude, mut orig, mut bound) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+            for d in 0..head_dim {
+                let k = quant::element(format, row, head_dim, d) as f64;
+                let q = quant::prepared_value(format, pq, head_dim, d);
+                let sq = quant::read_f32(pq, ng * GROUP + 4 * (d / GROUP)) as f64;
+                exact += k * q;
+                magnitude += (k * q).abs();
+                orig += k * queries[h * head_dim + d] as f64;
+                bound += k.abs() * sq / 2.0;
+            }
+            let got = scores[h * n_rows + r] as f64;
+            let tol = 1e-5 * magnitude + 1e-30;
+            assert!(
+                (got - exact).abs() <= tol,
+                "{format} hd {head_dim} g {group} r {r}: {got} vs {exact} (tol {tol})"
+            );
+            assert!(
+                (got - orig).abs() <= bound * (1.0 + 1e-9) + tol,
+                "{format} hd {head_dim} g {group} r {r}: {got} vs f32 query {orig} (bound {bound})"
+            );
+        }
+    }
+}
+
+#[test]
+fn prepared_dot_matches_oracles() {
+    let mut rng = Rng(0x0dd);
+    for format in KvFormat::QUANTIZED {
+        for head_dim in (1..=256).step_by(3).chain([32, 64, 128, 256]) {
+            for (group, n_rows) in [(1, 5), (3, 16), (4, 7), (9, 3)] {
+                check_prepared_oracle(&mut rng, format, head_dim, group, n_rows);
+            }
+        }
+    }
+}
+
+/// `dot_rows_prepared` of `dot` against the scalar twin, bit for bit, for one shape; also
+/// checks that slots past the rows are left alone.
+#[allow(clippy::too_many_arguments)]
+fn compare_prepared(
+    rng: &mut Rng,
+    format: KvFormat,
+    head_dim: usize,
+    group: usize,
+    n_rows: usize,
+    offset: usize,
+    dot: PreparedFn,
+) {
+    let buf = stored_rows(rng, format, head_dim, n_rows, offset);
+    let rows = &buf[offset..];
+    let queries = rng.values(group * head_dim);
+    let stride = quant::prepared_row_bytes(head_dim).unwrap();
+    let mut pbuf = vec![0u8; offset + group * stride];
+    quant_scalar::prepare_queries(format, head_dim, &queries, group, &mut pbuf[offset..]);
+    let prepared = &pbuf[offset..];
+    let per_head = n_rows + n_rows % 2;
+    let mut want = vec![f32::from_bits(0x7fc0_1234); group * per_head];
+    let mut got = want.clone();
+    quant_scalar::dot_rows_prepared(format, rows, head_dim, prepared, group, &mut want);
+    dot(format, rows, head_dim, prepared, group, &mut got);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g.to_bits(),
+            w.to_bits(),
+            "{format} hd {head_dim} group {group} rows {n_rows} slot {i}: {g} vs {w}"
+        );
+        if i % per_head >= n_rows {
+            assert_eq!(g.to_bits(), 0x7fc0_1234, "slot past the rows written");
+        }
+    }
+}
+
+type PreparedFn<'a> = &'a dyn Fn(KvFormat, &[u8], usize, &[u8], usize, &mut [f32]);
+
+fn sweep_prepared(dot: PreparedFn) {
+    let mut rng = Rng(0x5eed);
+    for format in KvFormat::QUANTIZED {
+        for head_dim in 1..=256 {
+            for group in (1..=9).chain([32]) {
+                // Every row count for the small groups, a spread for the others.
+                let counts: &[usize] = if group <= 4 {
+                    &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
+                } else {
+                    &[0, 1, 2, 5, 16, 17]
+                };
+                for &n_rows in counts {
+                    let offset = (head_dim + group + n_rows) % 4;
+                    compare_prepared(&mut rng, format, head_dim, group, n_rows, offset, dot);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_prepared_dot_matches_scalar() {
+    let Some(t) = Avx2::new() else {
+        eprintln!("CPU lacks AVX2/FMA/F16C: AVX2 kernels not tested");
+        return;
+    };
+    sweep_prepared(&|f, r, hd, p, g, s| quant_avx2::dot_rows_prepared(t, f, r, hd, p, g, s));
+}
+
+#[test]
+fn dispatched_prepared_dot_matches_scalar() {
+    sweep_prepared(&kernels::dot_rows_prepared);
+}
+
+/// Arbitrary bytes as rows and prepared queries (NaN / inf parameters, `-128` keys included):
+/// no panic, and AVX2 equals scalar bit for bit (NaN for NaN); inconsistent lengths process
+/// the same prefix.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_prepared_on_arbitrary_bytes_and_lengths() {
+    let Some(t) = Avx2::new() else { return };
+    let mut rng = Rng(0xa4b);
+    for format in KvFormat::QUANTIZED {
+        for head_dim in [1, 5, 8, 13, 32, 45, 64, 100] {
+            let rb = format.row_bytes(head_dim).unwrap();
+            let stride = quant::prepared_row_bytes(head_dim).unwrap();
+            for (n_rows, group, extra_rows, p_len, s_len) in [
+                (4, 3, 0, 3 * stride, 12),
+                (9, 3, 5, 3 * stride, 27),
+                (5, 2, 0, stride + 7, 10),
+                (7, 4, 3, 4 * stride, 4 * 7 + 3),
+                (3, 2, 0, 0, 6),
+            ] {
+                let bytes: Vec<u8> = (0..rb * n_rows + extra_rows + 1)
+                    .map(|_| rng.next() as u8)
+                    .collect();
+                let rows = &bytes[1..];
+                let mut pbytes: Vec<u8> = (0..p_len + 1).map(|_| rng.next() as u8).collect();
+                // Keep the query integers in range (-128 is never written) but the scales
+                // arbitrary.
+                for b in pbytes.iter_mut() {
+                    if *b == 0x80 {
+                        *b = 0x81;
+                    }
+                }
+                let prepared = &pbytes[1..];
+                let (mut want, mut got) = (vec![0.25f32; s_len], vec![0.25f32; s_len]);
+                quant_scalar::dot_rows_prepared(format, rows, head_dim, prepared, group, &mut want);
+                quant_avx2::dot_rows_prepared(t, format, rows, head_dim, prepared, group, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                        "{format} hd {head_dim}: {g} vs {w}"
+                    );
+                }
+            }
         }
     }
 }

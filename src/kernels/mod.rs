@@ -131,6 +131,65 @@ pub fn dot_rows(
     dispatch!(dot_rows(format, rows, head_dim, queries, group, scores))
 }
 
+/// Bytes of scratch [`prepare_queries`] needs for `group` query rows of `head_dim` against
+/// keys stored as `format`: `group × `[`crate::quant::prepared_row_bytes`]`(head_dim)`
+/// (`group × 40 × ceil(head_dim / 32)`), saturating on overflow; `0` for the float formats.
+pub fn prepared_query_len(format: KvFormat, head_dim: usize, group: usize) -> usize {
+    if format.is_float() {
+        return 0;
+    }
+    crate::quant::prepared_row_bytes(head_dim).map_or(usize::MAX, |n| n.saturating_mul(group))
+}
+
+/// Quantizes `group` query rows (`queries`: `[group][head_dim]` `f32`) once, for
+/// [`dot_rows_prepared`] against int8 / int4 keys: per group of 32 elements an `f32` scale and
+/// `i8` values, laid out as described at [`crate::quant::prepared_row_bytes`]. `prepared`
+/// needs [`prepared_query_len`] bytes; rows that do not fit are not written. Float formats
+/// write nothing.
+pub fn prepare_queries(
+    format: KvFormat,
+    head_dim: usize,
+    queries: &[f32],
+    group: usize,
+    prepared: &mut [u8],
+) {
+    if !format.is_float() {
+        dispatch_quant!(prepare_queries(format, head_dim, queries, group, prepared))
+    }
+}
+
+/// [`dot_rows`] with queries prepared by [`prepare_queries`] (same `format`, `head_dim` and
+/// `group`): `scores[h][r] ≈ queries[h] · row[r]` for `h < group`, `r < n_rows =
+/// scores.len() / group`, computed with integer dot products per group of 32 elements, then
+/// scaled by the query and key scales. The query's quantization error is at most half a step
+/// per element (`|x - s_q·q| <= s_q / 2`), so each score is within `Σ_d |k_d| · s_q(d) / 2`
+/// of the `f32` query's, plus `f32` rounding. Counts are clamped to the slice lengths like
+/// [`dot_rows`]. Float formats write nothing (use [`dot_rows`]).
+pub fn dot_rows_prepared(
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    prepared: &[u8],
+    group: usize,
+    scores: &mut [f32],
+) {
+    if !format.is_float() {
+        dispatch_quant!(dot_rows_prepared(
+            format, rows, head_dim, prepared, group, scores
+        ))
+    }
+}
+
+/// Views `f32` scratch as bytes, for the byte buffers of [`prepare_queries`] and
+/// [`dot_rows_prepared`] carved out of the `f32` scratch of attention (`4 × len` bytes).
+pub fn scratch_bytes(scratch: &mut [f32]) -> &mut [u8] {
+    let len = core::mem::size_of_val(scratch);
+    // SAFETY: the pointer and length cover exactly the memory of `scratch`, which stays
+    // mutably borrowed for the result's lifetime; `u8` has alignment 1, and every byte
+    // pattern is a valid `u8` and every 4-byte pattern a valid `f32`.
+    unsafe { core::slice::from_raw_parts_mut(scratch.as_mut_ptr().cast::<u8>(), len) }
+}
+
 /// `out[h] += Σ_r weights[h][r] · row[r]` for every head `h < group`, where
 /// `n_rows = weights.len() / group`.
 pub fn accumulate_rows(

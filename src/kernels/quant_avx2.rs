@@ -226,6 +226,24 @@ unsafe fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
     _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s))
 }
 
+/// `[Σa, Σb, Σc, Σd]`, each summed with the tree of [`hsum`]:
+/// `((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7))`, using only 128-bit extracts, unpacks
+/// and adds.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum4_tree(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+    let fold = |v: __m256| _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let (a, b, c, d) = (fold(a), fold(b), fold(c), fold(d));
+    // [a0 + a2, b0 + b2, a1 + a3, b1 + b3] and the same for c, d.
+    let ab = _mm_add_ps(_mm_unpacklo_ps(a, b), _mm_unpackhi_ps(a, b));
+    let cd = _mm_add_ps(_mm_unpacklo_ps(c, d), _mm_unpackhi_ps(c, d));
+    _mm_add_ps(_mm_movelh_ps(ab, cd), _mm_movehl_ps(cd, ab))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dot products.
 
@@ -598,5 +616,302 @@ unsafe fn acc_block<const FMT: u8, const C: usize, const G: usize>(
                 _mm256_storeu_ps(p, *a);
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Integer dot products against prepared (quantized) queries.
+
+/// See [`super::prepare_queries`]. Done once per work item (a few hundred elements), so it is
+/// the scalar code, which also keeps the prepared bytes identical on every path.
+#[inline]
+pub fn prepare_queries(
+    _token: Avx2,
+    format: KvFormat,
+    head_dim: usize,
+    queries: &[f32],
+    group: usize,
+    prepared: &mut [u8],
+) {
+    quant_scalar::prepare_queries(format, head_dim, queries, group, prepared)
+}
+
+/// See [`super::dot_rows_prepared`], for the quantized formats (others are ignored). The
+/// result equals [`quant_scalar::dot_rows_prepared`] bit for bit: the integer sums are exact
+/// and the float part is done in the same order (see `quant_scalar::prepared_dot`).
+#[inline]
+pub fn dot_rows_prepared(
+    _token: Avx2,
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    prepared: &[u8],
+    group: usize,
+    scores: &mut [f32],
+) {
+    // SAFETY: the token exists, so the CPU has AVX2, FMA and F16C.
+    unsafe { dot_prepared_impl(format, rows, head_dim, prepared, group, scores) }
+}
+
+/// Geometry of a prepared dot product.
+#[derive(Clone, Copy)]
+struct PShape {
+    rows: *const u8,
+    head_dim: usize,
+    row_bytes: usize,
+    /// Stride between heads in `scores`.
+    per_head: usize,
+    /// Bytes of one prepared query row.
+    stride: usize,
+    /// Groups of 32 elements per row.
+    groups: usize,
+}
+
+/// # Safety
+///
+/// - The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_prepared_impl(
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    prepared: &[u8],
+    group: usize,
+    scores: &mut [f32],
+) {
+    if group == 0 || head_dim == 0 {
+        return;
+    }
+    let per_head = scores.len() / group;
+    let Some(stride) = quant::prepared_row_bytes(head_dim).filter(|&n| n > 0) else {
+        return;
+    };
+    debug_assert_eq!(prepared.len(), group * stride);
+    let heads = group.min(prepared.len() / stride);
+    let Some((row_bytes, n_rows)) = geometry(format, rows, head_dim, per_head) else {
+        return;
+    };
+    if heads == 0 {
+        return;
+    }
+    let shape = PShape {
+        rows: rows.as_ptr(),
+        head_dim,
+        row_bytes,
+        per_head,
+        stride,
+        groups: quant::groups(head_dim),
+    };
+    // From here on `n_rows * row_bytes <= rows.len()`, `heads * stride <= prepared.len()` and
+    // `heads * per_head <= scores.len()`, which is what the block kernels rely on.
+    let (q, s) = (prepared.as_ptr(), scores.as_mut_ptr());
+    match format {
+        KvFormat::Int8 => pdot_heads::<I8>(shape, n_rows, q, heads, s),
+        KvFormat::Int4 => pdot_heads::<I4>(shape, n_rows, q, heads, s),
+        _ => {}
+    }
+}
+
+/// Splits the heads into runs of at most 4 and each run's rows into register blocks.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2, FMA and F16C.
+/// - `shape.rows` must be valid for reading `n_rows` rows of `shape.row_bytes` bytes of `FMT`.
+/// - `q` must be valid for reading `heads * shape.stride` bytes, `s` for writing
+///   `heads * shape.per_head` floats, and `n_rows <= shape.per_head`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pdot_heads<const FMT: u8>(
+    shape: PShape,
+    n_rows: usize,
+    q: *const u8,
+    heads: usize,
+    s: *mut f32,
+) {
+    let mut h = 0;
+    while h < heads {
+        // SAFETY: head `h + g` for `g < G <= heads - h` has its prepared row and scores inside
+        // the buffers (see the contract above).
+        let (q, s) = (q.add(h * shape.stride), s.add(h * shape.per_head));
+        h += match heads - h {
+            1 => pdot_group::<FMT, 4, 1>(shape, n_rows, q, s),
+            2 => pdot_group::<FMT, 3, 2>(shape, n_rows, q, s),
+            3 => pdot_group::<FMT, 2, 3>(shape, n_rows, q, s),
+            _ => pdot_group::<FMT, 2, 4>(shape, n_rows, q, s),
+        };
+    }
+}
+
+/// All `n_rows` rows against `G` prepared heads, `R` rows at a time; returns `G`.
+///
+/// # Safety
+///
+/// - As for [`pdot_heads`], with `q` / `s` pointing at the first of `G` heads.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pdot_group<const FMT: u8, const R: usize, const G: usize>(
+    shape: PShape,
+    n_rows: usize,
+    q: *const u8,
+    s: *mut f32,
+) -> usize {
+    let mut r = 0;
+    while r + R <= n_rows {
+        pdot_block::<FMT, R, G>(shape, r, q, s);
+        r += R;
+    }
+    while r < n_rows {
+        pdot_block::<FMT, 1, G>(shape, r, q, s);
+        r += 1;
+    }
+    G
+}
+
+/// The little-endian `f32` at `p`.
+///
+/// # Safety
+///
+/// - `p` must be valid for reading 4 bytes (any alignment).
+#[inline(always)]
+unsafe fn f32_at(p: *const u8) -> f32 {
+    // SAFETY: the caller vouches for 4 readable bytes.
+    f32::from_le_bytes(core::ptr::read_unaligned(p.cast::<[u8; 4]>()))
+}
+
+/// The stored integers of group `g` (elements `d0..d0 + len`, `d0 = 32g`) of the row at `row`
+/// as 32 bytes in the order of a prepared query group: int8 `i8` in element order; int4 the
+/// low nibbles (even elements) then the high ones (odd elements), as `0..=15`. A partial
+/// group (`len < 32`) is read through a zero-padded copy; its padding lanes meet zero query
+/// lanes, so whatever they hold contributes 0.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2.
+/// - `row` must point at a whole stored row of `FMT`, `d0 + len <= head_dim`, `1 <= len <= 32`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn key_group<const FMT: u8>(row: *const u8, d0: usize, len: usize) -> __m256i {
+    if FMT == I8 {
+        if len == GROUP {
+            // SAFETY: the 32 element bytes of the group lie in the row.
+            _mm256_loadu_si256(row.add(d0).cast())
+        } else {
+            let mut buf = [0u8; GROUP];
+            // SAFETY: the `len` element bytes of the group lie in the row; `buf` holds 32.
+            core::ptr::copy_nonoverlapping(row.add(d0), buf.as_mut_ptr(), len);
+            _mm256_loadu_si256(buf.as_ptr().cast())
+        }
+    } else {
+        let packed = if len == GROUP {
+            // SAFETY: the 16 nibble bytes of the group lie in the row.
+            _mm_loadu_si128(row.add(d0 / 2).cast())
+        } else {
+            let mut buf = [0u8; GROUP / 2];
+            // SAFETY: the `ceil(len / 2)` nibble bytes of the group lie in the row.
+            core::ptr::copy_nonoverlapping(row.add(d0 / 2), buf.as_mut_ptr(), len.div_ceil(2));
+            _mm_loadu_si128(buf.as_ptr().cast())
+        };
+        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+    }
+}
+
+/// Scores of rows `row..row + R` against `G` prepared heads. Per group of 32 elements: the
+/// rows' 32 stored integers are loaded once (int8: also `|k|`), and for each head
+/// `vpmaddubsw` (int8: `|k|` unsigned × `sign(q, k)` signed, exact even for a stray `-128`;
+/// int4: nibbles unsigned × `q` signed) then `vpmaddwd` with ones give 8 `i32` lane sums of 4
+/// products each (at most `2·128·127` per 16-bit pair: no saturation); those are converted
+/// and accumulated as `acc + lanes · (s_q · s_k)`; the 8 lanes are reduced with the tree of
+/// [`hsum`]. int4 adds `Σ_g m_k · (s_q · Σq)` after
+/// the reduction. The order is that of `quant_scalar::prepared_dot`.
+///
+/// # Safety
+///
+/// - As for [`pdot_heads`], with `row + R <= n_rows` and `q` / `s` at the first of `G` heads.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pdot_block<const FMT: u8, const R: usize, const G: usize>(
+    shape: PShape,
+    row: usize,
+    q: *const u8,
+    s: *mut f32,
+) {
+    let head_dim = shape.head_dim;
+    let rb = shape.row_bytes;
+    let ng = shape.groups;
+    // SAFETY: `row < n_rows`, so row `row` starts inside the rows slice.
+    let base = shape.rows.add(row * rb);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); G]; R];
+    let mut min_terms = [[0.0f32; G]; R];
+    for g in 0..ng {
+        let d0 = g * GROUP;
+        let len = (head_dim - d0).min(GROUP);
+        let mut keys = [_mm256_setzero_si256(); R];
+        let mut abs_keys = [_mm256_setzero_si256(); R];
+        let mut sk = [_mm256_setzero_ps(); R];
+        let mut mk = [0.0f32; R];
+        for r in 0..R {
+            // SAFETY: row `row + r < n_rows` is whole and group `g` is inside it.
+            let p = base.add(r * rb);
+            let (scale, min) = params::<FMT>(p, head_dim, g);
+            (sk[r], mk[r]) = (_mm256_set1_ps(scale), min);
+            keys[r] = key_group::<FMT>(p, d0, len);
+            if FMT == I8 {
+                abs_keys[r] = _mm256_abs_epi8(keys[r]);
+            }
+        }
+        for h in 0..G {
+            // SAFETY: head `h < G` has a whole prepared row of `stride` bytes: 32 bytes per
+            // group, then the scales, then the `s_q · Σq` terms.
+            let qh = q.add(h * shape.stride);
+            let qv = _mm256_loadu_si256(qh.add(d0).cast());
+            let sq = _mm256_set1_ps(f32_at(qh.add(ng * GROUP + 4 * g)));
+            let w = if FMT == I4 {
+                f32_at(qh.add(ng * GROUP + 4 * ng + 4 * g))
+            } else {
+                0.0
+            };
+            for r in 0..R {
+                let pairs = if FMT == I8 {
+                    _mm256_maddubs_epi16(abs_keys[r], _mm256_sign_epi8(qv, keys[r]))
+                } else {
+                    _mm256_maddubs_epi16(keys[r], qv)
+                };
+                let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                let c = _mm256_mul_ps(sq, sk[r]);
+                acc[r][h] = _mm256_add_ps(acc[r][h], _mm256_mul_ps(lanes, c));
+                if FMT == I4 {
+                    min_terms[r][h] += mk[r] * w;
+                }
+            }
+        }
+    }
+    // Reduce four accumulators at a time in (row, head) order, then the leftovers one by one,
+    // all with the tree of `hsum` (no `vhaddps`: 8 uops on Zen 1).
+    let mut sums = [0.0f32; 16];
+    let n = R * G;
+    debug_assert!(n <= 12);
+    let flat = |i: usize| acc[i / G][i % G];
+    let mut i = 0;
+    while i + 4 <= n {
+        let v = hsum4_tree(flat(i), flat(i + 1), flat(i + 2), flat(i + 3));
+        _mm_storeu_ps(sums.as_mut_ptr().add(i), v);
+        i += 4;
+    }
+    while i < n {
+        sums[i] = hsum(flat(i));
+        i += 1;
+    }
+    for (i, sum) in sums.iter().take(n).enumerate() {
+        let (r, h) = (i / G, i % G);
+        let score = if FMT == I4 {
+            *sum + min_terms[r][h]
+        } else {
+            *sum
+        };
+        // SAFETY: head `h` of this run and row `row + r < n_rows <= per_head`.
+        *s.add(h * shape.per_head + row + r) = score;
     }
 }

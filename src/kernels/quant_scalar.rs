@@ -111,3 +111,109 @@ pub fn accumulate_rows(
         }
     }
 }
+
+/// See [`super::prepare_queries`]: quantizes `group` query rows of `head_dim` (`queries` is
+/// `[group][head_dim]` `f32`) into `prepared` (`group` rows of
+/// [`quant::prepared_row_bytes`]`(head_dim)` bytes). Rows that do not fit are not written.
+pub fn prepare_queries(
+    format: KvFormat,
+    head_dim: usize,
+    queries: &[f32],
+    group: usize,
+    prepared: &mut [u8],
+) {
+    if format.is_float() || head_dim == 0 {
+        return;
+    }
+    let Some(stride) = quant::prepared_row_bytes(head_dim) else {
+        return;
+    };
+    for (query, dst) in queries
+        .chunks_exact(head_dim)
+        .zip(prepared.chunks_exact_mut(stride))
+        .take(group)
+    {
+        quant::prepare_query(format, query, dst);
+    }
+}
+
+/// The score of one stored row against one prepared query row, in the exact arithmetic order
+/// of the AVX2 kernel:
+///
+/// - per group `g`, the products `k·q` of the 32 prepared positions are summed four at a time
+///   into 8 `i32` lanes (lane `j`: positions `4j..4j + 4`; exact);
+/// - each lane is converted to `f32` and accumulated as `acc[j] = acc[j] + lane[j] · c_g`
+///   (a multiply then an add, no FMA), `c_g = s_q[g] · s_k[g]`;
+/// - the lanes are reduced as `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`;
+/// - int4 then adds `Σ_g m_k[g] · w[g]` (summed in group order), `w = s_q · Σ q`.
+///
+/// `row` must hold a whole stored row and `query` a whole prepared row.
+#[inline]
+fn prepared_dot(format: KvFormat, row: &[u8], head_dim: usize, query: &[u8]) -> f32 {
+    let ng = quant::groups(head_dim);
+    let mut acc = [0.0f32; 8];
+    let mut min_term = 0.0f32;
+    let stored_len = match format {
+        KvFormat::Int4 => head_dim.div_ceil(2) * 2,
+        _ => head_dim,
+    };
+    for g in 0..ng {
+        let (sk, mk) = quant::group_params(format, row, head_dim, g);
+        let sq = quant::read_f32(query, ng * GROUP + 4 * g);
+        let c = sq * sk;
+        let mut lanes = [0i32; 8];
+        for t in 0..GROUP {
+            let d = g * GROUP + quant::prepared_element(format, t);
+            // Past `head_dim` the key lane is 0, except the high nibble of an int4 row's last
+            // byte, which the AVX2 kernel loads too (the prepared query is 0 there anyway).
+            let k = if d < stored_len {
+                quant::stored_q(format, row, d)
+            } else {
+                0
+            };
+            let q = query[g * GROUP + t] as i8 as i32;
+            lanes[t / 4] += k * q;
+        }
+        for (a, &lane) in acc.iter_mut().zip(lanes.iter()) {
+            *a += lane as f32 * c;
+        }
+        if format == KvFormat::Int4 {
+            min_term += mk * quant::read_f32(query, ng * GROUP + 4 * ng + 4 * g);
+        }
+    }
+    let sum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    if format == KvFormat::Int4 {
+        sum + min_term
+    } else {
+        sum
+    }
+}
+
+/// See [`super::dot_rows_prepared`]: `scores[h][r]` = the integer dot product of prepared
+/// query `h` with stored row `r` (see [`prepared_dot`] for the exact arithmetic).
+pub fn dot_rows_prepared(
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    prepared: &[u8],
+    group: usize,
+    scores: &mut [f32],
+) {
+    if group == 0 || head_dim == 0 {
+        return;
+    }
+    let per_head = scores.len() / group;
+    let Some(stride) = quant::prepared_row_bytes(head_dim).filter(|&n| n > 0) else {
+        return;
+    };
+    debug_assert_eq!(prepared.len(), group * stride);
+    let Some((row_bytes, n_rows)) = geometry(format, rows, head_dim, per_head) else {
+        return;
+    };
+    for (head, query) in prepared.chunks_exact(stride).take(group).enumerate() {
+        for r in 0..n_rows {
+            let row = &rows[r * row_bytes..(r + 1) * row_bytes];
+            scores[head * per_head + r] = prepared_dot(format, row, head_dim, query);
+        }
+    }
+}
