@@ -274,6 +274,12 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
                 *dst = src * self.scale;
             }
         }
+        // Keys stored in the rotated basis: rotate the queries instead (`Hq·Hk = q·k`).
+        if crate::quant::rotated(spec.k_format, head_dim) {
+            query_buf
+                .chunks_exact_mut(head_dim)
+                .for_each(crate::quant::hadamard);
+        }
         // Quantized keys: quantize the queries once for the integer dot products.
         kernels::prepare_queries(spec.k_format, head_dim, query_buf, rows, prepared);
         let prepared = &*prepared;
@@ -350,6 +356,12 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
             }
             let scores = &scores[..rows * keys];
             kernels::accumulate_rows(spec.v_format, v_rows, head_dim, scores, rows, acc);
+        }
+        // Values stored in the rotated basis: rotate the weighted sum back, once (it is linear,
+        // so the merge of partial states is unaffected).
+        if crate::quant::rotated(spec.v_format, head_dim) {
+            acc.chunks_exact_mut(head_dim)
+                .for_each(crate::quant::hadamard);
         }
         Ok(())
     }

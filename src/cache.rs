@@ -529,7 +529,16 @@ impl<'a> KvCache<'a> {
                 let row_bytes = self.layout.row_bytes(kind);
                 for (head, row) in values.chunks_exact(spec.head_dim).enumerate() {
                     let at = base + self.layout.row_offset(layer, kind, head, slot_in_block);
-                    kernels::encode_row(format, row, &mut self.data[at..at + row_bytes]);
+                    let dst = &mut self.data[at..at + row_bytes];
+                    if crate::quant::rotated(format, spec.head_dim) {
+                        let mut buffer = [0.0f32; crate::quant::MAX_ROTATED_DIM];
+                        let rotated = &mut buffer[..spec.head_dim];
+                        rotated.copy_from_slice(row);
+                        crate::quant::hadamard(rotated);
+                        kernels::encode_row(format, rotated, dst);
+                    } else {
+                        kernels::encode_row(format, row, dst);
+                    }
                 }
             }
         }
@@ -569,6 +578,9 @@ impl<'a> KvCache<'a> {
             &self.data[at..at + self.layout.row_bytes(kind)],
             out,
         );
+        if crate::quant::rotated(format, spec.head_dim) {
+            crate::quant::hadamard(out);
+        }
         Ok(())
     }
 

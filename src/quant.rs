@@ -390,3 +390,84 @@ pub fn prepared_value(format: KvFormat, prepared: &[u8], head_dim: usize, d: usi
         .map_or(0, |&b| b as i8);
     read_f32(prepared, ng * GROUP + 4 * g) as f64 * q as f64
 }
+
+/// Largest `head_dim` whose int4 rows are stored rotated (the rotation works in a stack buffer).
+pub const MAX_ROTATED_DIM: usize = 256;
+
+/// Whether rows of `format` with `head_dim` elements are stored in the Hadamard-rotated basis:
+/// int4 rows whose `head_dim` is a power of two from 2 to [`MAX_ROTATED_DIM`].
+///
+/// Keys have a few channels far larger than the rest; with one scale per 32 elements those
+/// outliers set a coarse step for their whole group, and 4 bits cannot afford that. An
+/// orthonormal Hadamard rotation spreads every channel over all of them, so the groups become
+/// even and the step fine, while dot products are unchanged (`Hq·Hk = q·k`). The cache rotates
+/// a row before quantizing it and rotates it back when reading it; attention rotates the
+/// queries once and the weighted value sum once per work item instead of touching the rows.
+pub const fn rotated(format: KvFormat, head_dim: usize) -> bool {
+    matches!(format, KvFormat::Int4)
+        && head_dim.is_power_of_two()
+        && head_dim >= 2
+        && head_dim <= MAX_ROTATED_DIM
+}
+
+/// The orthonormal Walsh–Hadamard transform of `x` in place (`x.len()` a power of two). It is
+/// its own inverse. `O(n log n)` additions and one scaling by `1/sqrt(n)`.
+pub fn hadamard(x: &mut [f32]) {
+    let n = x.len();
+    if n < 2 || !n.is_power_of_two() {
+        return;
+    }
+    let mut half = 1;
+    while half < n {
+        for block in x.chunks_exact_mut(2 * half) {
+            let (lo, hi) = block.split_at_mut(half);
+            for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+                let (sum, difference) = (*a + *b, *a - *b);
+                *a = sum;
+                *b = difference;
+            }
+        }
+        half *= 2;
+    }
+    // 1/sqrt(n) for n = 2^k: 2^(-k/2), exact for even k and one rounding for odd k.
+    let k = n.trailing_zeros() as i32;
+    let mut scale = f32::from_bits(((127 - k / 2) as u32) << 23);
+    if k % 2 == 1 {
+        scale *= core::f32::consts::FRAC_1_SQRT_2;
+    }
+    for value in x.iter_mut() {
+        *value *= scale;
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+
+    #[test]
+    fn hadamard_is_orthonormal_and_self_inverse() {
+        for n in [2usize, 4, 8, 16, 64, 128, 256] {
+            let x: std::vec::Vec<f32> =
+                (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
+            let mut y = x.clone();
+            hadamard(&mut y);
+            let norm = |v: &[f32]| v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>();
+            assert!((norm(&x) - norm(&y)).abs() < 1e-4 * norm(&x));
+            hadamard(&mut y);
+            for (a, b) in x.iter().zip(&y) {
+                assert!((a - b).abs() < 1e-5, "n {n}: {a} vs {b}");
+            }
+            // A single outlier channel is spread evenly over all channels.
+            let mut spike = std::vec![0.0f32; n];
+            spike[n - 1] = 8.0;
+            hadamard(&mut spike);
+            let expected = 8.0 / (n as f32).sqrt();
+            assert!(spike.iter().all(|v| (v.abs() - expected).abs() < 1e-5));
+        }
+        assert!(
+            rotated(KvFormat::Int4, 64)
+                && !rotated(KvFormat::Int4, 48)
+                && !rotated(KvFormat::Int8, 64)
+        );
+    }
+}

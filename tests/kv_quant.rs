@@ -630,22 +630,39 @@ fn attention_errors(k_format: KvFormat, v_format: KvFormat, head_dim: usize, len
                     vec![0.0; head_dim],
                 )
             } else {
+                // Rotated int4 keys: the kernel sees the rotated query against rotated rows.
+                let rotated = quant::rotated(k_format, head_dim);
+                let mut kernel_input = scaled.clone();
+                if rotated {
+                    quant::hadamard(&mut kernel_input);
+                }
                 let mut prepared = vec![0u8; kernels::prepared_query_len(k_format, head_dim, 1)];
-                kernels::prepare_queries(k_format, head_dim, &scaled, 1, &mut prepared);
+                kernels::prepare_queries(k_format, head_dim, &kernel_input, 1, &mut prepared);
                 let ng = quant::groups(head_dim);
+                let mut used: Vec<f32> = (0..head_dim)
+                    .map(|d| quant::prepared_value(k_format, &prepared, head_dim, d) as f32)
+                    .collect();
+                if rotated {
+                    // Back to the original basis, where `read_row` returns the keys.
+                    quant::hadamard(&mut used);
+                }
                 (
-                    (0..head_dim)
-                        .map(|d| quant::prepared_value(k_format, &prepared, head_dim, d))
-                        .collect(),
+                    used.iter().map(|&x| x as f64).collect(),
                     (0..head_dim)
                         .map(|d| quant::read_f32(&prepared, ng * GROUP + 4 * (d / GROUP)) as f64)
                         .collect(),
                 )
             };
+            // The query's quantization error acts in the basis the keys are stored in.
             let delta = k_deq
                 .iter()
                 .map(|k| {
-                    k.iter()
+                    let mut basis = k.clone();
+                    if quant::rotated(k_format, head_dim) {
+                        quant::hadamard(&mut basis);
+                    }
+                    basis
+                        .iter()
                         .zip(&step)
                         .map(|(&x, s)| x.abs() as f64 * s / 2.0)
                         .sum::<f64>()

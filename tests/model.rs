@@ -363,7 +363,11 @@ fn compressed_caches_agree_with_f16_on_greedy_tokens() {
     let tokenizer = model.tokenizer();
     let mut runner = Runner::new(&model, 2);
     let vocab = model.config().vocab;
-    let prompts = ["The capital of France is", "Once upon a time, there was a little robot who", "def fibonacci(n):"];
+    let prompts = [
+        "The capital of France is",
+        "Once upon a time, there was a little robot who",
+        "def fibonacci(n):",
+    ];
     let steps = 64;
     let mut agree = [0usize; 2];
     let mut total = 0;
@@ -371,14 +375,34 @@ fn compressed_caches_agree_with_f16_on_greedy_tokens() {
         let prompt = tokenizer.encode(text);
         let (reference, _) = decode_with_cache(&mut runner, &prompt, steps);
         for (i, format) in [KvFormat::Int8, KvFormat::Int4].into_iter().enumerate() {
-            let (spec, mut arena) = kvcache::cli::generate::cache_arena(&model, format, 1, prompt.len() + steps).unwrap();
+            let (spec, mut arena) =
+                kvcache::cli::generate::cache_arena(&model, format, 1, prompt.len() + steps)
+                    .unwrap();
             let mut cache = KvCache::new(spec, arena.as_mut_slice()).unwrap();
             let seq = cache.add_sequence().unwrap();
             let mut logits = vec![0.0; vocab];
-            runner.forward(&mut cache, &[Step { seq, tokens: &prompt }], &mut logits).unwrap();
+            runner
+                .forward(
+                    &mut cache,
+                    &[Step {
+                        seq,
+                        tokens: &prompt,
+                    }],
+                    &mut logits,
+                )
+                .unwrap();
             for &token in &reference {
                 agree[i] += (argmax(&logits) == token) as usize;
-                runner.forward(&mut cache, &[Step { seq, tokens: &[token] }], &mut logits).unwrap();
+                runner
+                    .forward(
+                        &mut cache,
+                        &[Step {
+                            seq,
+                            tokens: &[token],
+                        }],
+                        &mut logits,
+                    )
+                    .unwrap();
             }
         }
         total += steps;

@@ -37,7 +37,18 @@ pub fn cache_arena(
     seqs: usize,
     tokens: usize,
 ) -> Result<(crate::CacheSpec, HeapArena), String> {
-    let spec = model.cache_spec(format, seqs, tokens.max(1));
+    cache_arena_kv(model, (format, format), seqs, tokens)
+}
+
+/// [`cache_arena`] with separate key and value formats.
+pub fn cache_arena_kv(
+    model: &Model,
+    (k_format, v_format): (KvFormat, KvFormat),
+    seqs: usize,
+    tokens: usize,
+) -> Result<(crate::CacheSpec, HeapArena), String> {
+    let mut spec = model.cache_spec(k_format, seqs, tokens.max(1));
+    spec.v_format = v_format;
     let layout = Layout::new(spec).map_err(|e| e.to_string())?;
     let blocks = tokens.max(1).div_ceil(spec.block_tokens) * seqs;
     let arena = HeapArena::new(layout.arena_bytes(blocks).map_err(|e| e.to_string())?)
@@ -53,7 +64,7 @@ pub fn generate(args: &Args) -> Result<(), String> {
         .ok_or("--prompt TEXT is required")?
         .to_string();
     let n: usize = args.value("n", 64)?;
-    let format = super::kv_format(args)?;
+    let (format, v_format) = super::kv_formats(args)?;
     let threads = threads(args)?;
     let config = SamplerConfig {
         temperature: args.value("temp", 0.0)?,
@@ -93,7 +104,7 @@ pub fn generate(args: &Args) -> Result<(), String> {
             prompt_ids.len()
         ));
     }
-    let (spec, mut arena) = cache_arena(&model, format, 1, prompt_ids.len() + n)?;
+    let (spec, mut arena) = cache_arena_kv(&model, (format, v_format), 1, prompt_ids.len() + n)?;
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
     let seq = cache.add_sequence().map_err(|e| e.to_string())?;
     let mut runner = Runner::new(&model, threads);
@@ -187,7 +198,7 @@ pub fn ppl(args: &Args) -> Result<(), String> {
     let ctx: usize = args.value("ctx", 512)?;
     let max_chunks: usize = args.value("chunks", usize::MAX)?;
     let max_chars: usize = args.value("chars", usize::MAX)?;
-    let format = super::kv_format(args)?;
+    let (format, v_format) = super::kv_formats(args)?;
     let threads = threads(args)?;
     args.reject_unknown()?;
     if ctx < 4 {
@@ -204,7 +215,7 @@ pub fn ppl(args: &Args) -> Result<(), String> {
             ids.len()
         ));
     }
-    let (spec, mut arena) = cache_arena(&model, format, 1, ctx)?;
+    let (spec, mut arena) = cache_arena_kv(&model, (format, v_format), 1, ctx)?;
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
     let mut runner = Runner::new(&model, threads);
     let vocab = model.config().vocab;
@@ -232,8 +243,8 @@ pub fn ppl(args: &Args) -> Result<(), String> {
         println!("[{}] {:.4}", c + 1, (nll / count as f64).exp());
     }
     let ppl = (nll / count as f64).exp();
-    println!("perplexity: {ppl:.4} over {chunks} windows of {ctx} tokens ({count} scored), kv {format}, {:.1} s", start.elapsed().as_secs_f64());
-    println!("{{\"ppl\":{ppl:.5},\"ctx\":{ctx},\"chunks\":{chunks},\"kv\":\"{format}\",\"scored\":{count}}}");
+    println!("perplexity: {ppl:.4} over {chunks} windows of {ctx} tokens ({count} scored), kv {format}/{v_format}, {:.1} s", start.elapsed().as_secs_f64());
+    println!("{{\"ppl\":{ppl:.5},\"ctx\":{ctx},\"chunks\":{chunks},\"kv\":\"{format}\",\"kv_v\":\"{v_format}\",\"scored\":{count}}}");
     Ok(())
 }
 
@@ -248,7 +259,7 @@ pub fn bench_decode(args: &Args) -> Result<(), String> {
     let path = model_path(args);
     let depth: usize = args.value("depth", 0)?;
     let n: usize = args.value("n", 64)?;
-    let format = super::kv_format(args)?;
+    let (format, v_format) = super::kv_formats(args)?;
     let threads = threads(args)?;
     let chunk: usize = args.value("chunk", 512)?;
     let no_cache = args.flag("no-cache");
@@ -258,7 +269,7 @@ pub fn bench_decode(args: &Args) -> Result<(), String> {
     }
     let model = Model::load(&path).map_err(|e| e.to_string())?;
     let vocab = model.config().vocab;
-    let (spec, mut arena) = cache_arena(&model, format, 1, depth + n + 1)?;
+    let (spec, mut arena) = cache_arena_kv(&model, (format, v_format), 1, depth + n + 1)?;
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
     let seq: SeqId = cache.add_sequence().map_err(|e| e.to_string())?;
     let mut runner = Runner::new(&model, threads);

@@ -80,6 +80,17 @@ pub(crate) fn kv_format(args: &Args) -> Result<crate::KvFormat, String> {
     crate::KvFormat::from_name(name).ok_or_else(|| format!("unknown --kv format `{name}`"))
 }
 
+/// `--kv` (both formats) and `--kv-v` (the values' format, when it should differ).
+pub(crate) fn kv_formats(args: &Args) -> Result<(crate::KvFormat, crate::KvFormat), String> {
+    let k = kv_format(args)?;
+    let v = match args.string("kv-v") {
+        None => k,
+        Some(name) => crate::KvFormat::from_name(name)
+            .ok_or_else(|| format!("unknown --kv-v format `{name}`"))?,
+    };
+    Ok((k, v))
+}
+
 /// Parses `--shape` into a spec.
 pub(crate) fn shape(args: &Args) -> Result<(&'static str, crate::CacheSpec), String> {
     match args.string("shape").unwrap_or("smollm2") {
