@@ -37,18 +37,26 @@ pub fn cache_arena(
     seqs: usize,
     tokens: usize,
 ) -> Result<(crate::CacheSpec, HeapArena), String> {
-    cache_arena_kv(model, (format, format), seqs, tokens)
+    cache_arena_kv(
+        model,
+        (format, format),
+        crate::CacheSpec::new(1, 1, 1, 1).block_tokens,
+        seqs,
+        tokens,
+    )
 }
 
-/// [`cache_arena`] with separate key and value formats.
+/// [`cache_arena`] with separate key and value formats and a block size.
 pub fn cache_arena_kv(
     model: &Model,
     (k_format, v_format): (KvFormat, KvFormat),
+    block_tokens: usize,
     seqs: usize,
     tokens: usize,
 ) -> Result<(crate::CacheSpec, HeapArena), String> {
     let mut spec = model.cache_spec(k_format, seqs, tokens.max(1));
     spec.v_format = v_format;
+    spec.block_tokens = block_tokens;
     let layout = Layout::new(spec).map_err(|e| e.to_string())?;
     let blocks = tokens.max(1).div_ceil(spec.block_tokens) * seqs;
     let arena = HeapArena::new(layout.arena_bytes(blocks).map_err(|e| e.to_string())?)
@@ -65,6 +73,10 @@ pub fn generate(args: &Args) -> Result<(), String> {
         .to_string();
     let n: usize = args.value("n", 64)?;
     let (format, v_format) = super::kv_formats(args)?;
+    let block_tokens: usize = args.value(
+        "block-tokens",
+        crate::CacheSpec::new(1, 1, 1, 1).block_tokens,
+    )?;
     let threads = threads(args)?;
     let config = SamplerConfig {
         temperature: args.value("temp", 0.0)?,
@@ -104,7 +116,13 @@ pub fn generate(args: &Args) -> Result<(), String> {
             prompt_ids.len()
         ));
     }
-    let (spec, mut arena) = cache_arena_kv(&model, (format, v_format), 1, prompt_ids.len() + n)?;
+    let (spec, mut arena) = cache_arena_kv(
+        &model,
+        (format, v_format),
+        block_tokens,
+        1,
+        prompt_ids.len() + n,
+    )?;
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
     let seq = cache.add_sequence().map_err(|e| e.to_string())?;
     let mut runner = Runner::new(&model, threads);
@@ -199,6 +217,10 @@ pub fn ppl(args: &Args) -> Result<(), String> {
     let max_chunks: usize = args.value("chunks", usize::MAX)?;
     let max_chars: usize = args.value("chars", usize::MAX)?;
     let (format, v_format) = super::kv_formats(args)?;
+    let block_tokens: usize = args.value(
+        "block-tokens",
+        crate::CacheSpec::new(1, 1, 1, 1).block_tokens,
+    )?;
     let threads = threads(args)?;
     args.reject_unknown()?;
     if ctx < 4 {
@@ -215,7 +237,7 @@ pub fn ppl(args: &Args) -> Result<(), String> {
             ids.len()
         ));
     }
-    let (spec, mut arena) = cache_arena_kv(&model, (format, v_format), 1, ctx)?;
+    let (spec, mut arena) = cache_arena_kv(&model, (format, v_format), block_tokens, 1, ctx)?;
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
     let mut runner = Runner::new(&model, threads);
     let vocab = model.config().vocab;
@@ -260,6 +282,10 @@ pub fn bench_decode(args: &Args) -> Result<(), String> {
     let depth: usize = args.value("depth", 0)?;
     let n: usize = args.value("n", 64)?;
     let (format, v_format) = super::kv_formats(args)?;
+    let block_tokens: usize = args.value(
+        "block-tokens",
+        crate::CacheSpec::new(1, 1, 1, 1).block_tokens,
+    )?;
     let threads = threads(args)?;
     let chunk: usize = args.value("chunk", 512)?;
     let no_cache = args.flag("no-cache");
@@ -269,7 +295,8 @@ pub fn bench_decode(args: &Args) -> Result<(), String> {
     }
     let model = Model::load(&path).map_err(|e| e.to_string())?;
     let vocab = model.config().vocab;
-    let (spec, mut arena) = cache_arena_kv(&model, (format, v_format), 1, depth + n + 1)?;
+    let (spec, mut arena) =
+        cache_arena_kv(&model, (format, v_format), block_tokens, 1, depth + n + 1)?;
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
     let seq: SeqId = cache.add_sequence().map_err(|e| e.to_string())?;
     let mut runner = Runner::new(&model, threads);
