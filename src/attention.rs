@@ -620,6 +620,19 @@ pub fn attention_threaded(
     })
 }
 
+/// Key splits per (sequence, KV head) for decode on `threads` threads: every thread gets the
+/// same number of work items and at least four, and no split is smaller than one block
+/// (`blocks`: the longest sequence's blocks).
+pub fn auto_splits(batch: usize, kv_heads: usize, threads: usize, blocks: usize) -> usize {
+    let base = batch.saturating_mul(kv_heads).max(1);
+    let threads = threads.max(1);
+    let mut splits = (4 * threads).div_ceil(base).max(1);
+    while (base * splits) % threads != 0 {
+        splits += 1;
+    }
+    splits.min(blocks.max(1))
+}
+
 /// First key position the query at `position` sees in the window, and whether sinks apply.
 fn key_window(window: usize, sinks: usize, position: usize) -> (usize, bool) {
     if window == 0 || position < window {

@@ -22,17 +22,6 @@ pub(crate) fn fill_random(values: &mut [f32], seed: &mut u64) {
     }
 }
 
-/// Key splits per (sequence, KV head) so that every thread gets the same number of items and
-/// there are at least four per thread.
-pub fn auto_splits(batch: usize, kv_heads: usize, threads: usize, blocks: usize) -> usize {
-    let base = batch * kv_heads;
-    let mut splits = (4 * threads).div_ceil(base).max(1);
-    while (base * splits) % threads != 0 {
-        splits += 1;
-    }
-    splits.min(blocks.max(1))
-}
-
 /// Runs the attention benchmark.
 pub fn attention(args: &Args) -> Result<(), String> {
     let (shape_name, mut spec) = super::shape(args)?;
@@ -105,7 +94,7 @@ pub fn attention(args: &Args) -> Result<(), String> {
     let mut out = vec![0.0f32; q_elems];
 
     let pool = ThreadPool::new(threads);
-    let splits = auto_splits(batch, spec.kv_heads, threads, blocks_per_seq);
+    let splits = crate::attention::auto_splits(batch, spec.kv_heads, threads, blocks_per_seq);
     let options = AttentionOptions {
         splits,
         query_tile: 1,

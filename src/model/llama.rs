@@ -681,7 +681,7 @@ fn attention_splits(
     if threads <= 1 || !decode_only || longest < 16 * block_tokens {
         return 1;
     }
-    crate::cli::bench::auto_splits(
+    crate::attention::auto_splits(
         entries.len(),
         kv_heads,
         threads,
