@@ -131,11 +131,14 @@ pub fn generate(args: &Args) -> Result<(), String> {
     let mut logits = vec![0.0f32; vocab];
 
     let start = Instant::now();
-    for piece in prompt_ids.chunks(chunk) {
-        runner
-            .forward(&mut cache, &[Step { seq, tokens: piece }], &mut logits)
-            .map_err(|e| e.to_string())?;
-    }
+    feed(
+        &mut runner,
+        &mut cache,
+        seq,
+        &prompt_ids,
+        chunk,
+        &mut logits,
+    )?;
     let prefill = start.elapsed().as_secs_f64();
     let mut generated = Vec::with_capacity(n);
     let mut stream = StreamDecoder::new();
@@ -158,26 +161,15 @@ pub fn generate(args: &Args) -> Result<(), String> {
         if generated.len() == n {
             break;
         }
-        if no_cache {
-            // The baseline the cache removes: recompute every position of the prefix.
-            cache.truncate(seq, 0).map_err(|e| e.to_string())?;
-            for piece in all.chunks(chunk) {
-                runner
-                    .forward(&mut cache, &[Step { seq, tokens: piece }], &mut logits)
-                    .map_err(|e| e.to_string())?;
-            }
-        } else {
-            runner
-                .forward(
-                    &mut cache,
-                    &[Step {
-                        seq,
-                        tokens: &[token],
-                    }],
-                    &mut logits,
-                )
-                .map_err(|e| e.to_string())?;
-        }
+        decode_step(
+            &mut runner,
+            &mut cache,
+            seq,
+            &all,
+            no_cache,
+            chunk,
+            &mut logits,
+        )?;
     }
     let decode = start.elapsed().as_secs_f64();
     println!("{}", stream.finish());
@@ -199,6 +191,50 @@ pub fn generate(args: &Args) -> Result<(), String> {
         stats.blocks_used,
     );
     Ok(())
+}
+
+/// Feeds `tokens` to `seq` in prefill chunks of `chunk`, leaving the last token's logits.
+fn feed(
+    runner: &mut Runner,
+    cache: &mut KvCache,
+    seq: SeqId,
+    tokens: &[u32],
+    chunk: usize,
+    logits: &mut [f32],
+) -> Result<(), String> {
+    for piece in tokens.chunks(chunk) {
+        runner
+            .forward(cache, &[Step { seq, tokens: piece }], logits)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// One decode step for `sequence`, whose last token is the new one: through the cache, or
+/// (`recompute`, the baseline the cache removes) by rebuilding every position of the prefix
+/// from an empty cache.
+fn decode_step(
+    runner: &mut Runner,
+    cache: &mut KvCache,
+    seq: SeqId,
+    sequence: &[u32],
+    recompute: bool,
+    chunk: usize,
+    logits: &mut [f32],
+) -> Result<(), String> {
+    if recompute {
+        cache.truncate(seq, 0).map_err(|e| e.to_string())?;
+        feed(runner, cache, seq, sequence, chunk, logits)
+    } else {
+        feed(
+            runner,
+            cache,
+            seq,
+            &sequence[sequence.len().saturating_sub(1)..],
+            chunk,
+            logits,
+        )
+    }
 }
 
 fn join(ids: &[u32]) -> String {
@@ -312,36 +348,22 @@ pub fn bench_decode(args: &Args) -> Result<(), String> {
         })
         .collect();
     let start = Instant::now();
-    for piece in context.chunks(chunk) {
-        runner
-            .forward(&mut cache, &[Step { seq, tokens: piece }], &mut logits)
-            .map_err(|e| e.to_string())?;
-    }
+    feed(&mut runner, &mut cache, seq, &context, chunk, &mut logits)?;
     let prefill = start.elapsed().as_secs_f64();
     let mut all = context.clone();
     let start = Instant::now();
     let mut token = 0u32;
     for _ in 0..n {
-        if no_cache {
-            all.push(token);
-            cache.truncate(seq, 0).map_err(|e| e.to_string())?;
-            for piece in all.chunks(chunk) {
-                runner
-                    .forward(&mut cache, &[Step { seq, tokens: piece }], &mut logits)
-                    .map_err(|e| e.to_string())?;
-            }
-        } else {
-            runner
-                .forward(
-                    &mut cache,
-                    &[Step {
-                        seq,
-                        tokens: &[token],
-                    }],
-                    &mut logits,
-                )
-                .map_err(|e| e.to_string())?;
-        }
+        all.push(token);
+        decode_step(
+            &mut runner,
+            &mut cache,
+            seq,
+            &all,
+            no_cache,
+            chunk,
+            &mut logits,
+        )?;
         token = crate::model::sampler::argmax(&logits);
     }
     let decode = start.elapsed().as_secs_f64();
