@@ -458,7 +458,9 @@ fn avx2_on_arbitrary_bytes() {
     }
 }
 
-/// Lengths that disagree: the largest consistent prefix, as the scalar kernels do.
+/// Lengths that disagree: the largest consistent prefix, as the scalar kernels do. (Release
+/// builds only: debug builds stop such caller bugs with `debug_assert!`.)
+#[cfg(not(debug_assertions))]
 #[test]
 fn inconsistent_lengths_match_scalar() {
     let mut rng = Rng(0xbad);
@@ -892,7 +894,8 @@ fn dispatched_prepared_dot_matches_scalar() {
 /// Arbitrary bytes as rows and prepared queries (NaN / inf parameters, `-128` keys included):
 /// no panic, and AVX2 equals scalar bit for bit (NaN for NaN); inconsistent lengths process
 /// the same prefix.
-#[cfg(target_arch = "x86_64")]
+/// (Release builds only: debug builds stop inconsistent lengths with `debug_assert!`.)
+#[cfg(all(target_arch = "x86_64", not(debug_assertions)))]
 #[test]
 fn avx2_prepared_on_arbitrary_bytes_and_lengths() {
     let Some(t) = Avx2::new() else { return };
