@@ -294,29 +294,43 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
             last_query,
         );
         let (from, to) = split_range(needed.count(), self.splits, item.split);
+        let v_row_bytes = self.cache.layout().row_bytes(Kind::V);
+        let lookup = |list_index: usize| self.cache.block(entry.seq, needed.logical(list_index));
+        // Each block is looked up once, one iteration ahead, so that its rows can be prefetched
+        // while the current block is processed; a failed look-up is reported when its turn comes.
+        let mut next = (from < to).then(|| lookup(from));
         for list_index in from..to {
-            let logical = needed.logical(list_index);
-            let block = self.cache.block(entry.seq, logical)?;
-            if list_index + 1 < to {
-                if let Ok(next) = self.cache.block(entry.seq, needed.logical(list_index + 1)) {
-                    kernels::prefetch(next.rows(self.layer, Kind::K, item.kv_head));
-                    kernels::prefetch(next.rows(self.layer, Kind::V, item.kv_head));
-                }
-            }
+            let block = match next.take() {
+                Some(block) => block?,
+                None => lookup(list_index)?,
+            };
+            next = (list_index + 1 < to).then(|| lookup(list_index + 1));
+            // The next block's rows, prefetched in three parts spread over this block's work
+            // (K now, half of V after the scores, the rest before the values): one burst of
+            // every line stalls on the CPU's miss buffers.
+            let (next_k, next_v) = match &next {
+                Some(Ok(next)) => (
+                    next.rows(self.layer, Kind::K, item.kv_head),
+                    next.rows(self.layer, Kind::V, item.kv_head),
+                ),
+                _ => (&[][..], &[][..]),
+            };
+            let (next_v_first, next_v_second) = next_v.split_at(next_v.len() / 128 * 64);
+            kernels::prefetch(next_k);
             // Keys of this block that the tile may see at all: up to the last query.
             let keys = block.tokens.min(last_query + 1 - block.first_position);
             // Scores are computed for every slot of the block and the slots past `keys` masked,
             // so that each key's score comes out of the same kernel path whatever the tile and
             // batch: results do not depend on how a prompt was chunked or batched.
             let k_rows = block.segment(self.layer, Kind::K, item.kv_head);
-            let v_rows = &block.rows(self.layer, Kind::V, item.kv_head)
-                [..keys * self.cache.layout().row_bytes(Kind::V)];
+            let v_rows = &block.rows(self.layer, Kind::V, item.kv_head)[..keys * v_row_bytes];
             let scores = &mut scores_buf[..rows * block_tokens];
             if spec.k_format.is_float() {
                 kernels::dot_rows(spec.k_format, k_rows, head_dim, query_buf, rows, scores);
             } else {
                 kernels::dot_rows_prepared(spec.k_format, k_rows, head_dim, prepared, rows, scores);
             }
+            kernels::prefetch(next_v_first);
             let mask = Mask {
                 window: spec.window,
                 sinks: spec.sink_tokens,
@@ -355,6 +369,7 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
                 }
             }
             let scores = &scores[..rows * keys];
+            kernels::prefetch(next_v_second);
             kernels::accumulate_rows(spec.v_format, v_rows, head_dim, scores, rows, acc);
         }
         // Values stored in the rotated basis: rotate the weighted sum back, once (it is linear,
