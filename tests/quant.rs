@@ -4,9 +4,9 @@
 //! weights and dequantized activations, so the only error allowed is summation order.
 
 use kvcache::model::quant::{
-    dot_f32_with, dot_quantized_with, matmul_any, matmul_f32_with, matmul_with,
-    quantize_activations, quantize_activations_with, quantize_row, Backend, QuantError,
-    QuantizedActivations, WeightMatrix, WeightType, QK,
+    dot_f32_with, dot_quantized_with, matmul, matmul_any, matmul_f32_with, matmul_many,
+    matmul_with, quantize_activations, quantize_activations_with, quantize_row, Backend,
+    QuantError, QuantizedActivations, WeightMatrix, WeightType, QK,
 };
 use kvcache::model::threads::ThreadPool;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -527,4 +527,66 @@ fn backend_detection_honours_force_scalar() {
     }
     assert_eq!(Backend::Scalar.effective(), Backend::Scalar);
     assert_eq!(Backend::detect(), b);
+}
+
+/// Several matrices sharing their input in one pass give exactly what separate calls give, on
+/// every thread count; a bad shape in any of them is refused before anything runs.
+#[test]
+fn matmul_many_equals_separate_matmuls() {
+    let mut rng = Rng(11);
+    let pools: Vec<ThreadPool> = (1..=3).map(ThreadPool::new).collect();
+    let mut qa = QuantizedActivations::new();
+    let cols = 96;
+    let shapes = [
+        (WeightType::Q4_1, 40),
+        (WeightType::Q8_0, 7),
+        (WeightType::Q4_0, 65),
+    ];
+    let data: Vec<Vec<u8>> = shapes
+        .iter()
+        .map(|&(ty, rows)| weights(&mut rng, ty, rows, cols))
+        .collect();
+    let ws: Vec<WeightMatrix> = shapes
+        .iter()
+        .zip(&data)
+        .map(|(&(ty, rows), d)| WeightMatrix::new(ty, rows, cols, d).unwrap())
+        .collect();
+    for tokens in [1, 3, 6] {
+        let x = rng.vec(tokens * cols, 1.0);
+        quantize_activations(&x, cols, &mut qa).unwrap();
+        for pool in &pools {
+            let expect: Vec<Vec<f32>> = ws
+                .iter()
+                .map(|w| {
+                    let mut out = vec![f32::NAN; tokens * w.rows];
+                    matmul(w, &qa, &mut out, pool).unwrap();
+                    out
+                })
+                .collect();
+            let mut outs: Vec<Vec<f32>> =
+                ws.iter().map(|w| vec![f32::NAN; tokens * w.rows]).collect();
+            let [a, b, c] = &mut outs[..] else {
+                unreachable!()
+            };
+            matmul_many(
+                [&ws[0], &ws[1], &ws[2]],
+                &qa,
+                [a.as_mut_slice(), b.as_mut_slice(), c.as_mut_slice()],
+                pool,
+            )
+            .unwrap();
+            assert_eq!(outs, expect);
+        }
+    }
+    let mut short = vec![0.0; 1];
+    let mut fine = vec![0.0; ws[0].rows];
+    quantize_activations(&rng.vec(cols, 1.0), cols, &mut qa).unwrap();
+    assert!(matmul_many(
+        [&ws[0], &ws[1]],
+        &qa,
+        [fine.as_mut_slice(), short.as_mut_slice()],
+        &pools[1]
+    )
+    .is_err());
+    assert!(fine.iter().all(|&v| v == 0.0));
 }

@@ -20,7 +20,8 @@ use std::path::Path;
 
 use super::gguf::{GgmlType, Gguf};
 use super::quant::{
-    matmul, matmul_f32, quantize_activations, QuantizedActivations, WeightMatrix, WeightType,
+    matmul, matmul_f32, matmul_many, quantize_activations, QuantizedActivations, WeightMatrix,
+    WeightType,
 };
 use super::threads::ThreadPool;
 use super::tokenizer::Tokenizer;
@@ -518,35 +519,14 @@ impl<'m> Runner<'m> {
         };
         for (layer_index, layer) in self.model.layers.iter().enumerate() {
             rms_norm(&b.x, &layer.attn_norm, config.rms_eps, &mut b.h);
-            project(
+            project_many(
                 self.model,
-                &layer.wq,
+                [&layer.wq, &layer.wk, &layer.wv],
                 &b.h,
                 total,
                 &mut b.quant,
-                &mut b.q,
+                [&mut b.q, &mut b.k, &mut b.v],
                 &self.pool,
-                true,
-            )?;
-            project(
-                self.model,
-                &layer.wk,
-                &b.h,
-                total,
-                &mut b.quant,
-                &mut b.k,
-                &self.pool,
-                false,
-            )?;
-            project(
-                self.model,
-                &layer.wv,
-                &b.h,
-                total,
-                &mut b.quant,
-                &mut b.v,
-                &self.pool,
-                false,
             )?;
             for (t, &position) in positions.iter().enumerate() {
                 self.rope.apply(
@@ -596,25 +576,14 @@ impl<'m> Runner<'m> {
             )?;
             add(&mut b.x, &b.proj);
             rms_norm(&b.x, &layer.ffn_norm, config.rms_eps, &mut b.h);
-            project(
+            project_many(
                 self.model,
-                &layer.gate,
+                [&layer.gate, &layer.up],
                 &b.h,
                 total,
                 &mut b.quant,
-                &mut b.gate,
+                [&mut b.gate, &mut b.up],
                 &self.pool,
-                true,
-            )?;
-            project(
-                self.model,
-                &layer.up,
-                &b.h,
-                total,
-                &mut b.quant,
-                &mut b.up,
-                &self.pool,
-                false,
             )?;
             for (g, u) in b.gate.iter_mut().zip(&b.up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
@@ -687,6 +656,45 @@ fn attention_splits(
         threads,
         longest.div_ceil(block_tokens),
     )
+}
+
+/// `outs[i] = x · Wᵢᵀ` for matrices that share their input (Q, K, V; gate, up): `x` is
+/// quantized once and, when every matrix is a block type, all of them run in one pass over
+/// the thread pool.
+#[allow(clippy::too_many_arguments)]
+fn project_many<const N: usize>(
+    model: &Model,
+    weights: [&TensorRef; N],
+    x: &[f32],
+    tokens: usize,
+    quant: &mut QuantizedActivations,
+    outs: [&mut [f32]; N],
+    pool: &ThreadPool,
+) -> Result<(), ModelError> {
+    if weights
+        .iter()
+        .all(|w| w.ty.is_quantized() && w.cols == weights[0].cols)
+    {
+        let matrices = weights
+            .iter()
+            .map(|w| model.matrix(w))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cols = weights[0].cols;
+        quantize_activations(&x[..tokens * cols], cols, quant)?;
+        let refs: [&WeightMatrix; N] = core::array::from_fn(|i| &matrices[i]);
+        let mut index = 0;
+        let outs = outs.map(|out| {
+            let rows = weights[index].rows;
+            index += 1;
+            &mut out[..tokens * rows]
+        });
+        matmul_many(refs, quant, outs, pool)?;
+        return Ok(());
+    }
+    for (i, (weight, out)) in weights.into_iter().zip(outs).enumerate() {
+        project(model, weight, x, tokens, quant, out, pool, i == 0)?;
+    }
+    Ok(())
 }
 
 /// `out = x · Wᵀ` for `tokens` rows of `x`; quantizes `x` first for block types unless

@@ -708,6 +708,42 @@ pub fn matmul_with(
     Ok(())
 }
 
+/// [`matmul`] for `N` block-type matrices that share the same activations (Q, K and V; gate
+/// and up), in one pass over the thread pool: their rows are split across the threads as one
+/// range, so the threads meet once instead of `N` times. Each output is what [`matmul`] gives.
+pub fn matmul_many<const N: usize>(
+    ws: [&WeightMatrix; N],
+    x: &QuantizedActivations,
+    outs: [&mut [f32]; N],
+    pool: &ThreadPool,
+) -> Result<(), QuantError> {
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        check_quantized(w, x)?;
+        check_out(w, x.tokens, out)?;
+    }
+    let backend = Avx2Token::get(Backend::detect());
+    let kernels = ws.map(|w| kernel_quantized(w.ty, backend));
+    let shared = outs.map(SharedOut::new);
+    let total: usize = ws.iter().map(|w| w.rows).sum();
+    if x.tokens > 0 && total > 0 {
+        pool.run_tasks(tasks_for(pool, total), &|i, n| {
+            let (start, end) = row_range(total, i, n);
+            let mut offset = 0;
+            for ((w, k), out) in ws.iter().zip(&kernels).zip(&shared) {
+                let (r0, r1) = (
+                    start.max(offset) - offset,
+                    end.min(offset + w.rows).saturating_sub(offset),
+                );
+                if r0 < r1 {
+                    k.rows(w.data, w.row_bytes(), w.rows, r0, r1, x, out);
+                }
+                offset += w.rows;
+            }
+        });
+    }
+    Ok(())
+}
+
 /// `out[t][r] = W[r] · x[t]` for a float `w` (F32, F16) and `f32` activations `x`
 /// (`[tokens][w.cols]`; `out`: `[tokens][w.rows]`), rows split across `pool`'s threads.
 pub fn matmul_f32(
