@@ -534,6 +534,37 @@ fn avx2_stream_read_matches() {
     }
 }
 
+/// The FMA roofline kernel does the recurrence `x ← 0.999·x + 0.001` on 12 × 8 lanes, `chunks`
+/// steps spread over the chains; the closed form (each lane tends to 1) is the oracle.
+fn check_fma_burn(name: &str, burn: &dyn Fn(usize) -> f32) {
+    for chunks in (0..=40usize).chain([1000, 12_345]) {
+        let want: f64 = (0..12)
+            .map(|chain| {
+                let steps = chunks / 12 + usize::from(chain < chunks % 12);
+                8.0 * (1.0 - 0.5 * 0.999f64.powi(steps as i32))
+            })
+            .sum();
+        let got = f64::from(burn(chunks));
+        assert!(
+            (got - want).abs() < 1e-3,
+            "{name} chunks {chunks}: {got} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn scalar_fma_burn_follows_its_recurrence() {
+    check_fma_burn("scalar", &scalar::fma_burn);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_fma_burn_follows_its_recurrence() {
+    if let Some(t) = avx2() {
+        check_fma_burn("avx2", &|n| t.fma_burn(n));
+    }
+}
+
 /// Lengths that disagree (the release-build contract: largest consistent prefix, no panic, no
 /// access outside the slices) give the scalar answer.
 #[cfg(all(target_arch = "x86_64", not(debug_assertions)))]

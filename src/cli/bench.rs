@@ -1,5 +1,7 @@
 //! `kvcache bench attention`: one decode step over every layer of a model shape, against a
-//! plain streaming read of the same bytes measured in the same run with the same threads.
+//! plain streaming read of the same bytes (the memory roofline) and against the step's
+//! multiply-adds alone, from registers (the arithmetic roofline), both measured in the same run
+//! with the same threads.
 
 use std::time::Instant;
 
@@ -119,6 +121,16 @@ pub fn attention(args: &Args) -> Result<(), String> {
             );
         });
     };
+    // The arithmetic roofline: the step's multiply-adds (8-lane FMAs), from registers only.
+    let fma_chunks = (batch * ctx * spec.layers * spec.q_heads * spec.head_dim * 2).div_ceil(8);
+    let fma_once = || {
+        let share = fma_chunks.div_ceil(threads);
+        pool.run(&|thread, _| {
+            let mine = share.min(fma_chunks.saturating_sub(thread * share));
+            let x = kernels::fma_burn(mine);
+            sink.fetch_xor(u64::from(x.to_bits()), std::sync::atomic::Ordering::Relaxed);
+        });
+    };
     let mut step_once = |out: &mut [f32]| -> Result<(), String> {
         for layer in 0..spec.layers {
             let plan =
@@ -132,6 +144,7 @@ pub fn attention(args: &Args) -> Result<(), String> {
 
     step_once(&mut out)?; // warm-up
     read_once();
+    fma_once();
     let first = Instant::now();
     step_once(&mut out)?;
     let estimate = first.elapsed().as_secs_f64();
@@ -140,7 +153,11 @@ pub fn attention(args: &Args) -> Result<(), String> {
     } else {
         ((1.5 / estimate.max(1e-6)) as usize).clamp(5, 500)
     };
-    let (mut step_times, mut read_times) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
+    let (mut step_times, mut read_times, mut fma_times) = (
+        Vec::with_capacity(steps),
+        Vec::with_capacity(steps),
+        Vec::with_capacity(steps),
+    );
     for _ in 0..steps {
         // Interleaved, so that noise from other work on the machine hits both alike.
         let start = Instant::now();
@@ -149,9 +166,13 @@ pub fn attention(args: &Args) -> Result<(), String> {
         let start = Instant::now();
         read_once();
         read_times.push(start.elapsed().as_secs_f64());
+        let start = Instant::now();
+        fma_once();
+        fma_times.push(start.elapsed().as_secs_f64());
     }
     let step = median(&mut step_times);
     let read = median(&mut read_times);
+    let fma = median(&mut fma_times);
     let gbps = step_bytes / step / 1e9;
     let read_gbps = step_bytes / read / 1e9;
     // Two FMAs (4 flops) per stored element and query head: one for q·k, one for p·v.
@@ -173,19 +194,28 @@ pub fn attention(args: &Args) -> Result<(), String> {
         "-"
     );
     println!(
+        "  {:<28} {:>10.3} {:>10} {:>10.1}",
+        "its FMAs alone (registers)",
+        fma * 1e3,
+        "-",
+        flops / fma / 1e9
+    );
+    println!(
         "  K+V bytes per step: {:.1} MB, steps measured: {steps}, out[0] = {:.6}",
         step_bytes / 1e6,
         out[0]
     );
     println!(
-        "{{\"shape\":\"{shape_name}\",\"kv\":\"{format}\",\"ctx\":{ctx},\"batch\":{batch},\"threads\":{threads},\"splits\":{splits},\"isa\":\"{}\",\"ms_per_step\":{:.4},\"gbps\":{:.3},\"read_ms\":{:.4},\"read_gbps\":{:.3},\"gflops\":{:.2},\"roofline_ratio\":{:.3}}}",
+        "{{\"shape\":\"{shape_name}\",\"kv\":\"{format}\",\"ctx\":{ctx},\"batch\":{batch},\"threads\":{threads},\"splits\":{splits},\"isa\":\"{}\",\"ms_per_step\":{:.4},\"gbps\":{:.3},\"read_ms\":{:.4},\"read_gbps\":{:.3},\"gflops\":{:.2},\"roofline_ratio\":{:.3},\"fma_ms\":{:.4},\"compute_ratio\":{:.3}}}",
         kernels::active_isa(),
         step * 1e3,
         gbps,
         read * 1e3,
         read_gbps,
         flops / step / 1e9,
-        step / read
+        step / read,
+        fma * 1e3,
+        step / fma
     );
     let _ = sink.load(std::sync::atomic::Ordering::Relaxed);
     Ok(())

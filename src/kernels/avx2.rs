@@ -126,6 +126,13 @@ impl Avx2 {
         unsafe { max(values) }
     }
 
+    /// See [`super::fma_burn`].
+    #[inline]
+    pub fn fma_burn(self, chunks: usize) -> f32 {
+        // SAFETY: the token exists, so the CPU has the features `fma_burn` is compiled for.
+        unsafe { fma_burn(chunks) }
+    }
+
     /// See [`super::stream_read`].
     #[inline]
     pub fn stream_read(self, bytes: &[u8]) -> u64 {
@@ -907,6 +914,33 @@ unsafe fn max(values: &[f32]) -> f32 {
     } else {
         head
     }
+}
+
+/// See [`super::fma_burn`].
+///
+/// # Safety
+///
+/// - The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fma_burn(chunks: usize) -> f32 {
+    // Twelve independent chains: enough to cover the FMA latency on both pipes.
+    let mut acc = [_mm256_set1_ps(0.5); 12];
+    let (a, b) = (_mm256_set1_ps(0.999), _mm256_set1_ps(0.001));
+    let mut done = 0;
+    while done + 12 <= chunks {
+        for v in acc.iter_mut() {
+            *v = _mm256_fmadd_ps(*v, a, b);
+        }
+        done += 12;
+    }
+    for v in acc.iter_mut().take(chunks - done) {
+        *v = _mm256_fmadd_ps(*v, a, b);
+    }
+    let mut sum = _mm256_setzero_ps();
+    for v in acc {
+        sum = _mm256_add_ps(sum, v);
+    }
+    hsum(sum)
 }
 
 /// See [`super::stream_read`].

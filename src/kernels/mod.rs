@@ -236,6 +236,15 @@ pub fn stream_read(bytes: &[u8]) -> u64 {
     dispatch!(stream_read(bytes))
 }
 
+/// Runs `chunks` independent 8-lane multiply-adds (`f32`) from registers, no memory traffic,
+/// and returns a value derived from them (so the work cannot be optimised away). Its speed is
+/// the arithmetic roofline: a decode step needs at least `4 × stored elements × group` flops
+/// (`q·k` and `p·v`), so timing this many FMAs with the same threads gives the fastest a step
+/// can be on this CPU however the data arrives.
+pub fn fma_burn(chunks: usize) -> f32 {
+    dispatch!(fma_burn(chunks))
+}
+
 /// Asks the CPU to start loading `bytes` into its caches, one hint per 64-byte line. Only a
 /// hint: it never faults and never changes a result. Attention issues it for the next block's
 /// rows, which lie a whole block (all layers) away from the current ones, too far for the

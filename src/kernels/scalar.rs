@@ -184,6 +184,22 @@ fn pow2(k: i32) -> f32 {
     f32::from_bits(((k + 127).clamp(0, 255) as u32) << 23)
 }
 
+/// See [`super::fma_burn`].
+pub fn fma_burn(chunks: usize) -> f32 {
+    // Twelve independent chains of 8 lanes, as the SIMD twin; `0.999·a + 0.001` stays finite.
+    let mut acc = [[0.5f32; 8]; 12];
+    let mut done = 0;
+    while done < chunks {
+        for chain in acc.iter_mut().take(chunks - done) {
+            for lane in chain.iter_mut() {
+                *lane = *lane * 0.999 + 0.001;
+            }
+            done += 1;
+        }
+    }
+    acc.iter().flatten().sum()
+}
+
 /// See [`super::stream_read`]: XOR of the little-endian 8-byte words of `bytes`, the last
 /// partial word zero-padded.
 pub fn stream_read(bytes: &[u8]) -> u64 {
