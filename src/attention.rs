@@ -126,7 +126,7 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
                 });
             }
             if entry.tokens > 0 {
-                // Every block the entry's queries need must still be stored.
+                // Every block the entry's queries need must still be stored (O(1) per range).
                 let last = entry.first_position + entry.tokens - 1;
                 let needed = NeededBlocks::new(
                     spec.window,
@@ -135,9 +135,8 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
                     entry.first_position,
                     last,
                 );
-                for index in 0..needed.count() {
-                    cache.block(entry.seq, needed.logical(index))?;
-                }
+                cache.check_stored(entry.seq, 0..needed.sink_blocks)?;
+                cache.check_stored(entry.seq, needed.first..needed.last + 1)?;
             }
             let tiles = entry.tokens.div_ceil(options.query_tile);
             items = tiles

@@ -648,6 +648,23 @@ impl<'a> KvCache<'a> {
         })
     }
 
+    /// Checks in O(1) that logical blocks `blocks` of `seq` all hold stored tokens: below the
+    /// sequence's length and not evicted by the window (the evicted blocks are one contiguous
+    /// range). The error is the one [`Self::block`] gives for the first missing block.
+    pub(crate) fn check_stored(&self, seq: SeqId, blocks: Range<usize>) -> Result<(), Error> {
+        let slot = self.slot_of(seq)?;
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let evicted = self.evicted_range(slot);
+        let first_evicted = blocks.start.max(evicted.start);
+        if first_evicted < blocks.end && evicted.contains(&first_evicted) {
+            return self.block_of_slot(slot, first_evicted).map(|_| ());
+        }
+        // Past the length (the last block is the first one that can be).
+        self.block_of_slot(slot, blocks.end - 1).map(|_| ())
+    }
+
     /// Slot and length of a live sequence (for the attention module).
     pub(crate) fn slot_and_len(&self, seq: SeqId) -> Result<(usize, usize), Error> {
         let slot = self.slot_of(seq)?;

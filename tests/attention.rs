@@ -1,7 +1,8 @@
 //! Paged attention against a naive f64 oracle over contiguous keys and values.
 
 use kvcache::attention::{
-    attention, attention_scratch_len, attention_threaded, AttentionOptions, BatchEntry,
+    attention, attention_scratch_len, attention_threaded, AttentionOptions, AttentionPlan,
+    BatchEntry,
 };
 use kvcache::spec::Kind;
 use kvcache::{CacheSpec, Error, KvCache, KvFormat, Layout, SeqId};
@@ -509,4 +510,61 @@ fn bad_batches_are_refused() {
         Err(Error::UnknownSequence)
     );
     attention(&cache, 0, &[ok], &q, &mut out, &mut scratch, &options).unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// A batch entry is refused with `Evicted` exactly when one of the keys its queries may see
+    /// (causal, window, sinks) was dropped by the window, checked key by key with `read_row`.
+    #[test]
+    fn evicted_keys_are_refused_exactly_when_needed(
+        window in 1usize..40,
+        sinks in 0usize..6,
+        block_tokens in 1usize..9,
+        appends in proptest::collection::vec(1usize..30, 1..6),
+        first_frac in 0.0f64..1.0,
+        tokens_frac in 0.0f64..1.0,
+    ) {
+        let len: usize = appends.iter().sum();
+        let mut spec = CacheSpec::new(1, 2, 1, 4);
+        spec.block_tokens = block_tokens;
+        spec.window = window;
+        spec.sink_tokens = sinks;
+        spec.max_seq_tokens = len.max(sinks);
+        let layout = Layout::new(spec).unwrap();
+        let blocks = spec.max_seq_tokens.div_ceil(block_tokens);
+        let mut arena = vec![0u8; layout.arena_bytes(blocks).unwrap()];
+        let mut cache = KvCache::new(spec, &mut arena).unwrap();
+        let seq = cache.add_sequence().unwrap();
+        let mut rng = Rng(len as u64);
+        for n in appends {
+            append(&mut cache, seq, n, &mut rng);
+        }
+        let first = ((len as f64 * first_frac) as usize).min(len - 1);
+        let tokens = 1 + ((len - first - 1) as f64 * tokens_frac) as usize;
+        let mut row = vec![0.0f32; 4];
+        let all_stored = (first..first + tokens).all(|q| {
+            visible(window, sinks, q, len)
+                .iter()
+                .enumerate()
+                .all(|(k, &v)| !v || cache.read_row(seq, 0, Kind::K, 0, k, &mut row).is_ok())
+        });
+        let entry = BatchEntry { seq, first_position: first, tokens };
+        let options = AttentionOptions::default();
+        let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
+        let q = vec![0.5; tokens * 2 * 4];
+        let mut out = vec![0.0; tokens * 2 * 4];
+        // The plan itself refuses the batch, before any item runs.
+        let plan = AttentionPlan::new(&cache, 0, &[entry], &options).map(|_| ());
+        prop_assert_eq!(plan.is_ok(), all_stored, "{:?}", plan);
+        let result = attention(&cache, 0, &[entry], &q, &mut out, &mut scratch, &options);
+        if all_stored {
+            prop_assert!(result.is_ok(), "{:?}", result);
+        } else {
+            prop_assert!(matches!(plan, Err(Error::Evicted { .. })), "{:?}", plan);
+            prop_assert!(matches!(result, Err(Error::Evicted { .. })), "{:?}", result);
+            prop_assert!(out.iter().all(|&x| x == 0.0), "output written on error");
+        }
+    }
 }
