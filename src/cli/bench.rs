@@ -9,6 +9,7 @@ use super::args::Args;
 use crate::arena::HeapArena;
 use crate::attention::{AttentionOptions, AttentionPlan, AttentionWorkspace, BatchEntry};
 use crate::kernels;
+use crate::model::sampler::{splitmix64, unit_f32};
 use crate::model::threads::ThreadPool;
 use crate::spec::{Kind, Layout};
 use crate::{KvCache, SeqId};
@@ -16,11 +17,7 @@ use crate::{KvCache, SeqId};
 /// Deterministic values in [-1, 1) (SplitMix64), so runs are repeatable.
 pub(crate) fn fill_random(values: &mut [f32], seed: &mut u64) {
     for value in values {
-        *seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = *seed;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        *value = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+        *value = unit_f32(splitmix64(seed));
     }
 }
 

@@ -40,6 +40,21 @@ impl Default for SamplerConfig {
     }
 }
 
+/// SplitMix64 (Steele, Lea and Flood): advances `state` and returns the next 64 well-mixed
+/// bits. Also the project's generator for seeded test and benchmark data.
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A uniform `f32` in `[-1, 1)` from the top 24 bits of `bits`.
+pub fn unit_f32(bits: u64) -> f32 {
+    (bits >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+}
+
 /// xoshiro256** (Blackman and Vigna), seeded through splitmix64 so that any seed, including
 /// 0, gives a well-mixed non-zero state.
 #[derive(Clone, Debug)]
@@ -51,15 +66,13 @@ impl Rng {
     /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
         let mut x = seed;
-        let mut splitmix = || {
-            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        };
         Rng {
-            s: [splitmix(), splitmix(), splitmix(), splitmix()],
+            s: [
+                splitmix64(&mut x),
+                splitmix64(&mut x),
+                splitmix64(&mut x),
+                splitmix64(&mut x),
+            ],
         }
     }
 

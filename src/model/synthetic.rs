@@ -63,11 +63,7 @@ struct Values(u64);
 
 impl Values {
     fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 * 2.0 - 1.0
+        super::sampler::unit_f32(super::sampler::splitmix64(&mut self.0))
     }
 }
 
