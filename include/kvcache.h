@@ -4,7 +4,7 @@
  * kvc_cache_align()) and borrows the arena you provide; keep both alive and unmoved while you
  * use the handle, then free them yourself. Nothing here allocates. Sequence ids are uint64_t.
  * Every function checks its pointers and lengths and returns a kvc_status; a call that fails
- * changes nothing. A handle is used by one thread at a time.
+ * changes nothing. A handle is used by one thread at a time, except kvc_attention_run_item.
  */
 #ifndef KVCACHE_H
 #define KVCACHE_H
@@ -57,6 +57,13 @@ typedef struct kvc_batch_entry {
     uint32_t tokens;         /* query tokens (1 for decode) */
 } kvc_batch_entry;
 
+/* Options of the work-item attention calls; pass NULL for the defaults. */
+typedef struct kvc_attention_opts {
+    uint32_t splits;     /* key splits per (entry, query tile, KV head), >= 1 (default 1) */
+    uint32_t query_tile; /* query tokens per item, >= 1 (default 8) */
+    float scale;         /* score scale; 0 = 1/sqrt(head_dim) */
+} kvc_attention_opts;
+
 typedef struct kvc_stats {
     uint64_t sequences, blocks_total, blocks_free, bytes_used, tokens, waste_slots;
 } kvc_stats;
@@ -89,6 +96,27 @@ kvc_status kvc_attention_scratch_len(kvc_cache *cache, size_t *out);
 kvc_status kvc_attention(kvc_cache *cache, uint32_t layer, const kvc_batch_entry *entries,
                          size_t n_entries, const float *queries, float *out, size_t len,
                          float *scratch, size_t scratch_len);
+/* The same attention cut into work items, for your own threads:
+ *   kvc_attention_plan     -> number of items, floats of partial state per item, floats of
+ *                             scratch per thread;
+ *   kvc_attention_run_item -> item i's partial state (threads may run different items at once
+ *                             on one handle, as long as no other call runs meanwhile);
+ *   kvc_attention_merge    -> all partial states (item i at i * partial_len) into out.
+ * Every call takes the same layer, entries and options. The result does not depend on which
+ * thread ran which item: merge combines them in a fixed order. */
+kvc_status kvc_attention_plan(const kvc_cache *cache, uint32_t layer,
+                              const kvc_batch_entry *entries, size_t n_entries,
+                              const kvc_attention_opts *opts, size_t *out_items,
+                              size_t *out_partial_len, size_t *out_scratch_len);
+kvc_status kvc_attention_run_item(const kvc_cache *cache, uint32_t layer,
+                                  const kvc_batch_entry *entries, size_t n_entries,
+                                  const kvc_attention_opts *opts, size_t item,
+                                  const float *queries, size_t len, float *partial,
+                                  size_t partial_len, float *scratch, size_t scratch_len);
+kvc_status kvc_attention_merge(const kvc_cache *cache, uint32_t layer,
+                               const kvc_batch_entry *entries, size_t n_entries,
+                               const kvc_attention_opts *opts, const float *partials,
+                               size_t partials_len, float *out, size_t len);
 /* Copies a NUL-terminated message into buf (len bytes); returns its full length. */
 size_t kvc_status_message(uint32_t status, char *buf, size_t len);
 

@@ -13,7 +13,9 @@
 use core::ffi::c_char;
 use core::mem::{align_of, size_of};
 
-use crate::attention::{attention, attention_scratch_len, AttentionOptions, BatchEntry};
+use crate::attention::{
+    attention, attention_scratch_len, AttentionOptions, AttentionPlan, BatchEntry,
+};
 use crate::cache::KvCache;
 use crate::error::Error;
 use crate::format::KvFormat;
@@ -117,6 +119,19 @@ pub struct KvcBatchEntry {
     pub first_position: u32,
     /// Query tokens.
     pub tokens: u32,
+}
+
+/// Options of the work-item attention calls (`kvcache::attention::AttentionOptions`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KvcAttentionOptions {
+    /// Key splits per (entry, query tile, KV head); at least 1. More splits, more items to
+    /// spread over threads for long contexts.
+    pub splits: u32,
+    /// Query tokens handled by one item; at least 1.
+    pub query_tile: u32,
+    /// Score scale; `0` means `1 / sqrt(head_dim)`.
+    pub scale: f32,
 }
 
 /// Accounting, as `kvcache::cache::CacheStats`.
@@ -466,33 +481,21 @@ pub unsafe extern "C" fn kvc_attention(
     if entries.is_null() || queries.is_null() || out.is_null() || scratch.is_null() {
         return KvcStatus::NullPointer;
     }
-    const MAX_ENTRIES: usize = 64;
-    if n_entries > MAX_ENTRIES {
-        return KvcStatus::BadShape;
-    }
+    // SAFETY: non-NULL checked; the caller gives an array of `n_entries` entries.
+    let batch = match unsafe { batch_from(entries, n_entries) } {
+        Ok(batch) => batch,
+        Err(e) => return e,
+    };
+    let batch = &batch[..n_entries];
     // SAFETY: non-NULL checked; the caller gives arrays of the stated lengths, `out` and
     // `scratch` writable and not overlapping the inputs.
-    let (entries, queries, out, scratch) = unsafe {
+    let (queries, out, scratch) = unsafe {
         (
-            core::slice::from_raw_parts(entries, n_entries),
             core::slice::from_raw_parts(queries, len),
             core::slice::from_raw_parts_mut(out, len),
             core::slice::from_raw_parts_mut(scratch, scratch_len),
         )
     };
-    let mut batch = [BatchEntry {
-        seq: SeqId::from_raw(0),
-        first_position: 0,
-        tokens: 0,
-    }; MAX_ENTRIES];
-    for (slot, entry) in batch.iter_mut().zip(entries) {
-        *slot = BatchEntry {
-            seq: SeqId::from_raw(entry.seq),
-            first_position: entry.first_position as usize,
-            tokens: entry.tokens as usize,
-        };
-    }
-    let batch = &batch[..n_entries];
     // SAFETY: see `with_cache`.
     unsafe {
         with_cache(cache, |c| {
@@ -505,6 +508,185 @@ pub unsafe extern "C" fn kvc_attention(
                 scratch,
                 &AttentionOptions::default(),
             ))
+        })
+    }
+}
+
+/// Entries per attention call through the C ABI (the batch is copied to the stack).
+const MAX_ENTRIES: usize = 64;
+
+/// Copies `n_entries` C entries into a stack array.
+///
+/// # Safety
+///
+/// `entries` is non-NULL and points at `n_entries` readable entries.
+unsafe fn batch_from(
+    entries: *const KvcBatchEntry,
+    n_entries: usize,
+) -> Result<[BatchEntry; MAX_ENTRIES], KvcStatus> {
+    if n_entries > MAX_ENTRIES {
+        return Err(KvcStatus::BadShape);
+    }
+    // SAFETY: the function's contract.
+    let entries = unsafe { core::slice::from_raw_parts(entries, n_entries) };
+    let mut batch = [BatchEntry {
+        seq: SeqId::from_raw(0),
+        first_position: 0,
+        tokens: 0,
+    }; MAX_ENTRIES];
+    for (slot, entry) in batch.iter_mut().zip(entries) {
+        *slot = BatchEntry {
+            seq: SeqId::from_raw(entry.seq),
+            first_position: entry.first_position as usize,
+            tokens: entry.tokens as usize,
+        };
+    }
+    Ok(batch)
+}
+
+/// Builds the attention plan of a call and runs `f` on it; every work-item call goes through
+/// here, so each one validates the whole batch again (O(entries), independent of context).
+///
+/// # Safety
+///
+/// `cache` is NULL or a handle from `kvc_cache_init` that no call is mutating meanwhile;
+/// `entries` is NULL or points at `n_entries` entries; `options` is NULL or valid.
+unsafe fn with_plan(
+    cache: *const KvcCache,
+    layer: u32,
+    entries: *const KvcBatchEntry,
+    n_entries: usize,
+    options: *const KvcAttentionOptions,
+    f: impl FnOnce(&AttentionPlan<'_, '_, '_>) -> KvcStatus,
+) -> KvcStatus {
+    if entries.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    // SAFETY: NULL checked; shared access only, which the header allows from several threads
+    // while no mutating call runs.
+    let Some(cache) = (unsafe { cache.as_ref() }) else {
+        return KvcStatus::NullPointer;
+    };
+    // SAFETY: non-NULL checked; the caller gives `n_entries` entries.
+    let batch = match unsafe { batch_from(entries, n_entries) } {
+        Ok(batch) => batch,
+        Err(e) => return e,
+    };
+    // SAFETY: NULL means defaults; otherwise the caller passes a valid struct.
+    let options = match unsafe { options.as_ref() } {
+        None => AttentionOptions::default(),
+        Some(o) => AttentionOptions {
+            scale: (o.scale != 0.0).then_some(o.scale),
+            splits: o.splits as usize,
+            query_tile: o.query_tile as usize,
+        },
+    };
+    match AttentionPlan::new(cache, layer as usize, &batch[..n_entries], &options) {
+        Ok(plan) => f(&plan),
+        Err(e) => e.into(),
+    }
+}
+
+/// Plans one layer's attention for a host thread pool: `*out_items` work items, each needing
+/// `*out_partial_len` floats of partial state and `*out_scratch_len` floats of scratch per
+/// thread. `options` may be NULL (defaults: 1 split, query tiles of 8, 1/sqrt(head_dim)).
+#[no_mangle]
+pub unsafe extern "C" fn kvc_attention_plan(
+    cache: *const KvcCache,
+    layer: u32,
+    entries: *const KvcBatchEntry,
+    n_entries: usize,
+    options: *const KvcAttentionOptions,
+    out_items: *mut usize,
+    out_partial_len: *mut usize,
+    out_scratch_len: *mut usize,
+) -> KvcStatus {
+    // SAFETY: NULL checked; valid otherwise.
+    let (Some(items), Some(partial), Some(scratch)) = (
+        unsafe { out_items.as_mut() },
+        unsafe { out_partial_len.as_mut() },
+        unsafe { out_scratch_len.as_mut() },
+    ) else {
+        return KvcStatus::NullPointer;
+    };
+    // SAFETY: see `with_plan`.
+    unsafe {
+        with_plan(cache, layer, entries, n_entries, options, |plan| {
+            *items = plan.work_items();
+            *partial = plan.partial_len();
+            *scratch = plan.scratch_len();
+            KvcStatus::Ok
+        })
+    }
+}
+
+/// Runs work item `item` of the plan that the same arguments give: reads `queries` (`len`
+/// floats, as for `kvc_attention`), writes its partial state to `partial[0..partial_len]`.
+/// Threads may run different items at once on one handle while no other call uses it.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_attention_run_item(
+    cache: *const KvcCache,
+    layer: u32,
+    entries: *const KvcBatchEntry,
+    n_entries: usize,
+    options: *const KvcAttentionOptions,
+    item: usize,
+    queries: *const f32,
+    len: usize,
+    partial: *mut f32,
+    partial_len: usize,
+    scratch: *mut f32,
+    scratch_len: usize,
+) -> KvcStatus {
+    if queries.is_null() || partial.is_null() || scratch.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    // SAFETY: non-NULL checked; the caller gives arrays of the stated lengths, `partial` and
+    // `scratch` writable, private to this call and not overlapping the queries.
+    let (queries, partial, scratch) = unsafe {
+        (
+            core::slice::from_raw_parts(queries, len),
+            core::slice::from_raw_parts_mut(partial, partial_len),
+            core::slice::from_raw_parts_mut(scratch, scratch_len),
+        )
+    };
+    // SAFETY: see `with_plan`.
+    unsafe {
+        with_plan(cache, layer, entries, n_entries, options, |plan| {
+            status(plan.run_item(item, queries, partial, scratch))
+        })
+    }
+}
+
+/// Merges the partial states of every item (`partials`: item `i` at `i × partial_len`,
+/// `partials_len` floats in all) into `out` (`len` floats, the queries' shape).
+#[no_mangle]
+pub unsafe extern "C" fn kvc_attention_merge(
+    cache: *const KvcCache,
+    layer: u32,
+    entries: *const KvcBatchEntry,
+    n_entries: usize,
+    options: *const KvcAttentionOptions,
+    partials: *const f32,
+    partials_len: usize,
+    out: *mut f32,
+    len: usize,
+) -> KvcStatus {
+    if partials.is_null() || out.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    // SAFETY: non-NULL checked; the caller gives arrays of the stated lengths, `out` writable
+    // and not overlapping `partials`.
+    let (partials, out) = unsafe {
+        (
+            core::slice::from_raw_parts(partials, partials_len),
+            core::slice::from_raw_parts_mut(out, len),
+        )
+    };
+    // SAFETY: see `with_plan`.
+    unsafe {
+        with_plan(cache, layer, entries, n_entries, options, |plan| {
+            status(plan.merge(partials, out))
         })
     }
 }

@@ -253,3 +253,256 @@ fn every_entry_point_refuses_bad_input() {
         );
     }
 }
+
+/// Deterministic values in [-1, 1).
+fn values(seed: &mut u64, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| kvcache::model::sampler::unit_f32(kvcache::model::sampler::splitmix64(seed)))
+        .collect()
+}
+
+/// The work-item calls, items run on three threads in reverse order, give bitwise what the
+/// Rust plan gives run in order, and what `kvc_attention` gives up to summation order; bad
+/// arguments get a status and write nothing.
+#[test]
+fn attention_work_items_from_c_threads_match() {
+    let spec = KvcSpec {
+        layers: 2,
+        q_heads: 6,
+        kv_heads: 2,
+        head_dim: 16,
+        block_tokens: 4,
+        k_format: 1,
+        v_format: 1,
+        max_seqs: 2,
+        max_seq_tokens: 64,
+        window: 0,
+        sink_tokens: 0,
+    };
+    unsafe {
+        let mut bytes = 0usize;
+        assert_eq!(kvc_arena_bytes(&spec, 32, &mut bytes), KvcStatus::Ok);
+        let mut arena = vec![0u8; bytes];
+        let mut handle = Box::new(Handle([0; 1024]));
+        let mut cache: *mut KvcCache = null_mut();
+        let h = handle.0.as_mut_ptr();
+        assert_eq!(
+            kvc_cache_init(h, 1024, &spec, arena.as_mut_ptr(), bytes, &mut cache),
+            KvcStatus::Ok
+        );
+        let mut seed = 7u64;
+        let mut entries = Vec::new();
+        for (len, first, tokens) in [(37u32, 36u32, 1u32), (5, 0, 5)] {
+            let mut seq = 0u64;
+            assert_eq!(kvc_add_sequence(cache, &mut seq), KvcStatus::Ok);
+            assert_eq!(kvc_reserve(cache, seq, len, null_mut()), KvcStatus::Ok);
+            let n = (len * 2 * 16) as usize;
+            for layer in 0..2 {
+                let (k, v) = (values(&mut seed, n), values(&mut seed, n));
+                assert_eq!(
+                    kvc_write(cache, seq, layer, 0, k.as_ptr(), v.as_ptr(), n),
+                    KvcStatus::Ok
+                );
+            }
+            entries.push(KvcBatchEntry {
+                seq,
+                first_position: first,
+                tokens,
+            });
+        }
+        let len = 6 * 6 * 16;
+        let queries = values(&mut seed, len);
+        let opts = KvcAttentionOptions {
+            splits: 3,
+            query_tile: 2,
+            scale: 0.0,
+        };
+        let (mut items, mut partial_len, mut scratch_len) = (0usize, 0usize, 0usize);
+        let c = cache.cast_const();
+        assert_eq!(
+            kvc_attention_plan(
+                c,
+                1,
+                entries.as_ptr(),
+                2,
+                &opts,
+                &mut items,
+                &mut partial_len,
+                &mut scratch_len
+            ),
+            KvcStatus::Ok
+        );
+        // (1 + 3 tiles) × 2 KV heads × 3 splits.
+        assert_eq!(items, 24);
+        let mut partials = vec![0.0f32; items * partial_len];
+        let cache_addr = c as usize;
+        std::thread::scope(|scope| {
+            for (t, chunk) in partials.chunks_mut(8 * partial_len).enumerate().rev() {
+                let (entries, queries) = (&entries, &queries);
+                scope.spawn(move || {
+                    let mut scratch = vec![0.0f32; scratch_len];
+                    for (i, partial) in chunk.chunks_mut(partial_len).enumerate().rev() {
+                        let status = kvc_attention_run_item(
+                            cache_addr as *const KvcCache,
+                            1,
+                            entries.as_ptr(),
+                            2,
+                            &opts,
+                            t * 8 + i,
+                            queries.as_ptr(),
+                            len,
+                            partial.as_mut_ptr(),
+                            partial_len,
+                            scratch.as_mut_ptr(),
+                            scratch_len,
+                        );
+                        assert_eq!(status, KvcStatus::Ok);
+                    }
+                });
+            }
+        });
+        let mut out = vec![0.0f32; len];
+        assert_eq!(
+            kvc_attention_merge(
+                c,
+                1,
+                entries.as_ptr(),
+                2,
+                &opts,
+                partials.as_ptr(),
+                partials.len(),
+                out.as_mut_ptr(),
+                len
+            ),
+            KvcStatus::Ok
+        );
+
+        // The Rust plan, items in order on this thread.
+        let rust_entries: Vec<_> = entries
+            .iter()
+            .map(|e| kvcache::attention::BatchEntry {
+                seq: kvcache::SeqId::from_raw(e.seq),
+                first_position: e.first_position as usize,
+                tokens: e.tokens as usize,
+            })
+            .collect();
+        let options = kvcache::attention::AttentionOptions {
+            splits: 3,
+            query_tile: 2,
+            ..Default::default()
+        };
+        let plan = kvcache::attention::AttentionPlan::new(&*c, 1, &rust_entries, &options).unwrap();
+        let mut rust_partials = vec![0.0f32; items * partial_len];
+        let mut scratch = vec![0.0f32; scratch_len];
+        for (i, partial) in rust_partials.chunks_mut(partial_len).enumerate() {
+            plan.run_item(i, &queries, partial, &mut scratch).unwrap();
+        }
+        let mut rust_out = vec![0.0f32; len];
+        plan.merge(&rust_partials, &mut rust_out).unwrap();
+        assert_eq!(out, rust_out);
+
+        // One call, default options: the same attention up to float summation order.
+        let mut whole = vec![0.0f32; len];
+        let mut one_len = 0usize;
+        assert_eq!(
+            kvc_attention_scratch_len(cache, &mut one_len),
+            KvcStatus::Ok
+        );
+        let mut one_scratch = vec![0.0f32; one_len];
+        assert_eq!(
+            kvc_attention(
+                cache,
+                1,
+                entries.as_ptr(),
+                2,
+                queries.as_ptr(),
+                whole.as_mut_ptr(),
+                len,
+                one_scratch.as_mut_ptr(),
+                one_len
+            ),
+            KvcStatus::Ok
+        );
+        for (a, b) in out.iter().zip(&whole) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+
+        // Bad arguments: a status, nothing written.
+        let mut partial = vec![0.0f32; partial_len];
+        let mut run = |item: usize, opts: *const KvcAttentionOptions, partial: &mut [f32]| {
+            kvc_attention_run_item(
+                c,
+                1,
+                entries.as_ptr(),
+                2,
+                opts,
+                item,
+                queries.as_ptr(),
+                len,
+                partial.as_mut_ptr(),
+                partial.len(),
+                scratch.as_mut_ptr(),
+                scratch_len,
+            )
+        };
+        assert_eq!(run(items, &opts, &mut partial), KvcStatus::BadIndex);
+        assert_eq!(run(0, &opts, &mut partial[..1]), KvcStatus::BadShape);
+        let zero = KvcAttentionOptions { splits: 0, ..opts };
+        assert_eq!(run(0, &zero, &mut partial), KvcStatus::BadSpec);
+        assert!(partial.iter().all(|&x| x == 0.0));
+        assert_eq!(
+            kvc_attention_plan(
+                null(),
+                1,
+                entries.as_ptr(),
+                2,
+                null(),
+                &mut items,
+                &mut partial_len,
+                &mut scratch_len
+            ),
+            KvcStatus::NullPointer
+        );
+        assert_eq!(
+            kvc_attention_plan(
+                c,
+                2,
+                entries.as_ptr(),
+                2,
+                null(),
+                &mut items,
+                &mut partial_len,
+                &mut scratch_len
+            ),
+            KvcStatus::BadIndex
+        );
+        assert_eq!(
+            kvc_attention_merge(
+                c,
+                1,
+                entries.as_ptr(),
+                2,
+                &opts,
+                partials.as_ptr(),
+                partials.len() - 1,
+                out.as_mut_ptr(),
+                len
+            ),
+            KvcStatus::BadShape
+        );
+        assert_eq!(
+            kvc_attention_merge(
+                c,
+                1,
+                null(),
+                2,
+                &opts,
+                partials.as_ptr(),
+                partials.len(),
+                out.as_mut_ptr(),
+                len
+            ),
+            KvcStatus::NullPointer
+        );
+    }
+}

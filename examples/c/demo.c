@@ -43,6 +43,21 @@ int main(void) {
     CHECK(kvc_attention(cache, 0, &entry, 1, q, out, 32, scratch, scratch_len));
     for (int i = 0; i < 32; i++)
         if (fabsf(out[i] - 1.0f) > 1e-3f) { fprintf(stderr, "attention out[%d] = %f\n", i, out[i]); return 1; }
+    /* The same call cut into work items, as a host thread pool would run them (here one
+     * after another, last item first): the merged result is the same attention. */
+    kvc_attention_opts opts = {2, 1, 0.0f};
+    size_t items, partial_len, item_scratch_len;
+    CHECK(kvc_attention_plan(cache, 0, &entry, 1, &opts, &items, &partial_len, &item_scratch_len));
+    float partials[4096], merged[4 * 8];
+    if (items * partial_len > 4096 || item_scratch_len > 4096) return 1;
+    for (size_t i = items; i-- > 0;)
+        CHECK(kvc_attention_run_item(cache, 0, &entry, 1, &opts, i, q, 32, partials + i * partial_len,
+                                     partial_len, scratch, item_scratch_len));
+    CHECK(kvc_attention_merge(cache, 0, &entry, 1, &opts, partials, items * partial_len, merged, 32));
+    for (int i = 0; i < 32; i++)
+        if (fabsf(merged[i] - out[i]) > 1e-5f) { fprintf(stderr, "work items out[%d] = %f\n", i, merged[i]); return 1; }
+    if (kvc_attention_run_item(cache, 0, &entry, 1, &opts, items, q, 32, partials, partial_len, scratch,
+                               item_scratch_len) != KVC_BAD_INDEX) return 1;
     /* Bad input: errors, not crashes. */
     if (kvc_reserve(cache, seq + 99, 1, NULL) != KVC_UNKNOWN_SEQUENCE) return 1;
     if (kvc_truncate(cache, seq, 6) != KVC_BAD_POSITION) return 1;
@@ -51,8 +66,8 @@ int main(void) {
     if (kvc_write(cache, seq, 0, 0, k, v, 79) != KVC_BAD_SHAPE) return 1;
     kvc_stats stats;
     CHECK(kvc_stats_get(cache, &stats));
-    printf("C demo: %llu sequence, %llu tokens, %llu of %llu blocks free, attention ok\n",
+    printf("C demo: %llu sequence, %llu tokens, %llu of %llu blocks free, attention ok (%zu work items)\n",
            (unsigned long long)stats.sequences, (unsigned long long)stats.tokens,
-           (unsigned long long)stats.blocks_free, (unsigned long long)stats.blocks_total);
+           (unsigned long long)stats.blocks_free, (unsigned long long)stats.blocks_total, items);
     return 0;
 }
