@@ -81,7 +81,7 @@ impl From<Error> for KvcStatus {
     }
 }
 
-/// The spec as C sees it. Formats: 0 = f32, 1 = f16, 2 = bf16.
+/// The spec as C sees it. Formats: 0 = f32, 1 = f16, 2 = bf16, 3 = int8, 4 = int4.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct KvcSpec {
