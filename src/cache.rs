@@ -14,6 +14,11 @@
 //!
 //! Every operation validates all of its input before it changes anything: an `Err` means the
 //! cache, the pool and every sequence's data are exactly as before the call.
+//!
+//! int4 keys are stored minus per-(layer, KV head) channel offsets that the first write to
+//! each layer fixes (the mean of its keys); see [`KvCache::key_offsets`] and [`crate::quant`].
+//! For the best offsets, write a layer's first keys as a multi-token run (a prefill) rather
+//! than one token: a single token's key is a poor estimate of the mean.
 
 use core::ops::Range;
 
@@ -153,6 +158,11 @@ pub struct KvCache<'a> {
     page_tables: &'a mut [u32],
     /// One word per block, used by [`KvCache::check_invariants`].
     scratch: &'a mut [u32],
+    /// int4 keys only (empty otherwise): per layer, `1` once its key offsets are set.
+    offsets_set: &'a mut [u32],
+    /// int4 keys only: `layers × kv_heads × head_dim` key offsets (`f32` bits), in the basis
+    /// the rows are stored in (see [`KvCache::key_offsets`]).
+    key_offsets: &'a mut [u32],
     live: usize,
     /// Logical blocks at the start of each sequence that hold sink tokens (never evicted).
     sink_blocks: usize,
@@ -185,15 +195,21 @@ impl<'a> KvCache<'a> {
         let data_bytes = blocks * layout.block_bytes();
         let seq_words = spec.max_seqs * SEQ_WORDS;
         let table_words = spec.max_seqs * layout.max_blocks_per_seq();
-        let words = 3 * blocks + seq_words + table_words;
+        let offset_words = layout.key_offset_words().ok_or(Error::SizeOverflow)?;
+        let words = 3 * blocks + seq_words + table_words + offset_words;
         let regions = carve(arena, data_bytes, words)
             .map_err(|_| Error::ArenaTooSmall { needed, available })?;
         let (refcounts, rest) = regions.words.split_at_mut(blocks);
         let (free_stack, rest) = rest.split_at_mut(blocks);
         let (scratch, rest) = rest.split_at_mut(blocks);
-        let (seq_table, page_tables) = rest.split_at_mut(seq_words);
+        let (seq_table, rest) = rest.split_at_mut(seq_words);
+        let (page_tables, offsets) = rest.split_at_mut(table_words);
+        let flags = if offset_words == 0 { 0 } else { spec.layers };
+        let (offsets_set, key_offsets) = offsets.split_at_mut(flags);
         seq_table.fill(0);
         page_tables.fill(NO_BLOCK);
+        offsets_set.fill(0);
+        key_offsets.fill(0);
         let sink_blocks = if spec.window == 0 {
             0
         } else {
@@ -206,6 +222,8 @@ impl<'a> KvCache<'a> {
             seq_table,
             page_tables,
             scratch,
+            offsets_set,
+            key_offsets,
             live: 0,
             sink_blocks,
         })
@@ -513,6 +531,15 @@ impl<'a> KvCache<'a> {
         for logical in blocks {
             self.make_private(slot, logical)?;
         }
+        if spec.k_format == KvFormat::Int4 && self.offsets_set[layer] == 0 {
+            self.set_key_offsets(layer, k);
+        }
+        let head_offsets = spec.kv_heads * spec.head_dim;
+        // Empty unless the keys are int4.
+        let layer_offsets = self
+            .key_offsets
+            .get(layer * head_offsets..(layer + 1) * head_offsets)
+            .unwrap_or(&[]);
         for (t, (k_token, v_token)) in k
             .chunks_exact(token_elems)
             .zip(v.chunks_exact(token_elems))
@@ -530,14 +557,24 @@ impl<'a> KvCache<'a> {
                 for (head, row) in values.chunks_exact(spec.head_dim).enumerate() {
                     let at = base + self.layout.row_offset(layer, kind, head, slot_in_block);
                     let dst = &mut self.data[at..at + row_bytes];
-                    if crate::quant::rotated(format, spec.head_dim) {
-                        let mut buffer = [0.0f32; crate::quant::MAX_ROTATED_DIM];
+                    let mut buffer = [0.0f32; crate::quant::MAX_ROTATED_DIM];
+                    let stored = if crate::quant::rotated(format, spec.head_dim) {
                         let rotated = &mut buffer[..spec.head_dim];
                         rotated.copy_from_slice(row);
                         crate::quant::hadamard(rotated);
-                        kernels::encode_row(format, rotated, dst);
+                        &*rotated
                     } else {
-                        kernels::encode_row(format, row, dst);
+                        row
+                    };
+                    if kind == Kind::K && format == KvFormat::Int4 {
+                        let offsets = &layer_offsets[head * spec.head_dim..][..spec.head_dim];
+                        crate::quant::encode_int4_shifted(
+                            stored,
+                            |d| f32::from_bits(offsets[d]),
+                            dst,
+                        );
+                    } else {
+                        kernels::encode_row(format, stored, dst);
                     }
                 }
             }
@@ -578,10 +615,92 @@ impl<'a> KvCache<'a> {
             &self.data[at..at + self.layout.row_bytes(kind)],
             out,
         );
+        if kind == Kind::K && format == KvFormat::Int4 {
+            let offsets = &self.key_offsets[(layer * spec.kv_heads + kv_head) * spec.head_dim..]
+                [..spec.head_dim];
+            for (x, &offset) in out.iter_mut().zip(offsets) {
+                *x += f32::from_bits(offset);
+            }
+        }
         if crate::quant::rotated(format, spec.head_dim) {
             crate::quant::hadamard(out);
         }
         Ok(())
+    }
+
+    /// Fixes the key offsets of `layer` from the keys of its first write (`k`:
+    /// `[tokens][kv_heads][head_dim]`): per KV head the mean key, clamped to `±2^100` per
+    /// element, in the basis the rows are stored in.
+    fn set_key_offsets(&mut self, layer: usize, k: &[f32]) {
+        let spec = *self.spec();
+        let (head_dim, kv_heads) = (spec.head_dim, spec.kv_heads);
+        let token_elems = kv_heads * head_dim;
+        let tokens = k.len() / token_elems;
+        if tokens == 0 {
+            return;
+        }
+        let limit = f32::from_bits((127 + 100) << 23);
+        for head in 0..kv_heads {
+            let offsets = &mut self.key_offsets[(layer * kv_heads + head) * head_dim..][..head_dim];
+            let mut buffer = [0.0f32; crate::quant::MAX_ROTATED_DIM];
+            let rotated = crate::quant::rotated(KvFormat::Int4, head_dim);
+            for (d, offset) in offsets.iter_mut().enumerate() {
+                let sum: f64 = k
+                    .chunks_exact(token_elems)
+                    .map(|token| token[head * head_dim + d] as f64)
+                    .sum();
+                let mean = ((sum / tokens as f64) as f32).clamp(-limit, limit);
+                if rotated {
+                    buffer[d] = mean;
+                }
+                *offset = mean.to_bits();
+            }
+            if rotated {
+                let buffer = &mut buffer[..head_dim];
+                crate::quant::hadamard(buffer);
+                for (offset, &x) in offsets.iter_mut().zip(buffer.iter()) {
+                    *offset = x.to_bits();
+                }
+            }
+        }
+        self.offsets_set[layer] = 1;
+    }
+
+    /// The key offsets of `layer` and `kv_head` into `out` (`head_dim` elements), and whether
+    /// they are set yet. int4 keys are stored *minus* these offsets: the first write to a
+    /// layer fixes them (per KV head, the mean of that write's keys, in the Hadamard-rotated
+    /// basis when the rows are rotated, see [`crate::quant::rotated`]) for the cache's
+    /// lifetime. Keys share a large per-channel component across tokens; stored without it,
+    /// the int4 groups quantize only what varies from token to token, with a finer step.
+    /// Attention needs no correction: a key offset `μ` adds `q·μ` to every score of a query,
+    /// which softmax ignores. [`KvCache::read_row`] adds the offsets back; raw rows from
+    /// [`BlockRef::rows`] do not include them. All zero (and `false`) for other key formats.
+    pub fn key_offsets(
+        &self,
+        layer: usize,
+        kv_head: usize,
+        out: &mut [f32],
+    ) -> Result<bool, Error> {
+        let spec = self.spec();
+        if layer >= spec.layers {
+            return Err(Error::BadIndex("layer"));
+        }
+        if kv_head >= spec.kv_heads {
+            return Err(Error::BadIndex("kv_head"));
+        }
+        if out.len() != spec.head_dim {
+            return Err(Error::BadShape("out"));
+        }
+        if spec.k_format != KvFormat::Int4 {
+            out.fill(0.0);
+            return Ok(false);
+        }
+        let offsets =
+            &self.key_offsets[(layer * spec.kv_heads + kv_head) * spec.head_dim..][..spec.head_dim];
+        for (x, &offset) in out.iter_mut().zip(offsets) {
+            *x = f32::from_bits(offset);
+        }
+        Ok(self.offsets_set[layer] != 0)
     }
 
     /// Reads one token's keys and values of one layer (`[kv_heads][head_dim]` each).

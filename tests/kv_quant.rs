@@ -274,16 +274,40 @@ fn non_finite_writes_are_refused_and_change_nothing() {
                 assert_eq!(snapshot(&cache), before, "{k}/{v}");
             }
         }
-        // The stored rows are the quantized input.
+        // The stored rows are the quantized input (int4 keys: minus the layer's key offsets,
+        // which the first write set to the mean of its keys and which `read_row` adds back).
         for p in 0..3 {
             for h in 0..2 {
                 let mut row = vec![0.0f32; 40];
                 cache.read_row(seq, 1, Kind::K, h, p, &mut row).unwrap();
                 let src = &keys[(p * 2 + h) * 40..(p * 2 + h + 1) * 40];
-                let want = decode(k, &encode(k, src), 40);
+                let mut offsets = vec![0.0f32; 40];
+                let set = cache.key_offsets(1, h, &mut offsets).unwrap();
+                assert_eq!(set, k == KvFormat::Int4);
+                let shifted: Vec<f32> = src.iter().zip(&offsets).map(|(x, o)| x - o).collect();
+                let want: Vec<f32> = decode(k, &encode(k, &shifted), 40)
+                    .iter()
+                    .zip(&offsets)
+                    .map(|(x, o)| x + o)
+                    .collect();
                 assert_eq!(row, want);
+                if k == KvFormat::Int4 {
+                    let mean = |d: usize| {
+                        (0..3)
+                            .map(|t| keys[(t * 2 + h) * 40 + d] as f64)
+                            .sum::<f64>()
+                            / 3.0
+                    };
+                    for (d, &o) in offsets.iter().enumerate() {
+                        assert_eq!(o, mean(d) as f32, "offset {d}");
+                    }
+                }
             }
         }
+        // Layer 0 was never written: its offsets are not set.
+        let mut offsets = vec![1.0f32; 40];
+        assert!(!cache.key_offsets(0, 0, &mut offsets).unwrap());
+        assert!(offsets.iter().all(|&o| o == 0.0));
     }
 }
 
@@ -615,6 +639,10 @@ fn attention_errors(k_format: KvFormat, v_format: KvFormat, head_dim: usize, len
                 .collect::<Vec<_>>()
         };
         let (k_deq, v_deq) = (stored(Kind::K), stored(Kind::V));
+        // int4 keys are stored minus the key offsets (in the stored basis): that is what the
+        // kernels multiply the query with.
+        let mut offsets = vec![0.0f32; head_dim];
+        cache.key_offsets(0, kv, &mut offsets).unwrap();
         let (k_orig, v_orig) = (original(&keys), original(&values));
         for head in kv * 3..(kv + 1) * 3 {
             let q: Vec<f64> = queries[head * head_dim..(head + 1) * head_dim]
@@ -665,8 +693,9 @@ fn attention_errors(k_format: KvFormat, v_format: KvFormat, head_dim: usize, len
                     }
                     basis
                         .iter()
+                        .zip(&offsets)
                         .zip(&step)
-                        .map(|(&x, s)| x.abs() as f64 * s / 2.0)
+                        .map(|((&x, &o), s)| (x - o).abs() as f64 * s / 2.0)
                         .sum::<f64>()
                 })
                 .fold(0.0f64, f64::max);
