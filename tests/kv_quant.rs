@@ -232,6 +232,46 @@ fn quant_spec(k: KvFormat, v: KvFormat, head_dim: usize) -> CacheSpec {
 }
 
 #[test]
+fn refused_first_write_sets_no_key_offsets() {
+    let spec = quant_spec(KvFormat::Int4, KvFormat::Int4, 64);
+    let mut arena = vec![0u8; Layout::new(spec).unwrap().arena_bytes(8).unwrap()];
+    let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    let seq = cache.add_sequence().unwrap();
+    cache.reserve(seq, 2).unwrap();
+    let mut rng = Rng(5);
+    let elems = 2 * 2 * 64;
+    let (mut keys, values) = (rng.values(elems), rng.values(elems));
+    keys[3] = f32::NAN;
+    assert_eq!(
+        cache.write_run(seq, 0, 0, &keys, &values),
+        Err(Error::NonFinite)
+    );
+    let mut offsets = vec![0.0f32; 64];
+    assert!(!cache.key_offsets(0, 1, &mut offsets).unwrap());
+    keys[3] = 0.5;
+    // Rows 64 wide are rotated: the offsets are the rotated mean.
+    cache.write_run(seq, 0, 0, &keys, &values).unwrap();
+    assert!(cache.key_offsets(0, 1, &mut offsets).unwrap());
+    let mut mean: Vec<f32> = (0..64)
+        .map(|d| ((keys[64 + d] as f64 + keys[3 * 64 + d] as f64) / 2.0) as f32)
+        .collect();
+    quant::hadamard(&mut mean);
+    assert_eq!(offsets, mean);
+    assert_eq!(
+        cache.key_offsets(2, 0, &mut offsets),
+        Err(Error::BadIndex("layer"))
+    );
+    assert_eq!(
+        cache.key_offsets(0, 2, &mut offsets),
+        Err(Error::BadIndex("kv_head"))
+    );
+    assert_eq!(
+        cache.key_offsets(0, 0, &mut offsets[..3]),
+        Err(Error::BadShape("out"))
+    );
+}
+
+#[test]
 fn non_finite_writes_are_refused_and_change_nothing() {
     for (k, v) in [
         (KvFormat::Int8, KvFormat::Int8),
@@ -304,6 +344,14 @@ fn non_finite_writes_are_refused_and_change_nothing() {
                 }
             }
         }
+        // A later write does not move them.
+        let mut again = vec![0.0f32; 40];
+        cache.key_offsets(1, 0, &mut again).unwrap();
+        let more = rng.values(elems);
+        cache.write_run(seq, 1, 0, &more, &more).unwrap();
+        let mut after = vec![0.0f32; 40];
+        cache.key_offsets(1, 0, &mut after).unwrap();
+        assert_eq!(again, after);
         // Layer 0 was never written: its offsets are not set.
         let mut offsets = vec![1.0f32; 40];
         assert!(!cache.key_offsets(0, 0, &mut offsets).unwrap());
