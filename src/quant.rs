@@ -42,9 +42,9 @@
 //!
 //! Keys share a large component across tokens (per channel, a mean that is most of their
 //! energy: 62% on SmolLM2-135M), which a per-token group has to span with its 16 levels. The
-//! cache therefore stores int4 *keys* as `x - μ`, with `μ` one `f32` offset per (layer, KV
-//! head, channel), in the basis the rows are stored in (rotated, see below), fixed by the
-//! first write to the layer: the mean of that write's keys
+//! cache therefore stores int4 *keys* as `x - μ`, with `μ` one `f32` offset per (sequence,
+//! layer, KV head, channel), in the basis the rows are stored in (rotated, see below), fixed
+//! by the sequence's first write to the layer: the mean of that write's keys
 //! ([`crate::KvCache::key_offsets`]). The row format is unchanged (the encoder is
 //! [`encode_int4_shifted`]); a read adds `μ` back, and attention needs nothing: `μ` adds the
 //! same `q·μ` to every score of a query, which softmax ignores. Values (whose weighted sum

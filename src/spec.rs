@@ -256,14 +256,18 @@ impl Layout {
         self.block_bytes as f64 / self.spec.block_tokens as f64
     }
 
-    /// `u32` words of the key offsets of int4 keys (see [`crate::cache`]): per layer one
-    /// "set" flag, then `kv_heads × head_dim` `f32` offsets; `0` for other key formats.
+    /// `u32` words of the key offsets of int4 keys (see [`crate::cache`]): per sequence slot
+    /// and layer one "set" flag and `kv_heads × head_dim` `f32` offsets; `0` for other key
+    /// formats.
     pub(crate) fn key_offset_words(&self) -> Option<usize> {
         if self.spec.k_format != KvFormat::Int4 {
             return Some(0);
         }
         let per_layer = self.spec.kv_heads.checked_mul(self.spec.head_dim)?;
-        self.spec.layers.checked_mul(per_layer.checked_add(1)?)
+        self.spec
+            .max_seqs
+            .checked_mul(self.spec.layers)?
+            .checked_mul(per_layer.checked_add(1)?)
     }
 
     /// `u32` words of metadata for `blocks` blocks: reference counts, free stack and a scratch
