@@ -17,7 +17,8 @@ use crate::spec::SEGMENT_ALIGN;
 pub(crate) struct Regions<'a> {
     /// `blocks × block_bytes` bytes, starting on a [`SEGMENT_ALIGN`] boundary.
     pub data: &'a mut [u8],
-    /// Metadata words (reference counts, free stack, sequence table, page tables).
+    /// Metadata words (reference counts, free stack, sequence table, page tables, int4 key
+    /// offsets).
     pub words: &'a mut [u32],
 }
 

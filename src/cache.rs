@@ -14,6 +14,12 @@
 //!
 //! Every operation validates all of its input before it changes anything: an `Err` means the
 //! cache, the pool and every sequence's data are exactly as before the call.
+//!
+//! int4 keys are stored minus per-(sequence, layer, KV head) channel offsets that the
+//! sequence's first write to each layer fixes (the mean of its keys); see
+//! [`KvCache::key_offsets`] and [`crate::quant`]. A sequence's results never depend on other
+//! sequences. For the best offsets, write a layer's first keys as a multi-token run (a
+//! prefill) rather than one token: a single token's key is a poor estimate of the mean.
 
 use core::ops::Range;
 
@@ -153,6 +159,12 @@ pub struct KvCache<'a> {
     page_tables: &'a mut [u32],
     /// One word per block, used by [`KvCache::check_invariants`].
     scratch: &'a mut [u32],
+    /// int4 keys only (empty otherwise): per sequence slot and layer, `1` once its key
+    /// offsets are set.
+    offsets_set: &'a mut [u32],
+    /// int4 keys only: `max_seqs × layers × kv_heads × head_dim` key offsets (`f32` bits), in
+    /// the basis the rows are stored in (see [`KvCache::key_offsets`]).
+    key_offsets: &'a mut [u32],
     live: usize,
     /// Logical blocks at the start of each sequence that hold sink tokens (never evicted).
     sink_blocks: usize,
@@ -185,15 +197,25 @@ impl<'a> KvCache<'a> {
         let data_bytes = blocks * layout.block_bytes();
         let seq_words = spec.max_seqs * SEQ_WORDS;
         let table_words = spec.max_seqs * layout.max_blocks_per_seq();
-        let words = 3 * blocks + seq_words + table_words;
+        let offset_words = layout.key_offset_words().ok_or(Error::SizeOverflow)?;
+        let words = 3 * blocks + seq_words + table_words + offset_words;
         let regions = carve(arena, data_bytes, words)
             .map_err(|_| Error::ArenaTooSmall { needed, available })?;
         let (refcounts, rest) = regions.words.split_at_mut(blocks);
         let (free_stack, rest) = rest.split_at_mut(blocks);
         let (scratch, rest) = rest.split_at_mut(blocks);
-        let (seq_table, page_tables) = rest.split_at_mut(seq_words);
+        let (seq_table, rest) = rest.split_at_mut(seq_words);
+        let (page_tables, offsets) = rest.split_at_mut(table_words);
+        let flags = if offset_words == 0 {
+            0
+        } else {
+            spec.max_seqs * spec.layers
+        };
+        let (offsets_set, key_offsets) = offsets.split_at_mut(flags);
         seq_table.fill(0);
         page_tables.fill(NO_BLOCK);
+        offsets_set.fill(0);
+        key_offsets.fill(0);
         let sink_blocks = if spec.window == 0 {
             0
         } else {
@@ -206,6 +228,8 @@ impl<'a> KvCache<'a> {
             seq_table,
             page_tables,
             scratch,
+            offsets_set,
+            key_offsets,
             live: 0,
             sink_blocks,
         })
@@ -284,6 +308,7 @@ impl<'a> KvCache<'a> {
         let words = self.words_mut(slot);
         let generation = words[GENERATION].wrapping_add(1);
         words.copy_from_slice(&[generation, 1, 0, 0]);
+        self.reset_key_offsets(slot, None);
         self.live += 1;
         Ok(SeqId {
             slot: slot as u32,
@@ -513,6 +538,15 @@ impl<'a> KvCache<'a> {
         for logical in blocks {
             self.make_private(slot, logical)?;
         }
+        let (flag, offsets_at) = self.offsets_index(slot, layer);
+        if spec.k_format == KvFormat::Int4 && self.offsets_set[flag] == 0 {
+            self.set_key_offsets(slot, layer, k);
+        }
+        // Empty unless the keys are int4.
+        let layer_offsets = self
+            .key_offsets
+            .get(offsets_at..offsets_at + spec.kv_heads * spec.head_dim)
+            .unwrap_or(&[]);
         for (t, (k_token, v_token)) in k
             .chunks_exact(token_elems)
             .zip(v.chunks_exact(token_elems))
@@ -530,14 +564,24 @@ impl<'a> KvCache<'a> {
                 for (head, row) in values.chunks_exact(spec.head_dim).enumerate() {
                     let at = base + self.layout.row_offset(layer, kind, head, slot_in_block);
                     let dst = &mut self.data[at..at + row_bytes];
-                    if crate::quant::rotated(format, spec.head_dim) {
-                        let mut buffer = [0.0f32; crate::quant::MAX_ROTATED_DIM];
+                    let mut buffer = [0.0f32; crate::quant::MAX_ROTATED_DIM];
+                    let stored = if crate::quant::rotated(format, spec.head_dim) {
                         let rotated = &mut buffer[..spec.head_dim];
                         rotated.copy_from_slice(row);
                         crate::quant::hadamard(rotated);
-                        kernels::encode_row(format, rotated, dst);
+                        &*rotated
                     } else {
-                        kernels::encode_row(format, row, dst);
+                        row
+                    };
+                    if kind == Kind::K && format == KvFormat::Int4 {
+                        let offsets = &layer_offsets[head * spec.head_dim..][..spec.head_dim];
+                        crate::quant::encode_int4_shifted(
+                            stored,
+                            |d| f32::from_bits(offsets[d]),
+                            dst,
+                        );
+                    } else {
+                        kernels::encode_row(format, stored, dst);
                     }
                 }
             }
@@ -578,10 +622,133 @@ impl<'a> KvCache<'a> {
             &self.data[at..at + self.layout.row_bytes(kind)],
             out,
         );
+        if kind == Kind::K && format == KvFormat::Int4 {
+            let at = self.offsets_index(slot, layer).1 + kv_head * spec.head_dim;
+            let offsets = &self.key_offsets[at..at + spec.head_dim];
+            for (x, &offset) in out.iter_mut().zip(offsets) {
+                *x += f32::from_bits(offset);
+            }
+        }
         if crate::quant::rotated(format, spec.head_dim) {
             crate::quant::hadamard(out);
         }
         Ok(())
+    }
+
+    /// Clears `slot`'s key offsets (a new sequence) or copies `from`'s (a fork, which shares
+    /// its parent's rows). No-op unless the keys are int4.
+    fn reset_key_offsets(&mut self, slot: usize, from: Option<usize>) {
+        if self.offsets_set.is_empty() {
+            return;
+        }
+        let layers = self.spec().layers;
+        let (flags, offsets) = (
+            self.offsets_index(slot, 0),
+            self.offsets_index(slot, layers),
+        );
+        let count = (layers, offsets.1 - flags.1);
+        match from {
+            None => {
+                self.offsets_set[flags.0..flags.0 + count.0].fill(0);
+                self.key_offsets[flags.1..flags.1 + count.1].fill(0);
+            }
+            Some(parent) => {
+                let source = self.offsets_index(parent, 0);
+                self.offsets_set
+                    .copy_within(source.0..source.0 + count.0, flags.0);
+                self.key_offsets
+                    .copy_within(source.1..source.1 + count.1, flags.1);
+            }
+        }
+    }
+
+    /// Index of the "offsets set" flag and of the first key offset of (`slot`, `layer`).
+    fn offsets_index(&self, slot: usize, layer: usize) -> (usize, usize) {
+        let spec = self.spec();
+        let flag = slot * spec.layers + layer;
+        (flag, flag * spec.kv_heads * spec.head_dim)
+    }
+
+    /// Fixes the key offsets of `slot`'s `layer` from the keys of its first write (`k`:
+    /// `[tokens][kv_heads][head_dim]`): per KV head the mean key, clamped to `±2^100` per
+    /// element, in the basis the rows are stored in.
+    fn set_key_offsets(&mut self, slot: usize, layer: usize, k: &[f32]) {
+        let spec = *self.spec();
+        let (head_dim, kv_heads) = (spec.head_dim, spec.kv_heads);
+        let token_elems = kv_heads * head_dim;
+        let tokens = k.len() / token_elems;
+        if tokens == 0 {
+            return;
+        }
+        let limit = f32::from_bits((127 + 100) << 23);
+        for head in 0..kv_heads {
+            let at = self.offsets_index(slot, layer).1 + head * head_dim;
+            let offsets = &mut self.key_offsets[at..at + head_dim];
+            let mut buffer = [0.0f32; crate::quant::MAX_ROTATED_DIM];
+            let rotated = crate::quant::rotated(KvFormat::Int4, head_dim);
+            for (d, offset) in offsets.iter_mut().enumerate() {
+                let sum: f64 = k
+                    .chunks_exact(token_elems)
+                    .map(|token| token[head * head_dim + d] as f64)
+                    .sum();
+                let mean = ((sum / tokens as f64) as f32).clamp(-limit, limit);
+                if rotated {
+                    buffer[d] = mean;
+                }
+                *offset = mean.to_bits();
+            }
+            if rotated {
+                let buffer = &mut buffer[..head_dim];
+                crate::quant::hadamard(buffer);
+                for (offset, &x) in offsets.iter_mut().zip(buffer.iter()) {
+                    *offset = x.to_bits();
+                }
+            }
+        }
+        let flag = self.offsets_index(slot, layer).0;
+        self.offsets_set[flag] = 1;
+    }
+
+    /// The key offsets of `seq`'s `layer` and `kv_head` into `out` (`head_dim` elements), and
+    /// whether they are set yet. int4 keys are stored *minus* these offsets: the sequence's
+    /// first write to a layer fixes them (per KV head, the mean of that write's keys, in the
+    /// Hadamard-rotated basis when the rows are rotated, see [`crate::quant::rotated`]) for
+    /// the sequence's lifetime; a fork inherits its parent's (they share blocks). Keys share a large per-channel component across tokens; stored without it,
+    /// the int4 groups quantize only what varies from token to token, with a finer step.
+    /// Attention needs no correction: a key offset `μ` adds `q·μ` to every score of a query,
+    /// which softmax ignores. [`KvCache::read_row`] adds the offsets back; raw rows from
+    /// [`BlockRef::rows`] do not include them. All zero (and `false`) for other key formats.
+    pub fn key_offsets(
+        &self,
+        seq: SeqId,
+        layer: usize,
+        kv_head: usize,
+        out: &mut [f32],
+    ) -> Result<bool, Error> {
+        let slot = self.slot_of(seq)?;
+        let spec = self.spec();
+        if layer >= spec.layers {
+            return Err(Error::BadIndex("layer"));
+        }
+        if kv_head >= spec.kv_heads {
+            return Err(Error::BadIndex("kv_head"));
+        }
+        if out.len() != spec.head_dim {
+            return Err(Error::BadShape("out"));
+        }
+        if spec.k_format != KvFormat::Int4 {
+            out.fill(0.0);
+            return Ok(false);
+        }
+        let (flag, at) = self.offsets_index(slot, layer);
+        let at = at + kv_head * spec.head_dim;
+        for (x, &offset) in out
+            .iter_mut()
+            .zip(&self.key_offsets[at..at + spec.head_dim])
+        {
+            *x = f32::from_bits(offset);
+        }
+        Ok(self.offsets_set[flag] != 0)
     }
 
     /// Reads one token's keys and values of one layer (`[kv_heads][head_dim]` each).
@@ -692,6 +859,7 @@ impl<'a> KvCache<'a> {
         let words = self.words_mut(child);
         let generation = words[GENERATION].wrapping_add(1);
         words.copy_from_slice(&[generation, 1, len, evict_end]);
+        self.reset_key_offsets(child, Some(parent));
         self.live += 1;
         Ok(SeqId {
             slot: child as u32,

@@ -38,6 +38,20 @@
 //! row bytes = ceil(D/2) + 4·ceil(D/32)  (head_dim 64: 40 bytes = 0.31× of f16)
 //! ```
 //!
+//! # int4 keys: per-channel offsets (in the cache)
+//!
+//! Keys share a large component across tokens (per channel, a mean that is most of their
+//! energy: 62% on SmolLM2-135M), which a per-token group has to span with its 16 levels. The
+//! cache therefore stores int4 *keys* as `x - μ`, with `μ` one `f32` offset per (sequence,
+//! layer, KV head, channel), in the basis the rows are stored in (rotated, see below), fixed
+//! by the sequence's first write to the layer: the mean of that write's keys
+//! ([`crate::KvCache::key_offsets`]). The row format is unchanged (the encoder is
+//! [`encode_int4_shifted`]); a read adds `μ` back, and attention needs nothing: `μ` adds the
+//! same `q·μ` to every score of a query, which softmax ignores. Values (whose weighted sum
+//! would need `μ` back) are stored without offsets. A key read back from the cache is within
+//! half a step of `x - μ` as rounded to `f32`, plus the `f32` rounding of adding `μ` back (and
+//! of the inverse rotation).
+//!
 //! # Range
 //!
 //! Inputs are saturated to `±2^126` (≈ 8.5e37) before quantizing so that every dequantized
@@ -224,16 +238,24 @@ pub fn encode_int8(src: &[f32], dst: &mut [u8]) {
 /// Quantizes `src` (one row, `head_dim = src.len()`) to int4. `dst.len()` must be
 /// [`int4_row_bytes`]`(src.len())`; if it is shorter nothing is written.
 pub fn encode_int4(src: &[f32], dst: &mut [u8]) {
+    encode_int4_shifted(src, |_| 0.0, dst);
+}
+
+/// [`encode_int4`] of the row `src[d] - offset(d)` (the subtraction in `f32`, then sanitized
+/// like any input): the cache stores int4 keys minus their per-channel offsets this way
+/// ([`crate::KvCache::key_offsets`]).
+pub fn encode_int4_shifted(src: &[f32], offset: impl Fn(usize) -> f32, dst: &mut [u8]) {
     let head_dim = src.len();
     match int4_row_bytes(head_dim) {
         Some(n) if n <= dst.len() => {}
         _ => return,
     }
+    let value = |d: usize| sanitize(src[d] - offset(d));
     for (g, chunk) in src.chunks(GROUP).enumerate() {
-        let (lo, hi) = chunk
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
-                let x = sanitize(x);
+        let first = g * GROUP;
+        let (lo, hi) =
+            (first..first + chunk.len()).fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), d| {
+                let x = value(d);
                 (lo.min(x), hi.max(x))
             });
         let m_bits = bf16_down(lo);
@@ -246,13 +268,12 @@ pub fn encode_int4(src: &[f32], dst: &mut [u8]) {
             bf16_up(f32_up(range / 15.0))
         };
         let s = bf16_to_f32(s_bits) as f64;
-        for (i, &x) in chunk.iter().enumerate() {
+        for d in first..first + chunk.len() {
             let q = if s_bits == 0 {
                 0
             } else {
-                round_i32((sanitize(x) as f64 - m) / s).clamp(0, 15)
+                round_i32((value(d) as f64 - m) / s).clamp(0, 15)
             };
-            let d = g * GROUP + i;
             let byte = &mut dst[d / 2];
             if d % 2 == 0 {
                 *byte = q as u8;

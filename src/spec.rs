@@ -256,13 +256,31 @@ impl Layout {
         self.block_bytes as f64 / self.spec.block_tokens as f64
     }
 
+    /// `u32` words of the key offsets of int4 keys (see [`crate::cache`]): per sequence slot
+    /// and layer one "set" flag and `kv_heads × head_dim` `f32` offsets; `0` for other key
+    /// formats.
+    pub(crate) fn key_offset_words(&self) -> Option<usize> {
+        if self.spec.k_format != KvFormat::Int4 {
+            return Some(0);
+        }
+        let per_layer = self.spec.kv_heads.checked_mul(self.spec.head_dim)?;
+        self.spec
+            .max_seqs
+            .checked_mul(self.spec.layers)?
+            .checked_mul(per_layer.checked_add(1)?)
+    }
+
     /// `u32` words of metadata for `blocks` blocks: reference counts, free stack and a scratch
-    /// array (one word per block each), the sequence table and the page tables.
+    /// array (one word per block each), the sequence table, the page tables and the key
+    /// offsets.
     fn metadata_words(&self, blocks: usize) -> Option<usize> {
         let per_block = blocks.checked_mul(3)?;
         let seq_table = self.spec.max_seqs.checked_mul(SEQ_WORDS)?;
         let page_tables = self.spec.max_seqs.checked_mul(self.max_blocks_per_seq)?;
-        per_block.checked_add(seq_table)?.checked_add(page_tables)
+        per_block
+            .checked_add(seq_table)?
+            .checked_add(page_tables)?
+            .checked_add(self.key_offset_words()?)
     }
 
     /// Exact arena bytes a cache of `blocks` blocks needs, whatever the arena's alignment

@@ -232,6 +232,46 @@ fn quant_spec(k: KvFormat, v: KvFormat, head_dim: usize) -> CacheSpec {
 }
 
 #[test]
+fn refused_first_write_sets_no_key_offsets() {
+    let spec = quant_spec(KvFormat::Int4, KvFormat::Int4, 64);
+    let mut arena = vec![0u8; Layout::new(spec).unwrap().arena_bytes(8).unwrap()];
+    let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    let seq = cache.add_sequence().unwrap();
+    cache.reserve(seq, 2).unwrap();
+    let mut rng = Rng(5);
+    let elems = 2 * 2 * 64;
+    let (mut keys, values) = (rng.values(elems), rng.values(elems));
+    keys[3] = f32::NAN;
+    assert_eq!(
+        cache.write_run(seq, 0, 0, &keys, &values),
+        Err(Error::NonFinite)
+    );
+    let mut offsets = vec![0.0f32; 64];
+    assert!(!cache.key_offsets(seq, 0, 1, &mut offsets).unwrap());
+    keys[3] = 0.5;
+    // Rows 64 wide are rotated: the offsets are the rotated mean.
+    cache.write_run(seq, 0, 0, &keys, &values).unwrap();
+    assert!(cache.key_offsets(seq, 0, 1, &mut offsets).unwrap());
+    let mut mean: Vec<f32> = (0..64)
+        .map(|d| ((keys[64 + d] as f64 + keys[3 * 64 + d] as f64) / 2.0) as f32)
+        .collect();
+    quant::hadamard(&mut mean);
+    assert_eq!(offsets, mean);
+    assert_eq!(
+        cache.key_offsets(seq, 2, 0, &mut offsets),
+        Err(Error::BadIndex("layer"))
+    );
+    assert_eq!(
+        cache.key_offsets(seq, 0, 2, &mut offsets),
+        Err(Error::BadIndex("kv_head"))
+    );
+    assert_eq!(
+        cache.key_offsets(seq, 0, 0, &mut offsets[..3]),
+        Err(Error::BadShape("out"))
+    );
+}
+
+#[test]
 fn non_finite_writes_are_refused_and_change_nothing() {
     for (k, v) in [
         (KvFormat::Int8, KvFormat::Int8),
@@ -274,16 +314,48 @@ fn non_finite_writes_are_refused_and_change_nothing() {
                 assert_eq!(snapshot(&cache), before, "{k}/{v}");
             }
         }
-        // The stored rows are the quantized input.
+        // The stored rows are the quantized input (int4 keys: minus the layer's key offsets,
+        // which the first write set to the mean of its keys and which `read_row` adds back).
         for p in 0..3 {
             for h in 0..2 {
                 let mut row = vec![0.0f32; 40];
                 cache.read_row(seq, 1, Kind::K, h, p, &mut row).unwrap();
                 let src = &keys[(p * 2 + h) * 40..(p * 2 + h + 1) * 40];
-                let want = decode(k, &encode(k, src), 40);
+                let mut offsets = vec![0.0f32; 40];
+                let set = cache.key_offsets(seq, 1, h, &mut offsets).unwrap();
+                assert_eq!(set, k == KvFormat::Int4);
+                let shifted: Vec<f32> = src.iter().zip(&offsets).map(|(x, o)| x - o).collect();
+                let want: Vec<f32> = decode(k, &encode(k, &shifted), 40)
+                    .iter()
+                    .zip(&offsets)
+                    .map(|(x, o)| x + o)
+                    .collect();
                 assert_eq!(row, want);
+                if k == KvFormat::Int4 {
+                    let mean = |d: usize| {
+                        (0..3)
+                            .map(|t| keys[(t * 2 + h) * 40 + d] as f64)
+                            .sum::<f64>()
+                            / 3.0
+                    };
+                    for (d, &o) in offsets.iter().enumerate() {
+                        assert_eq!(o, mean(d) as f32, "offset {d}");
+                    }
+                }
             }
         }
+        // A later write does not move them.
+        let mut again = vec![0.0f32; 40];
+        cache.key_offsets(seq, 1, 0, &mut again).unwrap();
+        let more = rng.values(elems);
+        cache.write_run(seq, 1, 0, &more, &more).unwrap();
+        let mut after = vec![0.0f32; 40];
+        cache.key_offsets(seq, 1, 0, &mut after).unwrap();
+        assert_eq!(again, after);
+        // Layer 0 was never written: its offsets are not set.
+        let mut offsets = vec![1.0f32; 40];
+        assert!(!cache.key_offsets(seq, 0, 0, &mut offsets).unwrap());
+        assert!(offsets.iter().all(|&o| o == 0.0));
     }
 }
 
@@ -615,6 +687,10 @@ fn attention_errors(k_format: KvFormat, v_format: KvFormat, head_dim: usize, len
                 .collect::<Vec<_>>()
         };
         let (k_deq, v_deq) = (stored(Kind::K), stored(Kind::V));
+        // int4 keys are stored minus the key offsets (in the stored basis): that is what the
+        // kernels multiply the query with.
+        let mut offsets = vec![0.0f32; head_dim];
+        cache.key_offsets(seq, 0, kv, &mut offsets).unwrap();
         let (k_orig, v_orig) = (original(&keys), original(&values));
         for head in kv * 3..(kv + 1) * 3 {
             let q: Vec<f64> = queries[head * head_dim..(head + 1) * head_dim]
@@ -665,8 +741,9 @@ fn attention_errors(k_format: KvFormat, v_format: KvFormat, head_dim: usize, len
                     }
                     basis
                         .iter()
+                        .zip(&offsets)
                         .zip(&step)
-                        .map(|(&x, s)| x.abs() as f64 * s / 2.0)
+                        .map(|((&x, &o), s)| (x - o).abs() as f64 * s / 2.0)
                         .sum::<f64>()
                 })
                 .fold(0.0f64, f64::max);
@@ -936,4 +1013,65 @@ fn avx2_prepared_on_arbitrary_bytes_and_lengths() {
             }
         }
     }
+}
+
+/// int4 key offsets belong to the sequence: a sequence's stored rows are bitwise the same
+/// whether or not another sequence wrote first, a fork inherits its parent's offsets (they
+/// share rows), and a slot reused after `remove` starts without any.
+#[test]
+fn key_offsets_are_per_sequence() {
+    let spec = quant_spec(KvFormat::Int4, KvFormat::Int4, 64);
+    let elems = 4 * 2 * 64;
+    let mut rng = Rng(91);
+    let (a_keys, b_keys, values) = (rng.values(elems), rng.values(elems), rng.values(elems));
+    let b_shifted: Vec<f32> = b_keys.iter().map(|x| x + 3.0).collect();
+    let rows = |cache: &KvCache, seq| {
+        let mut all = Vec::new();
+        for p in 0..4 {
+            for h in 0..2 {
+                let mut row = vec![0.0f32; 64];
+                cache.read_row(seq, 0, Kind::K, h, p, &mut row).unwrap();
+                all.extend(row.iter().map(|x| x.to_bits()));
+            }
+        }
+        all
+    };
+    let layout = Layout::new(spec).unwrap();
+    // B alone.
+    let mut arena = vec![0u8; layout.arena_bytes(8).unwrap()];
+    let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    let b = cache.add_sequence().unwrap();
+    cache.reserve(b, 4).unwrap();
+    cache.write_run(b, 0, 0, &b_shifted, &values).unwrap();
+    let alone = rows(&cache, b);
+    // A first, then B, in one cache.
+    let mut arena = vec![0u8; layout.arena_bytes(8).unwrap()];
+    let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    let a = cache.add_sequence().unwrap();
+    let b = cache.add_sequence().unwrap();
+    cache.reserve(a, 4).unwrap();
+    cache.reserve(b, 4).unwrap();
+    cache.write_run(a, 0, 0, &a_keys, &values).unwrap();
+    cache.write_run(b, 0, 0, &b_shifted, &values).unwrap();
+    assert_eq!(rows(&cache, b), alone);
+    let (mut oa, mut ob) = (vec![0.0f32; 64], vec![0.0f32; 64]);
+    assert!(cache.key_offsets(a, 0, 1, &mut oa).unwrap());
+    assert!(cache.key_offsets(b, 0, 1, &mut ob).unwrap());
+    assert_ne!(oa, ob);
+    // A fork inherits the offsets and reads the same rows.
+    let child = cache.fork(b).unwrap();
+    let mut oc = vec![0.0f32; 64];
+    assert!(cache.key_offsets(child, 0, 1, &mut oc).unwrap());
+    assert_eq!(oc, ob);
+    assert_eq!(rows(&cache, child), alone);
+    // A reused slot starts with none.
+    cache.remove(child).unwrap();
+    cache.remove(a).unwrap();
+    let fresh = cache.add_sequence().unwrap();
+    assert!(!cache.key_offsets(fresh, 0, 1, &mut oc).unwrap());
+    assert!(oc.iter().all(|&x| x == 0.0));
+    assert_eq!(
+        cache.key_offsets(a, 0, 1, &mut oc),
+        Err(Error::UnknownSequence)
+    );
 }
