@@ -329,6 +329,18 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
             } else {
                 kernels::dot_rows_prepared(spec.k_format, k_rows, head_dim, prepared, rows, scores);
             }
+            // int4 keys: the sequence's first key is held exact (it draws most of the
+            // attention); its score comes from it, in the same f32 order on every path.
+            if block.first_position == 0 {
+                if let Some(exact) = self.cache.first_key(entry.seq, self.layer, item.kv_head) {
+                    for (r, query) in query_buf.chunks_exact(head_dim).enumerate() {
+                        scores[r * block_tokens] = query
+                            .iter()
+                            .zip(exact)
+                            .fold(0.0f32, |sum, (&q, &k)| sum + q * f32::from_bits(k));
+                    }
+                }
+            }
             kernels::prefetch(next_v_first);
             let mask = Mask {
                 window: spec.window,

@@ -165,6 +165,9 @@ pub struct KvCache<'a> {
     /// int4 keys only: `max_seqs × layers × kv_heads × head_dim` key offsets (`f32` bits), in
     /// the basis the rows are stored in (see [`KvCache::key_offsets`]).
     key_offsets: &'a mut [u32],
+    /// int4 keys only: the same shape, the first token's keys minus the offsets, exact
+    /// (`f32` bits): attention and reads use them instead of its int4 row.
+    first_keys: &'a mut [u32],
     live: usize,
     /// Logical blocks at the start of each sequence that hold sink tokens (never evicted).
     sink_blocks: usize,
@@ -211,11 +214,13 @@ impl<'a> KvCache<'a> {
         } else {
             spec.max_seqs * spec.layers
         };
-        let (offsets_set, key_offsets) = offsets.split_at_mut(flags);
+        let (offsets_set, rest) = offsets.split_at_mut(flags);
+        let (key_offsets, first_keys) = rest.split_at_mut(rest.len() / 2);
         seq_table.fill(0);
         page_tables.fill(NO_BLOCK);
         offsets_set.fill(0);
         key_offsets.fill(0);
+        first_keys.fill(0);
         let sink_blocks = if spec.window == 0 {
             0
         } else {
@@ -230,6 +235,7 @@ impl<'a> KvCache<'a> {
             scratch,
             offsets_set,
             key_offsets,
+            first_keys,
             live: 0,
             sink_blocks,
         })
@@ -575,6 +581,16 @@ impl<'a> KvCache<'a> {
                     };
                     if kind == Kind::K && format == KvFormat::Int4 {
                         let offsets = &layer_offsets[head * spec.head_dim..][..spec.head_dim];
+                        if position == 0 {
+                            let at = offsets_at + head * spec.head_dim;
+                            let exact = &mut self.first_keys[at..at + spec.head_dim];
+                            for ((e, &x), &o) in exact.iter_mut().zip(stored).zip(offsets) {
+                                let shifted = x - f32::from_bits(o);
+                                *e = shifted
+                                    .clamp(-crate::quant::SATURATE, crate::quant::SATURATE)
+                                    .to_bits();
+                            }
+                        }
                         crate::quant::encode_int4_shifted(
                             stored,
                             |d| f32::from_bits(offsets[d]),
@@ -624,6 +640,11 @@ impl<'a> KvCache<'a> {
         );
         if kind == Kind::K && format == KvFormat::Int4 {
             let at = self.offsets_index(slot, layer).1 + kv_head * spec.head_dim;
+            if position == 0 {
+                for (x, &exact) in out.iter_mut().zip(&self.first_keys[at..at + spec.head_dim]) {
+                    *x = f32::from_bits(exact);
+                }
+            }
             let offsets = &self.key_offsets[at..at + spec.head_dim];
             for (x, &offset) in out.iter_mut().zip(offsets) {
                 *x += f32::from_bits(offset);
@@ -651,6 +672,7 @@ impl<'a> KvCache<'a> {
             None => {
                 self.offsets_set[flags.0..flags.0 + count.0].fill(0);
                 self.key_offsets[flags.1..flags.1 + count.1].fill(0);
+                self.first_keys[flags.1..flags.1 + count.1].fill(0);
             }
             Some(parent) => {
                 let source = self.offsets_index(parent, 0);
@@ -658,8 +680,26 @@ impl<'a> KvCache<'a> {
                     .copy_within(source.0..source.0 + count.0, flags.0);
                 self.key_offsets
                     .copy_within(source.1..source.1 + count.1, flags.1);
+                self.first_keys
+                    .copy_within(source.1..source.1 + count.1, flags.1);
             }
         }
+    }
+
+    /// int4 keys: the exact first key of `seq`'s `layer` and `kv_head` minus its offsets, in
+    /// the stored (rotated) basis, as `f32` bits; attention scores position 0 with it. `None`
+    /// for other key formats.
+    pub(crate) fn first_key(&self, seq: SeqId, layer: usize, kv_head: usize) -> Option<&[u32]> {
+        if self.first_keys.is_empty() {
+            return None;
+        }
+        let slot = self.slot_of(seq).ok()?;
+        let spec = self.spec();
+        if layer >= spec.layers || kv_head >= spec.kv_heads {
+            return None;
+        }
+        let at = self.offsets_index(slot, layer).1 + kv_head * spec.head_dim;
+        self.first_keys.get(at..at + spec.head_dim)
     }
 
     /// Index of the "offsets set" flag and of the first key offset of (`slot`, `layer`).

@@ -257,8 +257,8 @@ impl Layout {
     }
 
     /// `u32` words of the key offsets of int4 keys (see [`crate::cache`]): per sequence slot
-    /// and layer one "set" flag and `kv_heads × head_dim` `f32` offsets; `0` for other key
-    /// formats.
+    /// and layer one "set" flag, `kv_heads × head_dim` `f32` offsets and as many `f32` for the
+    /// exact first key; `0` for other key formats.
     pub(crate) fn key_offset_words(&self) -> Option<usize> {
         if self.spec.k_format != KvFormat::Int4 {
             return Some(0);
@@ -267,7 +267,7 @@ impl Layout {
         self.spec
             .max_seqs
             .checked_mul(self.spec.layers)?
-            .checked_mul(per_layer.checked_add(1)?)
+            .checked_mul(per_layer.checked_mul(2)?.checked_add(1)?)
     }
 
     /// `u32` words of metadata for `blocks` blocks: reference counts, free stack and a scratch

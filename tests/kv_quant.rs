@@ -325,11 +325,13 @@ fn non_finite_writes_are_refused_and_change_nothing() {
                 let set = cache.key_offsets(seq, 1, h, &mut offsets).unwrap();
                 assert_eq!(set, k == KvFormat::Int4);
                 let shifted: Vec<f32> = src.iter().zip(&offsets).map(|(x, o)| x - o).collect();
-                let want: Vec<f32> = decode(k, &encode(k, &shifted), 40)
-                    .iter()
-                    .zip(&offsets)
-                    .map(|(x, o)| x + o)
-                    .collect();
+                // int4 keys: the first token's key is held exact (minus and plus the offsets).
+                let stored = if k == KvFormat::Int4 && p == 0 {
+                    shifted.clone()
+                } else {
+                    decode(k, &encode(k, &shifted), 40)
+                };
+                let want: Vec<f32> = stored.iter().zip(&offsets).map(|(x, o)| x + o).collect();
                 assert_eq!(row, want);
                 if k == KvFormat::Int4 {
                     let mean = |d: usize| {
@@ -577,16 +579,28 @@ fn inconsistent_lengths_match_scalar() {
 
 /// Softmax attention in f64 over rows given as `[position][head_dim]`.
 fn naive_attention(query: &[f64], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f64) -> Vec<f64> {
+    naive_attention_with(|_| query, keys, values, scale)
+}
+
+/// [`naive_attention`] with the query chosen per key position.
+fn naive_attention_with<'q>(
+    query: impl Fn(usize) -> &'q [f64],
+    keys: &[Vec<f32>],
+    values: &[Vec<f32>],
+    scale: f64,
+) -> Vec<f64> {
     let scores: Vec<f64> = keys
         .iter()
-        .map(|k| {
+        .enumerate()
+        .map(|(p, k)| {
             k.iter()
-                .zip(query)
+                .zip(query(p))
                 .map(|(&a, &b)| a as f64 * b)
                 .sum::<f64>()
                 * scale
         })
         .collect();
+    let query = query(0);
     let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
     let total: f64 = weights.iter().sum();
@@ -748,7 +762,21 @@ fn attention_errors(k_format: KvFormat, v_format: KvFormat, head_dim: usize, len
                 })
                 .fold(0.0f64, f64::max);
             let got = &out[head * head_dim..(head + 1) * head_dim];
-            let want_exact = naive_attention(&q_kernel, &k_deq, &v_deq, 1.0);
+            // int4 keys: the first key is held exact and scored with the unquantized query.
+            let q_scaled: Vec<f64> = scaled.iter().map(|&x| x as f64).collect();
+            let first_exact = k_format == KvFormat::Int4;
+            let want_exact = naive_attention_with(
+                |p| {
+                    if p == 0 && first_exact {
+                        &q_scaled
+                    } else {
+                        &q_kernel
+                    }
+                },
+                &k_deq,
+                &v_deq,
+                1.0,
+            );
             let want_deq = naive_attention(&q, &k_deq, &v_deq, scale);
             let want_orig = naive_attention(&q, &k_orig, &v_orig, scale);
             for d in 0..head_dim {
