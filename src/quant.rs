@@ -48,7 +48,9 @@
 //! ([`crate::KvCache::key_offsets`]). The row format is unchanged (the encoder is
 //! [`encode_int4_shifted`]); a read adds `μ` back, and attention needs nothing: `μ` adds the
 //! same `q·μ` to every score of a query, which softmax ignores. Values (whose weighted sum
-//! would need `μ` back) are stored without offsets. A key read back from the cache is within
+//! would need `μ` back) are stored without offsets. The cache also keeps each sequence's
+//! first key (position 0, the attention sink) exact next to `μ` and uses it instead of that
+//! int4 row in attention and reads. A key read back from the cache is within
 //! half a step of `x - μ` as rounded to `f32`, plus the `f32` rounding of adding `μ` back (and
 //! of the inverse rotation).
 //!
