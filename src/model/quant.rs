@@ -474,9 +474,18 @@ impl Avx2Token {
 pub struct QuantizedActivations {
     tokens: usize,
     cols: usize,
+    /// Distance between two tokens' quants in `q`: `cols` rounded up to whole groups of
+    /// [`GROUP`] blocks, the padding zero (the AVX2 Q4 kernels read whole groups).
+    stride: usize,
     q: Vec<i8>,
     ds: Vec<f32>,
+    /// Per token and group of [`GROUP`] blocks: the blocks' `d` then their `s`
+    /// (`[tokens][groups][2][GROUP]`, zero for the padding blocks).
+    g: Vec<f32>,
 }
+
+/// Blocks per group in the AVX2 Q4 kernels (see [`QuantizedActivations`]).
+const GROUP: usize = 4;
 
 impl QuantizedActivations {
     /// Empty; grows on the first [`quantize_activations`].
@@ -488,10 +497,17 @@ impl QuantizedActivations {
     /// [`QuantError::SizeOverflow`] if that much memory cannot be reserved.
     pub fn with_capacity(tokens: usize, cols: usize) -> Result<Self, QuantError> {
         let n = tokens.checked_mul(cols).ok_or(QuantError::SizeOverflow)?;
+        let padded = cols
+            .div_ceil(QK * GROUP)
+            .checked_mul(QK * GROUP)
+            .and_then(|c| c.checked_mul(tokens))
+            .ok_or(QuantError::SizeOverflow)?;
         let mut a = QuantizedActivations::default();
-        a.q.try_reserve_exact(n)
+        a.q.try_reserve_exact(padded)
             .map_err(|_| QuantError::SizeOverflow)?;
         a.ds.try_reserve_exact(n.div_ceil(QK) * 2)
+            .map_err(|_| QuantError::SizeOverflow)?;
+        a.g.try_reserve_exact(padded / QK * 2)
             .map_err(|_| QuantError::SizeOverflow)?;
         Ok(a)
     }
@@ -513,7 +529,7 @@ impl QuantizedActivations {
 
     /// Token `t`'s quants (`cols` i8), or `None` if `t` is out of range.
     pub fn quants(&self, t: usize) -> Option<&[i8]> {
-        (t < self.tokens).then(|| &self.q[t * self.cols..(t + 1) * self.cols])
+        (t < self.tokens).then(|| &self.q[t * self.stride..t * self.stride + self.cols])
     }
 
     /// Token `t`'s `(d, s)` pairs, flattened (`2 · cols / 32` f32), or `None` if out of range.
@@ -588,26 +604,48 @@ pub fn quantize_activations_with(
     }
     let tokens = x.len() / cols;
     let nblocks = x.len() / QK;
-    out.q.resize(x.len(), 0);
+    let stride = cols.div_ceil(QK * GROUP) * QK * GROUP;
+    let groups = stride / (QK * GROUP);
+    let n = tokens.checked_mul(stride).ok_or(QuantError::SizeOverflow)?;
+    out.q.clear();
+    out.q.resize(n, 0);
     out.ds.resize(2 * nblocks, 0.0);
+    out.g.clear();
+    out.g.resize(tokens * groups * 2 * GROUP, 0.0);
     out.tokens = tokens;
     out.cols = cols;
+    out.stride = stride;
     let token = Avx2Token::get(backend);
-    for ((xb, qb), ds) in x
-        .chunks_exact(QK)
-        .zip(out.q.chunks_exact_mut(QK))
-        .zip(out.ds.chunks_exact_mut(2))
+    for (((xt, qt), dst), gt) in x
+        .chunks_exact(cols)
+        .zip(out.q.chunks_exact_mut(stride))
+        .zip(out.ds.chunks_exact_mut(2 * (cols / QK)))
+        .zip(out.g.chunks_exact_mut(groups * 2 * GROUP))
     {
-        let xb: &[f32; QK] = xb.try_into().expect("chunk of 32");
-        let qb: &mut [i8; QK] = qb.try_into().expect("chunk of 32");
-        let (d, s) = match token {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the token exists only when AVX2, FMA and F16C were detected.
-            Some(_) => unsafe { avx2::quantize_block(xb, qb) },
-            _ => scalar::quantize_block(xb, qb),
-        };
-        ds[0] = d;
-        ds[1] = s;
+        for (b, ((xb, qb), ds)) in xt
+            .chunks_exact(QK)
+            .zip(qt.chunks_exact_mut(QK))
+            .zip(dst.chunks_exact_mut(2))
+            .enumerate()
+        {
+            let xb: &[f32; QK] = xb.try_into().expect("chunk of 32");
+            let qb: &mut [i8; QK] = qb.try_into().expect("chunk of 32");
+            let (d, sum) = match token {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the token exists only when AVX2, FMA and F16C were detected.
+                Some(_) => unsafe { avx2::quantize_block(xb, qb) },
+                _ => scalar::quantize_block(xb, qb),
+            };
+            // The scale is kept at f16 precision, as llama.cpp stores it (`q` is computed with
+            // the f32 `d`).
+            let d = f16_to_f32(f32_to_f16(d));
+            let s = d * sum as f32;
+            ds[0] = d;
+            ds[1] = s;
+            let (group, k) = (b / GROUP, b % GROUP);
+            gt[group * 2 * GROUP + k] = d;
+            gt[group * 2 * GROUP + GROUP + k] = s;
+        }
     }
     Ok(())
 }
@@ -931,10 +969,24 @@ fn prefetch(data: &[u8], start: usize, len: usize) {
 #[inline(always)]
 #[allow(clippy::type_complexity)]
 fn act_tile<const NT: usize>(x: &QuantizedActivations, t0: usize) -> ([&[i8]; NT], [&[f32]; NT]) {
-    let (c, n2) = (x.cols, 2 * x.blocks());
+    let (c, st, n2) = (x.cols, x.stride, 2 * x.blocks());
     (
-        core::array::from_fn(|j| &x.q[(t0 + j) * c..(t0 + j + 1) * c]),
+        core::array::from_fn(|j| &x.q[(t0 + j) * st..(t0 + j) * st + c]),
         core::array::from_fn(|j| &x.ds[(t0 + j) * n2..(t0 + j + 1) * n2]),
+    )
+}
+
+/// Tokens `t0..t0 + NT`'s quants padded to whole groups of [`GROUP`] blocks, and their
+/// per-group scales (see [`QuantizedActivations`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn act_groups<const NT: usize>(x: &QuantizedActivations, t0: usize) -> ([&[i8]; NT], [&[f32]; NT]) {
+    let st = x.stride;
+    let ng = st / QK * 2;
+    (
+        core::array::from_fn(|j| &x.q[(t0 + j) * st..(t0 + j + 1) * st]),
+        core::array::from_fn(|j| &x.g[(t0 + j) * ng..(t0 + j + 1) * ng]),
     )
 }
 
@@ -989,12 +1041,14 @@ impl QKernel {
 
     /// One row against token `t` (callers check), computed exactly as `rows` computes it.
     fn dot_one(self, row: &[u8], x: &QuantizedActivations, t: usize) -> f32 {
-        let (q, ds) = act_tile::<1>(x, t);
         match self {
-            QKernel::Scalar(ty) => scalar::dot_quantized(ty, row, q[0], ds[0]),
+            QKernel::Scalar(ty) => {
+                let (q, ds) = act_tile::<1>(x, t);
+                scalar::dot_quantized(ty, row, q[0], ds[0])
+            }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: an `Avx2Token` exists only when AVX2, FMA and F16C were detected.
-            QKernel::Avx2(ty, _) => unsafe { avx2::dot_quantized_one(ty, row, q[0], ds[0]) },
+            QKernel::Avx2(ty, _) => unsafe { avx2::dot_quantized_token(ty, row, x, t) },
         }
     }
 }
@@ -1064,8 +1118,8 @@ impl FKernel {
 mod scalar {
     use super::{f16_at, WeightType, QK};
 
-    /// Quantizes one block; returns `(d, s)`.
-    pub(super) fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, f32) {
+    /// Quantizes one block; returns `(d, Σq)` (`d` at f32 precision).
+    pub(super) fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, i32) {
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -1075,7 +1129,7 @@ mod scalar {
             *qi = r as i8;
             sum += r;
         }
-        (d, d * sum as f32)
+        (d, sum)
     }
 
     /// One row of a block type against one token (`q`: cols i8, `ds`: (d, s) per block).
@@ -1153,7 +1207,10 @@ mod avx2 {
     //! one FMA by `d_w·d_x`. Offsets (Q4_1's `m`, Q4_0's `−8`) use the activation block sums.
     //! Each weight block is unpacked once and used for `NT` tokens.
 
-    use super::{act_tile, row_loop, QuantizedActivations, SharedOut, WeightType, QK, TOKEN_TILE};
+    use super::{
+        act_groups, act_tile, row_loop, QuantizedActivations, SharedOut, WeightType, GROUP, QK,
+        TOKEN_TILE,
+    };
     use core::arch::x86_64::*;
 
     /// Rows `r0..r1` of a block-type matrix against every token of `x` (see `row_loop`).
@@ -1192,21 +1249,31 @@ mod avx2 {
         }
     }
 
-    /// One row of a block type against one token, exactly as `rows_quantized` computes it.
+    /// One row of a block type against token `t` of `x`, exactly as `rows_quantized` computes
+    /// it.
     ///
     /// # Safety
     /// - The CPU supports AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_quantized_one(
+    pub(super) unsafe fn dot_quantized_token(
         ty: WeightType,
         row: &[u8],
-        q: &[i8],
-        ds: &[f32],
+        x: &QuantizedActivations,
+        t: usize,
     ) -> f32 {
         match ty {
-            WeightType::Q4_1 => dot_q4::<1, true>(row, [q], [ds])[0],
-            WeightType::Q4_0 => dot_q4::<1, false>(row, [q], [ds])[0],
-            _ => dot_q8_0::<1>(row, [q], [ds])[0],
+            WeightType::Q4_1 | WeightType::Q4_0 => {
+                let (q, g) = act_groups::<1>(x, t);
+                if ty == WeightType::Q4_1 {
+                    dot_q4::<1, true>(row, q, g)[0]
+                } else {
+                    dot_q4::<1, false>(row, q, g)[0]
+                }
+            }
+            _ => {
+                let (q, ds) = act_tile::<1>(x, t);
+                dot_q8_0::<1>(row, q, ds)[0]
+            }
         }
     }
 
@@ -1227,11 +1294,19 @@ mod avx2 {
             x: &QuantizedActivations,
             t0: usize,
         ) -> [f32; NT] {
-            let (q, ds) = act_tile::<NT>(x, t0);
             match KIND {
-                1 => dot_q4::<NT, true>(row, q, ds),
-                0 => dot_q4::<NT, false>(row, q, ds),
-                _ => dot_q8_0::<NT>(row, q, ds),
+                1 => {
+                    let (q, g) = act_groups::<NT>(x, t0);
+                    dot_q4::<NT, true>(row, q, g)
+                }
+                0 => {
+                    let (q, g) = act_groups::<NT>(x, t0);
+                    dot_q4::<NT, false>(row, q, g)
+                }
+                _ => {
+                    let (q, ds) = act_tile::<NT>(x, t0);
+                    dot_q8_0::<NT>(row, q, ds)
+                }
             }
         }
         match nt {
@@ -1339,12 +1414,12 @@ mod avx2 {
     }
 
     /// Quantizes one block of 32 exactly like `scalar::quantize_block` (same operations,
-    /// round-half-even), returning `(d, s)`.
+    /// round-half-even), returning `(d, Σq)`.
     ///
     /// # Safety
     /// - The CPU supports AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, f32) {
+    pub(super) unsafe fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, i32) {
         let p = x.as_ptr();
         // SAFETY: `x` is 32 f32, so the four 8-lane loads at 0, 8, 16, 24 are in bounds.
         let v = unsafe {
@@ -1379,117 +1454,167 @@ mod avx2 {
         let c = _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         // SAFETY: `q` is 32 bytes; unaligned store.
         unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, c) };
-        (d, d * hsum_i32(sum) as f32)
+        (d, hsum_i32(sum))
     }
 
-    /// Weight block `b` of a Q4 row: the 32 values unpacked to bytes 0..=15 (low nibbles in
-    /// lanes 0..16, high nibbles in 16..32) and `(d, m)` (Q4_1) or `(d, d)` (Q4_0) as f32.
+    /// Group `gi` (blocks `4·gi..4·gi + 4`) of a Q4 row of `nb` blocks: each block's 32 values
+    /// as bytes 0..=15 (low nibbles in lanes 0..16, high nibbles in 16..32), and
+    /// `[d₀ d₁ d₂ d₃ | m₀ m₁ m₂ m₃]` (Q4_1) or `[d₀ … d₃ | −8d₀ … −8d₃]` (Q4_0) as f32. Blocks
+    /// at or past `nb` (only when not `FULL`) are all zero.
     ///
     /// # Safety
     /// - The CPU supports AVX2, FMA and F16C.
-    /// - `row` holds at least `(b + 1) · bb` bytes, `bb` = 20 (`HAS_MIN`) or 18.
+    /// - `row` holds `nb` blocks of `bb` bytes, `bb` = 20 (`HAS_MIN`) or 18, and
+    ///   `4·gi < nb` (`4·gi + 4 ≤ nb` when `FULL`).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_weights<const HAS_MIN: bool>(row: &[u8], b: usize) -> (__m256i, __m128) {
+    unsafe fn q4_group_weights<const HAS_MIN: bool, const FULL: bool>(
+        row: &[u8],
+        nb: usize,
+        gi: usize,
+    ) -> ([__m256i; GROUP], __m256) {
         let bb = if HAS_MIN { 20 } else { 18 };
-        // SAFETY: the block's `bb` bytes are in bounds (caller's contract); unaligned reads.
-        let (head, raw) = unsafe {
-            let p = row.as_ptr().add(b * bb);
-            let head = if HAS_MIN {
-                (p as *const u32).read_unaligned() as i32
-            } else {
-                let d = (p as *const u16).read_unaligned() as i32;
-                d | (d << 16)
-            };
-            (head, _mm_loadu_si128(p.add(bb - 16) as *const __m128i))
+        let low = _mm256_set1_epi8(0x0f);
+        let mut w = [_mm256_setzero_si256(); GROUP];
+        let mut head = [0i32; GROUP];
+        for k in 0..GROUP {
+            let b = gi * GROUP + k;
+            if FULL || b < nb {
+                // SAFETY: block `b < nb` lies inside `row` (caller's contract); unaligned reads.
+                let (h, raw) = unsafe {
+                    let p = row.as_ptr().add(b * bb);
+                    let h = if HAS_MIN {
+                        (p as *const u32).read_unaligned() as i32
+                    } else {
+                        (p as *const u16).read_unaligned() as i32
+                    };
+                    (h, _mm_loadu_si128(p.add(bb - 16) as *const __m128i))
+                };
+                head[k] = h;
+                w[k] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw), low);
+            }
+        }
+        let h = _mm_setr_epi32(head[0], head[1], head[2], head[3]);
+        let dm = if HAS_MIN {
+            // (d, m) pairs of halves → the four d, then the four m.
+            let order = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+            _mm256_cvtph_ps(_mm_shuffle_epi8(h, order))
+        } else {
+            let order = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+            let d = _mm_cvtph_ps(_mm_shuffle_epi8(h, order));
+            _mm256_set_m128(_mm_mul_ps(d, _mm_set1_ps(-8.0)), d)
         };
-        let low = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(raw, low);
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), low);
-        (
-            _mm256_set_m128i(hi, lo),
-            _mm_cvtph_ps(_mm_cvtsi32_si128(head)),
-        )
+        (w, dm)
     }
 
-    /// One token's part of a Q4 block: the eight partial integer dots (as f32) and
-    /// `(d_w·d_x, m_w·s_x | d_w·s_x, 0, 0)`.
+    /// One token's part of a Q4 group: `acc + [p₀ p₁ p₂ p₃ | 1 1 1 1] · dm · g`, where `pₖ` is
+    /// block `k`'s integer dot and `g` = `[dx₀ … dx₃ | sx₀ … sx₃]` (so the upper lanes gather
+    /// the `m·s` terms).
     ///
     /// # Safety
     /// - The CPU supports AVX2, FMA and F16C.
-    /// - `q` holds at least `32 · (b + 1)` values and `ds` at least `2 · (b + 1)`.
+    /// - `x` points at 128 readable i8 and `g` at 8 readable f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_token(w: __m256i, dm: __m128, q: &[i8], ds: &[f32], b: usize) -> (__m256, __m128) {
+    unsafe fn q4_group_token(
+        w: &[__m256i; GROUP],
+        dm: __m256,
+        x: *const i8,
+        g: *const f32,
+        acc: __m256,
+    ) -> __m256 {
         // SAFETY: in bounds by the caller's contract; unaligned loads.
-        let (x, dsx) = unsafe {
+        let (x, g) = unsafe {
             (
-                _mm256_loadu_si256(q.as_ptr().add(b * QK) as *const __m256i),
-                _mm_castpd_ps(_mm_load_sd(ds.as_ptr().add(b * 2) as *const f64)),
+                [0, 1, 2, 3].map(|k| _mm256_loadu_si256(x.add(QK * k) as *const __m256i)),
+                _mm256_loadu_ps(g),
             )
         };
-        // u8 (0..=15) × i8 → pairwise i16 sums (|·| ≤ 2·15·128), then pairs of those → i32.
-        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
-        (_mm256_cvtepi32_ps(p), _mm_mul_ps(dm, dsx))
+        // u8 (0..=15) × i8 (|x| ≤ 127) → pairwise i16 sums, |·| ≤ 2·15·127 = 3810.
+        let p: [__m256i; GROUP] = core::array::from_fn(|k| _mm256_maddubs_epi16(w[k], x[k]));
+        // Sum within each block in i16 (no overflow: at most 8 of those per lane in the end,
+        // 30480 < 2^15), interleaving the blocks: per 128-bit half, [p0 p0 p1 p1 p0 p0 p1 p1]…
+        let s01 = _mm256_add_epi16(
+            _mm256_unpacklo_epi32(p[0], p[1]),
+            _mm256_unpackhi_epi32(p[0], p[1]),
+        );
+        let s23 = _mm256_add_epi16(
+            _mm256_unpacklo_epi32(p[2], p[3]),
+            _mm256_unpackhi_epi32(p[2], p[3]),
+        );
+        // … then [p0 p0 p1 p1 p2 p2 p3 p3], then the halves (elements 0..16 and 16..32) added.
+        let s = _mm256_add_epi16(
+            _mm256_unpacklo_epi64(s01, s23),
+            _mm256_unpackhi_epi64(s01, s23),
+        );
+        let h = _mm_add_epi16(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        let dots = _mm_cvtepi32_ps(_mm_madd_epi16(h, _mm_set1_epi16(1)));
+        let f = _mm256_blend_ps::<0x0f>(_mm256_set1_ps(1.0), _mm256_castps128_ps256(dots));
+        _mm256_fmadd_ps(f, _mm256_mul_ps(dm, g), acc)
     }
 
-    /// Q4_1 (`HAS_MIN`) or Q4_0 row · `NT` tokens of quantized activations. Lengths are
-    /// checked: `row` must be whole blocks and every `q[j]` / `ds[j]` must cover as many
-    /// blocks, or this panics.
+    /// Q4_1 (`HAS_MIN`) or Q4_0 row · `NT` tokens of quantized activations, in groups of four
+    /// blocks: `q[j]` is token `j`'s quants padded to whole groups and `g[j]` its per-group
+    /// scales (see [`act_groups`]). Lengths are checked: `row` must be whole blocks and every
+    /// `q[j]` / `g[j]` must cover as many groups, or this panics.
     ///
-    /// Blocks go in pairs, `acc += s0·p0 + s1·p1`, so the loop-carried chain is one add per
-    /// two blocks; the order of operations per token does not depend on `NT`.
+    /// Each token has its own accumulator and the same operations whatever `NT`, so a token's
+    /// result does not depend on the tile it is in.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn dot_q4<const NT: usize, const HAS_MIN: bool>(
         row: &[u8],
         q: [&[i8]; NT],
-        ds: [&[f32]; NT],
+        g: [&[f32]; NT],
     ) -> [f32; NT] {
         let bb = if HAS_MIN { 20 } else { 18 };
         let nb = row.len() / bb;
         assert!(row.len() == nb * bb);
+        let groups = nb.div_ceil(GROUP);
         for j in 0..NT {
-            assert!(q[j].len() >= nb * QK && ds[j].len() >= nb * 2);
+            assert!(q[j].len() >= groups * GROUP * QK && g[j].len() >= groups * 2 * GROUP);
         }
         let mut acc = [_mm256_setzero_ps(); NT];
-        let mut acc_m = [_mm_setzero_ps(); NT];
-        let mut b = 0;
-        while b + 2 <= nb {
-            // SAFETY: `b + 1 < nb`; the lengths were asserted above.
+        let full = nb / GROUP;
+        for gi in 0..full {
+            // SAFETY: `4·gi + 4 ≤ nb`; the lengths were asserted above.
             unsafe {
-                let (w0, dm0) = q4_weights::<HAS_MIN>(row, b);
-                let (w1, dm1) = q4_weights::<HAS_MIN>(row, b + 1);
+                let (w, dm) = q4_group_weights::<HAS_MIN, true>(row, nb, gi);
                 for j in 0..NT {
-                    let (p0, s0) = q4_token(w0, dm0, q[j], ds[j], b);
-                    let (p1, s1) = q4_token(w1, dm1, q[j], ds[j], b + 1);
-                    let t = _mm256_mul_ps(_mm256_broadcastss_ps(s0), p0);
-                    let t = _mm256_fmadd_ps(_mm256_broadcastss_ps(s1), p1, t);
-                    acc[j] = _mm256_add_ps(acc[j], t);
-                    acc_m[j] = _mm_add_ps(acc_m[j], _mm_add_ps(s0, s1));
-                }
-            }
-            b += 2;
-        }
-        if b < nb {
-            // SAFETY: `b < nb`; the lengths were asserted above.
-            unsafe {
-                let (w0, dm0) = q4_weights::<HAS_MIN>(row, b);
-                for j in 0..NT {
-                    let (p0, s0) = q4_token(w0, dm0, q[j], ds[j], b);
-                    acc[j] = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc[j]);
-                    acc_m[j] = _mm_add_ps(acc_m[j], s0);
+                    let x = q[j].as_ptr().add(gi * GROUP * QK);
+                    let s = g[j].as_ptr().add(gi * 2 * GROUP);
+                    acc[j] = q4_group_token(&w, dm, x, s, acc[j]);
                 }
             }
         }
+        if full < groups {
+            // SAFETY: `4·full < nb` (the last, partial group); the lengths were asserted above
+            // (the padding quants and scales are zero).
+            unsafe {
+                let (w, dm) = q4_group_weights::<HAS_MIN, false>(row, nb, full);
+                for j in 0..NT {
+                    let x = q[j].as_ptr().add(full * GROUP * QK);
+                    let s = g[j].as_ptr().add(full * 2 * GROUP);
+                    acc[j] = q4_group_token(&w, dm, x, s, acc[j]);
+                }
+            }
+        }
+        // The `d` terms, then the offset terms added (as llama.cpp does).
         core::array::from_fn(|j| {
-            let m = _mm_cvtss_f32(_mm_movehdup_ps(acc_m[j]));
-            if HAS_MIN {
-                hsum(acc[j]) + m
-            } else {
-                hsum(acc[j]) - 8.0 * m
-            }
+            let (d, m) = (
+                _mm256_castps256_ps128(acc[j]),
+                _mm256_extractf128_ps::<1>(acc[j]),
+            );
+            hsum4(d) + hsum4(m)
         })
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum4(s: __m128) -> f32 {
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
     }
 
     /// Weight block `b` of a Q8_0 row: `(|w|, w, d_w)`.
