@@ -560,6 +560,11 @@ impl QuantizedActivations {
         Ok(())
     }
 
+    /// Bytes the kernels read per token (quants and scales).
+    fn token_bytes(&self) -> usize {
+        self.stride + self.stride / QK * 2 * 4
+    }
+
     fn token(&self, t: usize) -> Result<(&[i8], &[f32]), QuantError> {
         match (self.quants(t), self.scales(t)) {
             (Some(q), Some(ds)) => Ok((q, ds)),
@@ -914,7 +919,9 @@ fn row_range(rows: usize, i: usize, n: usize) -> (usize, usize) {
 /// The loop every kernel family runs on one thread: for each row `r0..r1` (of a matrix of
 /// `rows` rows, `rb` bytes each), `tile(row, t0, nt, dst)` dots the row against tokens
 /// `t0..t0 + nt` (tiles of up to [`TOKEN_TILE`]) into `dst[..nt]`, written to `out[t][r]`.
-/// The row is read from memory once and stays in L1 for all token tiles.
+/// Tokens go in passes of about [`PASS_BYTES`] of activations (`token_bytes` each): within a
+/// pass a row is read once and stays in L1 for all its token tiles, and the pass's activations
+/// stay in L1 for all rows.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn row_loop(
@@ -924,24 +931,36 @@ fn row_loop(
     r0: usize,
     r1: usize,
     tokens: usize,
+    token_bytes: usize,
     out: &SharedOut,
     mut tile: impl FnMut(&[u8], usize, usize, &mut [f32; TOKEN_TILE]),
 ) {
     let mut dst = [0f32; TOKEN_TILE];
-    for r in r0..r1 {
-        let row = &data[r * rb..(r + 1) * rb];
-        prefetch(data, (r + PREFETCH_ROWS) * rb, rb);
-        let mut t0 = 0;
-        while t0 < tokens {
-            let nt = (tokens - t0).min(TOKEN_TILE);
-            tile(row, t0, nt, &mut dst);
-            for (j, &v) in dst[..nt].iter().enumerate() {
-                out.write((t0 + j) * rows + r, v);
+    // Tokens in passes small enough for their activations to stay in L1 while the rows go by
+    // (the rows, read again for every pass, stay in L2).
+    let pass = (PASS_BYTES / token_bytes.max(1) / TOKEN_TILE).max(1) * TOKEN_TILE;
+    let mut c0 = 0;
+    while c0 < tokens {
+        let c1 = tokens.min(c0 + pass);
+        for r in r0..r1 {
+            let row = &data[r * rb..(r + 1) * rb];
+            prefetch(data, (r + PREFETCH_ROWS) * rb, rb);
+            let mut t0 = c0;
+            while t0 < c1 {
+                let nt = (c1 - t0).min(TOKEN_TILE);
+                tile(row, t0, nt, &mut dst);
+                for (j, &v) in dst[..nt].iter().enumerate() {
+                    out.write((t0 + j) * rows + r, v);
+                }
+                t0 += nt;
             }
-            t0 += nt;
         }
+        c0 = c1;
     }
 }
+
+/// Activation bytes `row_loop` takes per pass over the rows (L1 is 32 KiB on the CPUs aimed at).
+const PASS_BYTES: usize = 16 * 1024;
 
 /// Rows ahead of the current one that `row_loop` asks the CPU to fetch.
 const PREFETCH_ROWS: usize = 2;
@@ -1024,7 +1043,7 @@ impl QKernel {
     ) {
         match self {
             QKernel::Scalar(ty) => {
-                row_loop(data, rb, rows, r0, r1, x.tokens, out, |row, t0, nt, dst| {
+                row_loop(data, rb, rows, r0, r1, x.tokens, x.token_bytes(), out, |row, t0, nt, dst| {
                     for (j, d) in dst[..nt].iter_mut().enumerate() {
                         let (q, ds) = act_tile::<1>(x, t0 + j);
                         *d = scalar::dot_quantized(ty, row, q[0], ds[0]);
@@ -1086,7 +1105,7 @@ impl FKernel {
     ) {
         match self {
             FKernel::Scalar(ty) => {
-                row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
+                row_loop(data, rb, rows, r0, r1, tokens, 4 * cols, out, |row, t0, nt, dst| {
                     for (j, d) in dst[..nt].iter_mut().enumerate() {
                         let t = t0 + j;
                         *d = scalar::dot_float(ty, row, &x[t * cols..(t + 1) * cols]);
@@ -1234,16 +1253,16 @@ mod avx2 {
         let tokens = x.tokens();
         match ty {
             WeightType::Q4_1 => {
-                row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
+                row_loop(data, rb, rows, r0, r1, tokens, x.token_bytes(), out, |row, t0, nt, dst| {
                     tile_quantized::<1>(row, x, t0, nt, dst)
                 })
             }
             WeightType::Q4_0 => {
-                row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
+                row_loop(data, rb, rows, r0, r1, tokens, x.token_bytes(), out, |row, t0, nt, dst| {
                     tile_quantized::<0>(row, x, t0, nt, dst)
                 })
             }
-            _ => row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
+            _ => row_loop(data, rb, rows, r0, r1, tokens, x.token_bytes(), out, |row, t0, nt, dst| {
                 tile_quantized::<8>(row, x, t0, nt, dst)
             }),
         }
@@ -1338,11 +1357,11 @@ mod avx2 {
         out: &SharedOut,
     ) {
         if ty == WeightType::F16 {
-            row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
+            row_loop(data, rb, rows, r0, r1, tokens, 4 * cols, out, |row, t0, nt, dst| {
                 tile_float::<true>(row, x, cols, t0, nt, dst)
             })
         } else {
-            row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
+            row_loop(data, rb, rows, r0, r1, tokens, 4 * cols, out, |row, t0, nt, dst| {
                 tile_float::<false>(row, x, cols, t0, nt, dst)
             })
         }
