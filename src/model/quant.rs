@@ -1553,18 +1553,9 @@ mod avx2 {
         let p: [__m256i; GROUP] = core::array::from_fn(|k| _mm256_maddubs_epi16(w[k], x[k]));
         // Sum within each block in i16 (no overflow: at most 8 of those per lane in the end,
         // 30480 < 2^15), interleaving the blocks: per 128-bit half, [p0 p0 p1 p1 p0 p0 p1 p1]…
-        let s01 = _mm256_add_epi16(
-            _mm256_unpacklo_epi32(p[0], p[1]),
-            _mm256_unpackhi_epi32(p[0], p[1]),
-        );
-        let s23 = _mm256_add_epi16(
-            _mm256_unpacklo_epi32(p[2], p[3]),
-            _mm256_unpackhi_epi32(p[2], p[3]),
-        );
-        // … then [p0 p0 p1 p1 p2 p2 p3 p3], then the halves (elements 0..16 and 16..32) added.
-        let s = _mm256_add_epi16(
-            _mm256_unpacklo_epi64(s01, s23),
-            _mm256_unpackhi_epi64(s01, s23),
+        let s = _mm256_hadd_epi16(
+            _mm256_hadd_epi16(p[0], p[1]),
+            _mm256_hadd_epi16(p[2], p[3]),
         );
         let h = _mm_add_epi16(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
         let dots = _mm_cvtepi32_ps(_mm_madd_epi16(h, _mm_set1_epi16(1)));
