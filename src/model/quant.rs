@@ -1042,14 +1042,22 @@ impl QKernel {
         out: &SharedOut,
     ) {
         match self {
-            QKernel::Scalar(ty) => {
-                row_loop(data, rb, rows, r0, r1, x.tokens, x.token_bytes(), out, |row, t0, nt, dst| {
+            QKernel::Scalar(ty) => row_loop(
+                data,
+                rb,
+                rows,
+                r0,
+                r1,
+                x.tokens,
+                x.token_bytes(),
+                out,
+                |row, t0, nt, dst| {
                     for (j, d) in dst[..nt].iter_mut().enumerate() {
                         let (q, ds) = act_tile::<1>(x, t0 + j);
                         *d = scalar::dot_quantized(ty, row, q[0], ds[0]);
                     }
-                })
-            }
+                },
+            ),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: an `Avx2Token` exists only when AVX2, FMA and F16C were detected.
             QKernel::Avx2(ty, _) => unsafe {
@@ -1104,14 +1112,22 @@ impl FKernel {
         out: &SharedOut,
     ) {
         match self {
-            FKernel::Scalar(ty) => {
-                row_loop(data, rb, rows, r0, r1, tokens, 4 * cols, out, |row, t0, nt, dst| {
+            FKernel::Scalar(ty) => row_loop(
+                data,
+                rb,
+                rows,
+                r0,
+                r1,
+                tokens,
+                4 * cols,
+                out,
+                |row, t0, nt, dst| {
                     for (j, d) in dst[..nt].iter_mut().enumerate() {
                         let t = t0 + j;
                         *d = scalar::dot_float(ty, row, &x[t * cols..(t + 1) * cols]);
                     }
-                })
-            }
+                },
+            ),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: an `Avx2Token` exists only when AVX2, FMA and F16C were detected.
             FKernel::Avx2(ty, _) => unsafe {
@@ -1252,19 +1268,39 @@ mod avx2 {
     ) {
         let tokens = x.tokens();
         match ty {
-            WeightType::Q4_1 => {
-                row_loop(data, rb, rows, r0, r1, tokens, x.token_bytes(), out, |row, t0, nt, dst| {
-                    tile_quantized::<1>(row, x, t0, nt, dst)
-                })
-            }
-            WeightType::Q4_0 => {
-                row_loop(data, rb, rows, r0, r1, tokens, x.token_bytes(), out, |row, t0, nt, dst| {
-                    tile_quantized::<0>(row, x, t0, nt, dst)
-                })
-            }
-            _ => row_loop(data, rb, rows, r0, r1, tokens, x.token_bytes(), out, |row, t0, nt, dst| {
-                tile_quantized::<8>(row, x, t0, nt, dst)
-            }),
+            WeightType::Q4_1 => row_loop(
+                data,
+                rb,
+                rows,
+                r0,
+                r1,
+                tokens,
+                x.token_bytes(),
+                out,
+                |row, t0, nt, dst| tile_quantized::<1>(row, x, t0, nt, dst),
+            ),
+            WeightType::Q4_0 => row_loop(
+                data,
+                rb,
+                rows,
+                r0,
+                r1,
+                tokens,
+                x.token_bytes(),
+                out,
+                |row, t0, nt, dst| tile_quantized::<0>(row, x, t0, nt, dst),
+            ),
+            _ => row_loop(
+                data,
+                rb,
+                rows,
+                r0,
+                r1,
+                tokens,
+                x.token_bytes(),
+                out,
+                |row, t0, nt, dst| tile_quantized::<8>(row, x, t0, nt, dst),
+            ),
         }
     }
 
@@ -1357,13 +1393,29 @@ mod avx2 {
         out: &SharedOut,
     ) {
         if ty == WeightType::F16 {
-            row_loop(data, rb, rows, r0, r1, tokens, 4 * cols, out, |row, t0, nt, dst| {
-                tile_float::<true>(row, x, cols, t0, nt, dst)
-            })
+            row_loop(
+                data,
+                rb,
+                rows,
+                r0,
+                r1,
+                tokens,
+                4 * cols,
+                out,
+                |row, t0, nt, dst| tile_float::<true>(row, x, cols, t0, nt, dst),
+            )
         } else {
-            row_loop(data, rb, rows, r0, r1, tokens, 4 * cols, out, |row, t0, nt, dst| {
-                tile_float::<false>(row, x, cols, t0, nt, dst)
-            })
+            row_loop(
+                data,
+                rb,
+                rows,
+                r0,
+                r1,
+                tokens,
+                4 * cols,
+                out,
+                |row, t0, nt, dst| tile_float::<false>(row, x, cols, t0, nt, dst),
+            )
         }
     }
 
@@ -1476,10 +1528,27 @@ mod avx2 {
         (d, hsum_i32(sum))
     }
 
-    /// Group `gi` (blocks `4·gi..4·gi + 4`) of a Q4 row of `nb` blocks: each block's 32 values
-    /// as bytes 0..=15 (low nibbles in lanes 0..16, high nibbles in 16..32), and
-    /// `[d₀ d₁ d₂ d₃ | m₀ m₁ m₂ m₃]` (Q4_1) or `[d₀ … d₃ | −8d₀ … −8d₃]` (Q4_0) as f32. Blocks
-    /// at or past `nb` (only when not `FULL`) are all zero.
+    /// `[d₀ d₁ d₂ d₃ | m₀ m₁ m₂ m₃]` (Q4_1) or `[d₀ … d₃ | −8d₀ … −8d₃]` (Q4_0) from the four
+    /// blocks' first four bytes (`(d, m)` or `d` as f16).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q4_scales<const HAS_MIN: bool>(head: [i32; GROUP]) -> __m256 {
+        let h = _mm_setr_epi32(head[0], head[1], head[2], head[3]);
+        if HAS_MIN {
+            // (d, m) pairs of halves → the four d, then the four m.
+            let order = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+            _mm256_cvtph_ps(_mm_shuffle_epi8(h, order))
+        } else {
+            let order = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+            let d = _mm_cvtph_ps(_mm_shuffle_epi8(h, order));
+            _mm256_set_m128(_mm_mul_ps(d, _mm_set1_ps(-8.0)), d)
+        }
+    }
+
+    /// Group `gi` (blocks `4·gi..4·gi + 4`) of a Q4 row of `nb` blocks: each block's values as
+    /// bytes 0..=15 in two registers (`w[2k]`: elements 0..16 of block `k`, from the low
+    /// nibbles; `w[2k + 1]`: elements 16..32, from the high nibbles), and the scales of
+    /// [`q4_scales`]. Blocks at or past `nb` (only when not `FULL`) are all zero.
     ///
     /// # Safety
     /// - The CPU supports AVX2, FMA and F16C.
@@ -1491,10 +1560,10 @@ mod avx2 {
         row: &[u8],
         nb: usize,
         gi: usize,
-    ) -> ([__m256i; GROUP], __m256) {
+    ) -> ([__m128i; 2 * GROUP], __m256) {
         let bb = if HAS_MIN { 20 } else { 18 };
-        let low = _mm256_set1_epi8(0x0f);
-        let mut w = [_mm256_setzero_si256(); GROUP];
+        let low = _mm_set1_epi8(0x0f);
+        let mut w = [_mm_setzero_si128(); 2 * GROUP];
         let mut head = [0i32; GROUP];
         for k in 0..GROUP {
             let b = gi * GROUP + k;
@@ -1510,20 +1579,11 @@ mod avx2 {
                     (h, _mm_loadu_si128(p.add(bb - 16) as *const __m128i))
                 };
                 head[k] = h;
-                w[k] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw), low);
+                w[2 * k] = _mm_and_si128(raw, low);
+                w[2 * k + 1] = _mm_and_si128(_mm_srli_epi16::<4>(raw), low);
             }
         }
-        let h = _mm_setr_epi32(head[0], head[1], head[2], head[3]);
-        let dm = if HAS_MIN {
-            // (d, m) pairs of halves → the four d, then the four m.
-            let order = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
-            _mm256_cvtph_ps(_mm_shuffle_epi8(h, order))
-        } else {
-            let order = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
-            let d = _mm_cvtph_ps(_mm_shuffle_epi8(h, order));
-            _mm256_set_m128(_mm_mul_ps(d, _mm_set1_ps(-8.0)), d)
-        };
-        (w, dm)
+        (w, q4_scales::<HAS_MIN>(head))
     }
 
     /// One token's part of a Q4 group: `acc + [p₀ p₁ p₂ p₃ | 1 1 1 1] · dm · g`, where `pₖ` is
@@ -1536,7 +1596,7 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q4_group_token(
-        w: &[__m256i; GROUP],
+        w: &[__m128i; 2 * GROUP],
         dm: __m256,
         x: *const i8,
         g: *const f32,
@@ -1545,19 +1605,19 @@ mod avx2 {
         // SAFETY: in bounds by the caller's contract; unaligned loads.
         let (x, g) = unsafe {
             (
-                [0, 1, 2, 3].map(|k| _mm256_loadu_si256(x.add(QK * k) as *const __m256i)),
+                [0, 1, 2, 3, 4, 5, 6, 7].map(|k| _mm_loadu_si128(x.add(16 * k) as *const __m128i)),
                 _mm256_loadu_ps(g),
             )
         };
-        // u8 (0..=15) × i8 (|x| ≤ 127) → pairwise i16 sums, |·| ≤ 2·15·127 = 3810.
-        let p: [__m256i; GROUP] = core::array::from_fn(|k| _mm256_maddubs_epi16(w[k], x[k]));
-        // Sum within each block in i16 (no overflow: at most 8 of those per lane in the end,
-        // 30480 < 2^15), interleaving the blocks: per 128-bit half, [p0 p0 p1 p1 p0 p0 p1 p1]…
-        let s = _mm256_hadd_epi16(
-            _mm256_hadd_epi16(p[0], p[1]),
-            _mm256_hadd_epi16(p[2], p[3]),
-        );
-        let h = _mm_add_epi16(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        // Per block, the low and high halves' pairwise sums added: |·| ≤ 4·15·127 = 7620.
+        let p: [__m128i; GROUP] = core::array::from_fn(|k| {
+            _mm_add_epi16(
+                _mm_maddubs_epi16(w[2 * k], x[2 * k]),
+                _mm_maddubs_epi16(w[2 * k + 1], x[2 * k + 1]),
+            )
+        });
+        // [p0 p0 p1 p1 p2 p2 p3 p3], each |·| ≤ 30480 < 2^15.
+        let h = _mm_hadd_epi16(_mm_hadd_epi16(p[0], p[1]), _mm_hadd_epi16(p[2], p[3]));
         let dots = _mm_cvtepi32_ps(_mm_madd_epi16(h, _mm_set1_epi16(1)));
         let f = _mm256_blend_ps::<0x0f>(_mm256_set1_ps(1.0), _mm256_castps128_ps256(dots));
         _mm256_fmadd_ps(f, _mm256_mul_ps(dm, g), acc)
