@@ -591,3 +591,55 @@ fn matmul_many_equals_separate_matmuls() {
     .is_err());
     assert!(fine.iter().all(|&v| v == 0.0));
 }
+
+/// The AVX2 Q4 kernels sum each block's products in i16 before widening; the largest sums
+/// (every weight 15, every activation ±127) must come out exact, for every number of blocks
+/// (whole and partial groups of four) and in every token tile.
+#[test]
+fn q4_extreme_blocks_sum_exactly() {
+    let pool = ThreadPool::new(2);
+    let mut qa = QuantizedActivations::new();
+    for ty in [WeightType::Q4_1, WeightType::Q4_0] {
+        for blocks in 1..=9 {
+            let cols = blocks * QK;
+            let rows = 3;
+            // Block: f16 d = 1.0 (0x3c00), Q4_1's f16 m = 0, then 16 bytes of nibbles 15.
+            let mut block = vec![0x00u8, 0x3c];
+            if ty == WeightType::Q4_1 {
+                block.extend([0, 0]);
+            }
+            block.extend([0xff; 16]);
+            let data: Vec<u8> = block
+                .iter()
+                .copied()
+                .cycle()
+                .take(block.len() * blocks * rows)
+                .collect();
+            let w = WeightMatrix::new(ty, rows, cols, &data).unwrap();
+            let per_weight = if ty == WeightType::Q4_1 { 15.0 } else { 7.0 };
+            for tokens in 1..=6 {
+                // Token t: all +1 or all −1 (quantized to ±127).
+                let x: Vec<f32> = (0..tokens * cols)
+                    .map(|i| if (i / cols) % 2 == 0 { 1.0 } else { -1.0 })
+                    .collect();
+                quantize_activations(&x, cols, &mut qa).unwrap();
+                for be in backends() {
+                    let mut out = vec![0f32; tokens * rows];
+                    matmul_with(be, &w, &qa, &mut out, &pool).unwrap();
+                    for t in 0..tokens {
+                        let d = qa.scales(t).unwrap()[0];
+                        let sign = if t % 2 == 0 { 1.0 } else { -1.0 };
+                        let want = sign * per_weight * 127.0 * d as f64 * cols as f64;
+                        for r in 0..rows {
+                            let got = out[t * rows + r] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * want.abs(),
+                                "{ty:?} {be:?} blocks {blocks} t {t}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -14,9 +14,9 @@
 //!
 //! # Activations
 //! Quantized weights are multiplied with activations quantized like llama.cpp's Q8_1:
-//! [`QuantizedActivations`] holds, per token and per block of 32, `d = max|x| / 127`, the 32
-//! values `q = round(x / d)` as i8 and `s = d · Σq` (which carries Q4_1's `m` term and Q4_0's
-//! `−8` offset). The block dot product is then integer: `Σ w·x ≈ d_w·d_x·Σ q_w·q_x (+ m·s_x)`.
+//! [`QuantizedActivations`] holds, per token and per block of 32, `d = max|x| / 127` (kept at
+//! f16 precision, as llama.cpp keeps it), the 32 values `q = round(x / d)` as i8 and
+//! `s = d · Σq` (which carries Q4_1's `m` term and Q4_0's `−8` offset). The block dot product is then integer: `Σ w·x ≈ d_w·d_x·Σ q_w·q_x (+ m·s_x)`.
 //! Float weights (F32, F16) are multiplied with the `f32` activations directly.
 //!
 //! # Kernels
@@ -26,8 +26,9 @@
 //! functions take an explicit [`Backend`] (tests compare the two).
 //!
 //! [`matmul`] computes `y[t][r] = W[r] · x[t]` for all tokens: each thread of the pool takes a
-//! contiguous range of rows, and each weight row is read once and dotted against a tile of up to
-//! [`TOKEN_TILE`] tokens at a time, so prefill is not bound by re-reading the weights. Every
+//! contiguous range of rows, and each weight row is dotted against a tile of up to
+//! [`TOKEN_TILE`] tokens at a time, so prefill is not bound by re-reading the weights; tokens go
+//! in passes of about 16 KiB of activations, which stay in L1 while the rows go by. Every
 //! output is computed by one thread with an order of operations that does not depend on the
 //! thread count nor on the tile a token falls into, so results are bitwise reproducible.
 
@@ -464,9 +465,11 @@ impl Avx2Token {
 // ---------------------------------------------------------------------------------------------
 // Quantized activations
 
-/// Activations quantized per block of 32 (llama.cpp's Q8_1 scheme, with f32 scales): for
-/// `tokens` rows of `cols` values, `q` is `[tokens][cols]` i8 and `ds` is
-/// `[tokens][cols / 32][2]` f32 holding `(d, s)`: `x ≈ d·q`, `s = d·Σq`.
+/// Activations quantized per block of 32 (llama.cpp's Q8_1 scheme): for `tokens` rows of
+/// `cols` values, `q` is `[tokens][cols]` i8 and `ds` is `[tokens][cols / 32][2]` f32 holding
+/// `(d, s)`: `x ≈ d·q`, `s = d·Σq`. As in llama.cpp, `q = round(x / d)` with
+/// `d = max|x| / 127` in f32, and `d` is then stored at f16 precision (`s` is computed from
+/// the stored `d`).
 ///
 /// Built by [`quantize_activations`], which reuses the buffers (no allocation once they are as
 /// large as the largest input seen).
@@ -1233,14 +1236,23 @@ mod scalar {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    //! Integer block dot products: weights are brought to 32 bytes per block (4-bit values
-    //! unpacked to 0..=15 — low nibbles to lanes 0..16, high nibbles to lanes 16..32 — or, for
-    //! Q8_0, their absolute values with the sign moved onto the activations by
-    //! `_mm256_sign_epi8`), so one `_mm256_maddubs_epi16` (u8 × i8 → pairwise i16 sums, at most
+    //! Integer block dot products, a weight block unpacked once and used for `NT` tokens.
+    //!
+    //! Q8_0: the weights' absolute values, their signs moved onto the activations by
+    //! `_mm256_sign_epi8`, so one `_mm256_maddubs_epi16` (u8 × i8 → pairwise i16 sums, at most
     //! 2·128·127 < 2^15, no saturation) and one `_mm256_madd_epi16` with ones (→ eight i32)
-    //! give the block's integer dot in eight lanes, which are converted and accumulated with
-    //! one FMA by `d_w·d_x`. Offsets (Q4_1's `m`, Q4_0's `−8`) use the activation block sums.
-    //! Each weight block is unpacked once and used for `NT` tokens.
+    //! give the block's integer dot in eight lanes, converted and accumulated with one FMA by
+    //! `d_w·d_x`.
+    //!
+    //! Q4_1 / Q4_0: blocks go in groups of four ([`GROUP`]). Each block's nibbles are unpacked
+    //! to bytes 0..=15 in two 128-bit halves (elements 0..16 and 16..32); per token, eight
+    //! 128-bit `maddubs` give i16 pair sums (≤ 2·15·127), which are added and reduced in i16
+    //! (at most 16 products per lane, ≤ 30480 < 2^15) with three `hadd`s to
+    //! `[p0 p0 p1 p1 p2 p2 p3 p3]`, and one `madd` with ones gives the four blocks' exact
+    //! integer dots. Then a single FMA per group and token does all the float work:
+    //! `acc += [p0 p1 p2 p3 | 1 1 1 1] · [d_w·d_x ×4 | m_w·s_x ×4]` (Q4_0: `m = −8·d_w`), the
+    //! activation scales coming pre-arranged per group ([`QuantizedActivations`]). The result
+    //! is the lower four lanes' sum plus the upper four's.
 
     use super::{
         act_groups, act_tile, row_loop, QuantizedActivations, SharedOut, WeightType, GROUP, QK,
