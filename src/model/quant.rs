@@ -34,6 +34,7 @@
 
 use core::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
 
 use super::threads::ThreadPool;
 use crate::half::{f16_to_f32, f32_to_f16};
@@ -597,6 +598,27 @@ pub fn quantize_activations_with(
     cols: usize,
     out: &mut QuantizedActivations,
 ) -> Result<(), QuantError> {
+    quantize_activations_on(backend, x, cols, out, None)
+}
+
+/// [`quantize_activations`] with the tokens spread over `pool`'s threads (for many tokens;
+/// the same result).
+pub fn quantize_activations_pool(
+    x: &[f32],
+    cols: usize,
+    out: &mut QuantizedActivations,
+    pool: &ThreadPool,
+) -> Result<(), QuantError> {
+    quantize_activations_on(Backend::detect(), x, cols, out, Some(pool))
+}
+
+fn quantize_activations_on(
+    backend: Backend,
+    x: &[f32],
+    cols: usize,
+    out: &mut QuantizedActivations,
+    pool: Option<&ThreadPool>,
+) -> Result<(), QuantError> {
     if cols == 0 || cols % QK != 0 {
         return Err(QuantError::ColsNotBlockMultiple {
             ty: WeightType::Q8_0,
@@ -624,11 +646,51 @@ pub fn quantize_activations_with(
     out.cols = cols;
     out.stride = stride;
     let token = Avx2Token::get(backend);
+    let per_token = (stride, 2 * (cols / QK), groups * 2 * GROUP);
+    let chunks = x
+        .chunks(cols * ACT_CHUNK)
+        .zip(out.q.chunks_mut(per_token.0 * ACT_CHUNK))
+        .zip(out.ds.chunks_mut(per_token.1 * ACT_CHUNK))
+        .zip(out.g.chunks_mut(per_token.2 * ACT_CHUNK))
+        .map(|(((x, q), ds), g)| Mutex::new((x, q, ds, g)));
+    match pool {
+        Some(pool) if tokens >= 2 * ACT_CHUNK && pool.threads() > 1 => {
+            let chunks: Vec<_> = chunks.collect();
+            pool.run_tasks(chunks.len(), &|i, _| {
+                let mut c = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
+                let (x, q, ds, g) = &mut *c;
+                quantize_tokens(token, x, cols, per_token, q, ds, g);
+            });
+        }
+        _ => {
+            for c in chunks {
+                let (x, q, ds, g) = c.into_inner().unwrap_or_else(|e| e.into_inner());
+                quantize_tokens(token, x, cols, per_token, q, ds, g);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tokens per task when activations are quantized on the thread pool.
+const ACT_CHUNK: usize = 16;
+
+/// Quantizes the tokens of `x` (`cols` each) into their `q`, `ds` and `g` rows
+/// (`per_token` = the three rows' lengths).
+fn quantize_tokens(
+    token: Option<Avx2Token>,
+    x: &[f32],
+    cols: usize,
+    (stride, nds, ng): (usize, usize, usize),
+    q: &mut [i8],
+    ds: &mut [f32],
+    g: &mut [f32],
+) {
     for (((xt, qt), dst), gt) in x
         .chunks_exact(cols)
-        .zip(out.q.chunks_exact_mut(stride))
-        .zip(out.ds.chunks_exact_mut(2 * (cols / QK)))
-        .zip(out.g.chunks_exact_mut(groups * 2 * GROUP))
+        .zip(q.chunks_exact_mut(stride))
+        .zip(ds.chunks_exact_mut(nds))
+        .zip(g.chunks_exact_mut(ng))
     {
         for (b, ((xb, qb), ds)) in xt
             .chunks_exact(QK)
@@ -655,7 +717,6 @@ pub fn quantize_activations_with(
             gt[group * 2 * GROUP + GROUP + k] = s;
         }
     }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
