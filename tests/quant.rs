@@ -6,8 +6,8 @@
 use kvcache::half::{f16_to_f32, f32_to_f16};
 use kvcache::model::quant::{
     dot_f32_with, dot_quantized_with, matmul, matmul_any, matmul_f32_with, matmul_many,
-    matmul_with, quantize_activations, quantize_activations_with, quantize_row, Backend,
-    QuantError, QuantizedActivations, WeightMatrix, WeightType, QK,
+    matmul_with, quantize_activations, quantize_activations_pool, quantize_activations_with,
+    quantize_row, Backend, QuantError, QuantizedActivations, WeightMatrix, WeightType, QK,
 };
 use kvcache::model::threads::ThreadPool;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -641,5 +641,31 @@ fn q4_extreme_blocks_sum_exactly() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn quantizing_on_the_pool_equals_serial() {
+    let mut rng = Rng(21);
+    let pool = ThreadPool::new(3);
+    let mut a = QuantizedActivations::new();
+    let mut b = QuantizedActivations::new();
+    for (tokens, cols) in [(1, 64), (31, 576), (32, 576), (100, 96), (257, 1536)] {
+        let x = rng.vec(tokens * cols, 2.0);
+        quantize_activations(&x, cols, &mut a).unwrap();
+        quantize_activations_pool(&x, cols, &mut b, &pool).unwrap();
+        assert_eq!((b.tokens(), b.cols()), (tokens, cols));
+        for t in 0..tokens {
+            assert_eq!(a.quants(t), b.quants(t));
+            let (sa, sb) = (a.scales(t).unwrap(), b.scales(t).unwrap());
+            assert!(sa.iter().zip(sb).all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
+        // And the matmuls on them agree bitwise.
+        let data = weights(&mut rng, WeightType::Q4_1, 9, cols);
+        let w = WeightMatrix::new(WeightType::Q4_1, 9, cols, &data).unwrap();
+        let (mut oa, mut ob) = (vec![0f32; tokens * 9], vec![0f32; tokens * 9]);
+        matmul(&w, &a, &mut oa, &pool).unwrap();
+        matmul(&w, &b, &mut ob, &pool).unwrap();
+        assert!(oa.iter().zip(&ob).all(|(p, q)| p.to_bits() == q.to_bits()));
     }
 }
