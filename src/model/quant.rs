@@ -1341,6 +1341,12 @@ mod avx2 {
     ) {
         let tokens = x.tokens();
         match ty {
+            WeightType::Q4_1 if tokens == 1 => {
+                rows_q4_one_token::<true>(data, rb, rows, r0, r1, x, out)
+            }
+            WeightType::Q4_0 if tokens == 1 => {
+                rows_q4_one_token::<false>(data, rb, rows, r0, r1, x, out)
+            }
             WeightType::Q4_1 => row_loop(
                 data,
                 rb,
@@ -1403,6 +1409,74 @@ mod avx2 {
                 dot_q8_0::<1>(row, q, ds)[0]
             }
         }
+    }
+
+    /// Rows `r0..r1` of a Q4 matrix against the one token of `x` (a decode step), two rows
+    /// at a time so that they share the activation loads and overlap their dependency
+    /// chains; each row is computed exactly as [`dot_q4`] computes it.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn rows_q4_one_token<const HAS_MIN: bool>(
+        data: &[u8],
+        rb: usize,
+        rows: usize,
+        r0: usize,
+        r1: usize,
+        x: &QuantizedActivations,
+        out: &SharedOut,
+    ) {
+        let (q, g) = act_groups::<1>(x, 0);
+        let mut r = r0;
+        while r + 2 <= r1 {
+            super::prefetch(data, (r + super::PREFETCH_ROWS) * rb, 2 * rb);
+            let pair = &data[r * rb..(r + 2) * rb];
+            let (a, b) = pair.split_at(rb);
+            let v = dot_q4_two_rows::<HAS_MIN>([a, b], q[0], g[0]);
+            out.write(r, v[0]);
+            out.write(r + 1, v[1]);
+            r += 2;
+        }
+        if r < r1 {
+            out.write(r, dot_q4::<1, HAS_MIN>(&data[r * rb..(r + 1) * rb], q, g)[0]);
+        }
+        debug_assert!(r1 <= rows);
+    }
+
+    /// Two Q4 rows (of the same length) · one token, each exactly as [`dot_q4`] computes it.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_q4_two_rows<const HAS_MIN: bool>(row: [&[u8]; 2], q: &[i8], g: &[f32]) -> [f32; 2] {
+        let bb = if HAS_MIN { 20 } else { 18 };
+        let nb = row[0].len() / bb;
+        assert!(row[0].len() == nb * bb && row[1].len() == nb * bb);
+        let groups = nb.div_ceil(GROUP);
+        assert!(q.len() >= groups * GROUP * QK && g.len() >= groups * 2 * GROUP);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let full = nb / GROUP;
+        for gi in 0..full {
+            // SAFETY: `4·gi + 4 ≤ nb`; the lengths were asserted above.
+            unsafe {
+                let (w0, dm0) = q4_group_weights::<HAS_MIN, true>(row[0], nb, gi);
+                let (w1, dm1) = q4_group_weights::<HAS_MIN, true>(row[1], nb, gi);
+                let x = q.as_ptr().add(gi * GROUP * QK);
+                let s = g.as_ptr().add(gi * 2 * GROUP);
+                acc[0] = q4_group_token(&w0, dm0, x, s, acc[0]);
+                acc[1] = q4_group_token(&w1, dm1, x, s, acc[1]);
+            }
+        }
+        if full < groups {
+            // SAFETY: `4·full < nb` (the last, partial group); the lengths were asserted above
+            // (the padding quants and scales are zero).
+            unsafe {
+                let (w0, dm0) = q4_group_weights::<HAS_MIN, false>(row[0], nb, full);
+                let (w1, dm1) = q4_group_weights::<HAS_MIN, false>(row[1], nb, full);
+                let x = q.as_ptr().add(full * GROUP * QK);
+                let s = g.as_ptr().add(full * 2 * GROUP);
+                acc[0] = q4_group_token(&w0, dm0, x, s, acc[0]);
+                acc[1] = q4_group_token(&w1, dm1, x, s, acc[1]);
+            }
+        }
+        acc.map(|a| q4_finish(a))
     }
 
     /// `KIND`: ggml id of the type (0 = Q4_0, 1 = Q4_1 here, 8 = Q8_0).
@@ -1742,14 +1816,19 @@ mod avx2 {
                 }
             }
         }
-        // The `d` terms, then the offset terms added (as llama.cpp does).
-        core::array::from_fn(|j| {
-            let (d, m) = (
-                _mm256_castps256_ps128(acc[j]),
-                _mm256_extractf128_ps::<1>(acc[j]),
-            );
-            hsum4(d) + hsum4(m)
-        })
+        core::array::from_fn(|j| q4_finish(acc[j]))
+    }
+
+    /// A Q4 accumulator's result: the `d` terms, then the offset terms added (as llama.cpp
+    /// does).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q4_finish(acc: __m256) -> f32 {
+        let (d, m) = (
+            _mm256_castps256_ps128(acc),
+            _mm256_extractf128_ps::<1>(acc),
+        );
+        hsum4(d) + hsum4(m)
     }
 
     #[inline]
