@@ -1341,11 +1341,39 @@ mod avx2 {
     ) {
         let tokens = x.tokens();
         match ty {
-            WeightType::Q4_1 if tokens == 1 => {
-                rows_q4_one_token::<true>(data, rb, rows, r0, r1, x, out)
-            }
-            WeightType::Q4_0 if tokens == 1 => {
-                rows_q4_one_token::<false>(data, rb, rows, r0, r1, x, out)
+            WeightType::Q4_1 | WeightType::Q4_0 | WeightType::Q8_0 if tokens == 1 => {
+                debug_assert!(r1 <= rows);
+                let (q, g) = act_groups::<1>(x, 0);
+                let (qc, ds) = act_tile::<1>(x, 0);
+                match ty {
+                    WeightType::Q4_1 => rows_one_token(
+                        data,
+                        rb,
+                        r0,
+                        r1,
+                        out,
+                        |two| dot_q4_two_rows::<true>(two, q[0], g[0]),
+                        |row| dot_q4::<1, true>(row, q, g)[0],
+                    ),
+                    WeightType::Q4_0 => rows_one_token(
+                        data,
+                        rb,
+                        r0,
+                        r1,
+                        out,
+                        |two| dot_q4_two_rows::<false>(two, q[0], g[0]),
+                        |row| dot_q4::<1, false>(row, q, g)[0],
+                    ),
+                    _ => rows_one_token(
+                        data,
+                        rb,
+                        r0,
+                        r1,
+                        out,
+                        |two| dot_q8_0_rows::<2>(two, qc[0], ds[0]),
+                        |row| dot_q8_0::<1>(row, qc, ds)[0],
+                    ),
+                }
             }
             WeightType::Q4_1 => row_loop(
                 data,
@@ -1411,35 +1439,31 @@ mod avx2 {
         }
     }
 
-    /// Rows `r0..r1` of a Q4 matrix against the one token of `x` (a decode step), two rows
-    /// at a time so that they share the activation loads and overlap their dependency
-    /// chains; each row is computed exactly as [`dot_q4`] computes it.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn rows_q4_one_token<const HAS_MIN: bool>(
+    /// Rows `r0..r1` (of `rb` bytes) against the one token of a decode step, two rows at a
+    /// time (`two`) so that they share the activation loads and overlap their dependency
+    /// chains; an odd last row goes to `one`. Each row must come out exactly as alone.
+    #[inline(always)]
+    fn rows_one_token(
         data: &[u8],
         rb: usize,
-        rows: usize,
         r0: usize,
         r1: usize,
-        x: &QuantizedActivations,
         out: &SharedOut,
+        two: impl Fn([&[u8]; 2]) -> [f32; 2],
+        one: impl Fn(&[u8]) -> f32,
     ) {
-        let (q, g) = act_groups::<1>(x, 0);
         let mut r = r0;
         while r + 2 <= r1 {
             super::prefetch(data, (r + super::PREFETCH_ROWS) * rb, 2 * rb);
-            let pair = &data[r * rb..(r + 2) * rb];
-            let (a, b) = pair.split_at(rb);
-            let v = dot_q4_two_rows::<HAS_MIN>([a, b], q[0], g[0]);
+            let (a, b) = data[r * rb..(r + 2) * rb].split_at(rb);
+            let v = two([a, b]);
             out.write(r, v[0]);
             out.write(r + 1, v[1]);
             r += 2;
         }
         if r < r1 {
-            out.write(r, dot_q4::<1, HAS_MIN>(&data[r * rb..(r + 1) * rb], q, g)[0]);
+            out.write(r, one(&data[r * rb..(r + 1) * rb]));
         }
-        debug_assert!(r1 <= rows);
     }
 
     /// Two Q4 rows (of the same length) · one token, each exactly as [`dot_q4`] computes it.
@@ -1824,10 +1848,7 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn q4_finish(acc: __m256) -> f32 {
-        let (d, m) = (
-            _mm256_castps256_ps128(acc),
-            _mm256_extractf128_ps::<1>(acc),
-        );
+        let (d, m) = (_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
         hsum4(d) + hsum4(m)
     }
 
@@ -1926,6 +1947,46 @@ mod avx2 {
             }
         }
         core::array::from_fn(|j| hsum(acc[j]))
+    }
+
+    /// `NR` Q8_0 rows (of the same length) · one token, each exactly as [`dot_q8_0`] computes
+    /// it (the rows share the activation loads).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_q8_0_rows<const NR: usize>(row: [&[u8]; NR], q: &[i8], ds: &[f32]) -> [f32; NR] {
+        let nb = row[0].len() / 34;
+        for r in &row {
+            assert!(r.len() == nb * 34);
+        }
+        assert!(q.len() >= nb * QK && ds.len() >= nb * 2);
+        let mut acc = [_mm256_setzero_ps(); NR];
+        let mut b = 0;
+        while b + 2 <= nb {
+            // SAFETY: `b + 1 < nb`; the lengths were asserted above.
+            unsafe {
+                for i in 0..NR {
+                    let (a0, w0, d0) = q8_weights(row[i], b);
+                    let (a1, w1, d1) = q8_weights(row[i], b + 1);
+                    let (p0, s0) = q8_token(a0, w0, d0, q, ds, b);
+                    let (p1, s1) = q8_token(a1, w1, d1, q, ds, b + 1);
+                    let t = _mm256_mul_ps(_mm256_broadcastss_ps(s0), p0);
+                    let t = _mm256_fmadd_ps(_mm256_broadcastss_ps(s1), p1, t);
+                    acc[i] = _mm256_add_ps(acc[i], t);
+                }
+            }
+            b += 2;
+        }
+        if b < nb {
+            // SAFETY: `b < nb`; the lengths were asserted above.
+            unsafe {
+                for i in 0..NR {
+                    let (a0, w0, d0) = q8_weights(row[i], b);
+                    let (p0, s0) = q8_token(a0, w0, d0, q, ds, b);
+                    acc[i] = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc[i]);
+                }
+            }
+        }
+        acc.map(|a| hsum(a))
     }
 
     /// Shared body of the float kernels: `load(i)` gives weights `i..i+8` as f32,
