@@ -17,10 +17,11 @@
 use std::fmt;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Mutex;
 
 use super::gguf::{GgmlType, Gguf};
 use super::quant::{
-    matmul, matmul_f32, matmul_many, quantize_activations, QuantizedActivations, WeightMatrix,
+    matmul, matmul_f32, matmul_many, quantize_activations_pool, QuantizedActivations, WeightMatrix,
     WeightType,
 };
 use super::threads::ThreadPool;
@@ -518,7 +519,10 @@ impl<'m> Runner<'m> {
             ..AttentionOptions::default()
         };
         for (layer_index, layer) in self.model.layers.iter().enumerate() {
-            rms_norm(&b.x, &layer.attn_norm, config.rms_eps, &mut b.h);
+            per_tokens(&self.pool, &mut b.h, embed, |t0, h| {
+                let x = &b.x[t0 * embed..t0 * embed + h.len()];
+                rms_norm(x, &layer.attn_norm, config.rms_eps, h)
+            });
             project_many(
                 self.model,
                 [&layer.wq, &layer.wk, &layer.wv],
@@ -575,7 +579,10 @@ impl<'m> Runner<'m> {
                 true,
             )?;
             add(&mut b.x, &b.proj);
-            rms_norm(&b.x, &layer.ffn_norm, config.rms_eps, &mut b.h);
+            per_tokens(&self.pool, &mut b.h, embed, |t0, h| {
+                let x = &b.x[t0 * embed..t0 * embed + h.len()];
+                rms_norm(x, &layer.ffn_norm, config.rms_eps, h)
+            });
             project_many(
                 self.model,
                 [&layer.gate, &layer.up],
@@ -585,9 +592,11 @@ impl<'m> Runner<'m> {
                 [&mut b.gate, &mut b.up],
                 &self.pool,
             )?;
-            for (g, u) in b.gate.iter_mut().zip(&b.up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            per_tokens(&self.pool, &mut b.gate, ffn, |t0, gate| {
+                for (g, u) in gate.iter_mut().zip(&b.up[t0 * ffn..]) {
+                    *g = *g / (1.0 + (-*g).exp()) * u;
+                }
+            });
             project(
                 self.model,
                 &layer.down,
@@ -680,7 +689,7 @@ fn project_many<const N: usize>(
             .map(|w| model.matrix(w))
             .collect::<Result<Vec<_>, _>>()?;
         let cols = weights[0].cols;
-        quantize_activations(&x[..tokens * cols], cols, quant)?;
+        quantize_activations_pool(&x[..tokens * cols], cols, quant, pool)?;
         let refs: [&WeightMatrix; N] = core::array::from_fn(|i| &matrices[i]);
         let mut index = 0;
         let outs = outs.map(|out| {
@@ -714,13 +723,41 @@ fn project(
     let out = &mut out[..tokens * w.rows];
     if w.ty.is_quantized() {
         if quantize || quant.tokens() != tokens || quant.cols() != w.cols {
-            quantize_activations(&x[..tokens * w.cols], w.cols, quant)?;
+            quantize_activations_pool(&x[..tokens * w.cols], w.cols, quant, pool)?;
         }
         matmul(&w, quant, out, pool)?;
     } else {
         matmul_f32(&w, &x[..tokens * w.cols], tokens, out, pool)?;
     }
     Ok(())
+}
+
+/// Tokens per task in [`per_tokens`].
+const TOKEN_CHUNK: usize = 16;
+
+/// Calls `f(first_token, rows)` on chunks of whole rows of `out` (`[tokens][width]`), spread
+/// over the pool's threads when there are many tokens (a prefill): per-token work (norms, the
+/// SiLU gate) that would otherwise run on one thread while the others wait. Each row gets what
+/// one serial call gives.
+fn per_tokens(
+    pool: &ThreadPool,
+    out: &mut [f32],
+    width: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let tokens = out.len() / width.max(1);
+    if tokens < 2 * TOKEN_CHUNK || pool.threads() == 1 {
+        f(0, out);
+        return;
+    }
+    let chunks: Vec<Mutex<&mut [f32]>> = out
+        .chunks_mut(TOKEN_CHUNK * width)
+        .map(Mutex::new)
+        .collect();
+    pool.run_tasks(chunks.len(), &|i, _| {
+        let mut rows = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
+        f(i * TOKEN_CHUNK, &mut rows);
+    });
 }
 
 /// `out[t] = x[t] / rms(x[t]) · weight` for every row of `x` (rows of `weight.len()`).

@@ -14,9 +14,9 @@
 //!
 //! # Activations
 //! Quantized weights are multiplied with activations quantized like llama.cpp's Q8_1:
-//! [`QuantizedActivations`] holds, per token and per block of 32, `d = max|x| / 127`, the 32
-//! values `q = round(x / d)` as i8 and `s = d · Σq` (which carries Q4_1's `m` term and Q4_0's
-//! `−8` offset). The block dot product is then integer: `Σ w·x ≈ d_w·d_x·Σ q_w·q_x (+ m·s_x)`.
+//! [`QuantizedActivations`] holds, per token and per block of 32, `d = max|x| / 127` (kept at
+//! f16 precision, as llama.cpp keeps it), the 32 values `q = round(x / d)` as i8 and
+//! `s = d · Σq` (which carries Q4_1's `m` term and Q4_0's `−8` offset). The block dot product is then integer: `Σ w·x ≈ d_w·d_x·Σ q_w·q_x (+ m·s_x)`.
 //! Float weights (F32, F16) are multiplied with the `f32` activations directly.
 //!
 //! # Kernels
@@ -26,13 +26,15 @@
 //! functions take an explicit [`Backend`] (tests compare the two).
 //!
 //! [`matmul`] computes `y[t][r] = W[r] · x[t]` for all tokens: each thread of the pool takes a
-//! contiguous range of rows, and each weight row is read once and dotted against a tile of up to
-//! [`TOKEN_TILE`] tokens at a time, so prefill is not bound by re-reading the weights. Every
+//! contiguous range of rows, and each weight row is dotted against a tile of up to
+//! [`TOKEN_TILE`] tokens at a time, so prefill is not bound by re-reading the weights; tokens go
+//! in passes of about 16 KiB of activations, which stay in L1 while the rows go by. Every
 //! output is computed by one thread with an order of operations that does not depend on the
 //! thread count nor on the tile a token falls into, so results are bitwise reproducible.
 
 use core::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
 
 use super::threads::ThreadPool;
 use crate::half::{f16_to_f32, f32_to_f16};
@@ -464,9 +466,11 @@ impl Avx2Token {
 // ---------------------------------------------------------------------------------------------
 // Quantized activations
 
-/// Activations quantized per block of 32 (llama.cpp's Q8_1 scheme, with f32 scales): for
-/// `tokens` rows of `cols` values, `q` is `[tokens][cols]` i8 and `ds` is
-/// `[tokens][cols / 32][2]` f32 holding `(d, s)`: `x ≈ d·q`, `s = d·Σq`.
+/// Activations quantized per block of 32 (llama.cpp's Q8_1 scheme): for `tokens` rows of
+/// `cols` values, `q` is `[tokens][cols]` i8 and `ds` is `[tokens][cols / 32][2]` f32 holding
+/// `(d, s)`: `x ≈ d·q`, `s = d·Σq`. As in llama.cpp, `q = round(x / d)` with
+/// `d = max|x| / 127` in f32, and `d` is then stored at f16 precision (`s` is computed from
+/// the stored `d`).
 ///
 /// Built by [`quantize_activations`], which reuses the buffers (no allocation once they are as
 /// large as the largest input seen).
@@ -474,9 +478,18 @@ impl Avx2Token {
 pub struct QuantizedActivations {
     tokens: usize,
     cols: usize,
+    /// Distance between two tokens' quants in `q`: `cols` rounded up to whole groups of
+    /// [`GROUP`] blocks, the padding zero (the AVX2 Q4 kernels read whole groups).
+    stride: usize,
     q: Vec<i8>,
     ds: Vec<f32>,
+    /// Per token and group of [`GROUP`] blocks: the blocks' `d` then their `s`
+    /// (`[tokens][groups][2][GROUP]`, zero for the padding blocks).
+    g: Vec<f32>,
 }
+
+/// Blocks per group in the AVX2 Q4 kernels (see [`QuantizedActivations`]).
+const GROUP: usize = 4;
 
 impl QuantizedActivations {
     /// Empty; grows on the first [`quantize_activations`].
@@ -488,10 +501,17 @@ impl QuantizedActivations {
     /// [`QuantError::SizeOverflow`] if that much memory cannot be reserved.
     pub fn with_capacity(tokens: usize, cols: usize) -> Result<Self, QuantError> {
         let n = tokens.checked_mul(cols).ok_or(QuantError::SizeOverflow)?;
+        let padded = cols
+            .div_ceil(QK * GROUP)
+            .checked_mul(QK * GROUP)
+            .and_then(|c| c.checked_mul(tokens))
+            .ok_or(QuantError::SizeOverflow)?;
         let mut a = QuantizedActivations::default();
-        a.q.try_reserve_exact(n)
+        a.q.try_reserve_exact(padded)
             .map_err(|_| QuantError::SizeOverflow)?;
         a.ds.try_reserve_exact(n.div_ceil(QK) * 2)
+            .map_err(|_| QuantError::SizeOverflow)?;
+        a.g.try_reserve_exact(padded / QK * 2)
             .map_err(|_| QuantError::SizeOverflow)?;
         Ok(a)
     }
@@ -513,7 +533,7 @@ impl QuantizedActivations {
 
     /// Token `t`'s quants (`cols` i8), or `None` if `t` is out of range.
     pub fn quants(&self, t: usize) -> Option<&[i8]> {
-        (t < self.tokens).then(|| &self.q[t * self.cols..(t + 1) * self.cols])
+        (t < self.tokens).then(|| &self.q[t * self.stride..t * self.stride + self.cols])
     }
 
     /// Token `t`'s `(d, s)` pairs, flattened (`2 · cols / 32` f32), or `None` if out of range.
@@ -542,6 +562,11 @@ impl QuantizedActivations {
             }
         }
         Ok(())
+    }
+
+    /// Bytes the kernels read per token (quants and scales).
+    fn token_bytes(&self) -> usize {
+        self.stride + self.stride / QK * 2 * 4
     }
 
     fn token(&self, t: usize) -> Result<(&[i8], &[f32]), QuantError> {
@@ -573,6 +598,27 @@ pub fn quantize_activations_with(
     cols: usize,
     out: &mut QuantizedActivations,
 ) -> Result<(), QuantError> {
+    quantize_activations_on(backend, x, cols, out, None)
+}
+
+/// [`quantize_activations`] with the tokens spread over `pool`'s threads (for many tokens;
+/// the same result).
+pub fn quantize_activations_pool(
+    x: &[f32],
+    cols: usize,
+    out: &mut QuantizedActivations,
+    pool: &ThreadPool,
+) -> Result<(), QuantError> {
+    quantize_activations_on(Backend::detect(), x, cols, out, Some(pool))
+}
+
+fn quantize_activations_on(
+    backend: Backend,
+    x: &[f32],
+    cols: usize,
+    out: &mut QuantizedActivations,
+    pool: Option<&ThreadPool>,
+) -> Result<(), QuantError> {
     if cols == 0 || cols % QK != 0 {
         return Err(QuantError::ColsNotBlockMultiple {
             ty: WeightType::Q8_0,
@@ -588,28 +634,89 @@ pub fn quantize_activations_with(
     }
     let tokens = x.len() / cols;
     let nblocks = x.len() / QK;
-    out.q.resize(x.len(), 0);
+    let stride = cols.div_ceil(QK * GROUP) * QK * GROUP;
+    let groups = stride / (QK * GROUP);
+    let n = tokens.checked_mul(stride).ok_or(QuantError::SizeOverflow)?;
+    out.q.clear();
+    out.q.resize(n, 0);
     out.ds.resize(2 * nblocks, 0.0);
+    out.g.clear();
+    out.g.resize(tokens * groups * 2 * GROUP, 0.0);
     out.tokens = tokens;
     out.cols = cols;
+    out.stride = stride;
     let token = Avx2Token::get(backend);
-    for ((xb, qb), ds) in x
-        .chunks_exact(QK)
-        .zip(out.q.chunks_exact_mut(QK))
-        .zip(out.ds.chunks_exact_mut(2))
-    {
-        let xb: &[f32; QK] = xb.try_into().expect("chunk of 32");
-        let qb: &mut [i8; QK] = qb.try_into().expect("chunk of 32");
-        let (d, s) = match token {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the token exists only when AVX2, FMA and F16C were detected.
-            Some(_) => unsafe { avx2::quantize_block(xb, qb) },
-            _ => scalar::quantize_block(xb, qb),
-        };
-        ds[0] = d;
-        ds[1] = s;
+    let per_token = (stride, 2 * (cols / QK), groups * 2 * GROUP);
+    let chunks = x
+        .chunks(cols * ACT_CHUNK)
+        .zip(out.q.chunks_mut(per_token.0 * ACT_CHUNK))
+        .zip(out.ds.chunks_mut(per_token.1 * ACT_CHUNK))
+        .zip(out.g.chunks_mut(per_token.2 * ACT_CHUNK))
+        .map(|(((x, q), ds), g)| Mutex::new((x, q, ds, g)));
+    match pool {
+        Some(pool) if tokens >= 2 * ACT_CHUNK && pool.threads() > 1 => {
+            let chunks: Vec<_> = chunks.collect();
+            pool.run_tasks(chunks.len(), &|i, _| {
+                let mut c = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
+                let (x, q, ds, g) = &mut *c;
+                quantize_tokens(token, x, cols, per_token, q, ds, g);
+            });
+        }
+        _ => {
+            for c in chunks {
+                let (x, q, ds, g) = c.into_inner().unwrap_or_else(|e| e.into_inner());
+                quantize_tokens(token, x, cols, per_token, q, ds, g);
+            }
+        }
     }
     Ok(())
+}
+
+/// Tokens per task when activations are quantized on the thread pool.
+const ACT_CHUNK: usize = 16;
+
+/// Quantizes the tokens of `x` (`cols` each) into their `q`, `ds` and `g` rows
+/// (`per_token` = the three rows' lengths).
+fn quantize_tokens(
+    token: Option<Avx2Token>,
+    x: &[f32],
+    cols: usize,
+    (stride, nds, ng): (usize, usize, usize),
+    q: &mut [i8],
+    ds: &mut [f32],
+    g: &mut [f32],
+) {
+    for (((xt, qt), dst), gt) in x
+        .chunks_exact(cols)
+        .zip(q.chunks_exact_mut(stride))
+        .zip(ds.chunks_exact_mut(nds))
+        .zip(g.chunks_exact_mut(ng))
+    {
+        for (b, ((xb, qb), ds)) in xt
+            .chunks_exact(QK)
+            .zip(qt.chunks_exact_mut(QK))
+            .zip(dst.chunks_exact_mut(2))
+            .enumerate()
+        {
+            let xb: &[f32; QK] = xb.try_into().expect("chunk of 32");
+            let qb: &mut [i8; QK] = qb.try_into().expect("chunk of 32");
+            let (d, sum) = match token {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the token exists only when AVX2, FMA and F16C were detected.
+                Some(_) => unsafe { avx2::quantize_block(xb, qb) },
+                _ => scalar::quantize_block(xb, qb),
+            };
+            // The scale is kept at f16 precision, as llama.cpp stores it (`q` is computed with
+            // the f32 `d`).
+            let d = f16_to_f32(f32_to_f16(d));
+            let s = d * sum as f32;
+            ds[0] = d;
+            ds[1] = s;
+            let (group, k) = (b / GROUP, b % GROUP);
+            gt[group * 2 * GROUP + k] = d;
+            gt[group * 2 * GROUP + GROUP + k] = s;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -876,7 +983,9 @@ fn row_range(rows: usize, i: usize, n: usize) -> (usize, usize) {
 /// The loop every kernel family runs on one thread: for each row `r0..r1` (of a matrix of
 /// `rows` rows, `rb` bytes each), `tile(row, t0, nt, dst)` dots the row against tokens
 /// `t0..t0 + nt` (tiles of up to [`TOKEN_TILE`]) into `dst[..nt]`, written to `out[t][r]`.
-/// The row is read from memory once and stays in L1 for all token tiles.
+/// Tokens go in passes of about [`PASS_BYTES`] of activations (`token_bytes` each): within a
+/// pass a row is read once and stays in L1 for all its token tiles, and the pass's activations
+/// stay in L1 for all rows.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn row_loop(
@@ -886,24 +995,36 @@ fn row_loop(
     r0: usize,
     r1: usize,
     tokens: usize,
+    token_bytes: usize,
     out: &SharedOut,
     mut tile: impl FnMut(&[u8], usize, usize, &mut [f32; TOKEN_TILE]),
 ) {
     let mut dst = [0f32; TOKEN_TILE];
-    for r in r0..r1 {
-        let row = &data[r * rb..(r + 1) * rb];
-        prefetch(data, (r + PREFETCH_ROWS) * rb, rb);
-        let mut t0 = 0;
-        while t0 < tokens {
-            let nt = (tokens - t0).min(TOKEN_TILE);
-            tile(row, t0, nt, &mut dst);
-            for (j, &v) in dst[..nt].iter().enumerate() {
-                out.write((t0 + j) * rows + r, v);
+    // Tokens in passes small enough for their activations to stay in L1 while the rows go by
+    // (the rows, read again for every pass, stay in L2).
+    let pass = (PASS_BYTES / token_bytes.max(1) / TOKEN_TILE).max(1) * TOKEN_TILE;
+    let mut c0 = 0;
+    while c0 < tokens {
+        let c1 = tokens.min(c0 + pass);
+        for r in r0..r1 {
+            let row = &data[r * rb..(r + 1) * rb];
+            prefetch(data, (r + PREFETCH_ROWS) * rb, rb);
+            let mut t0 = c0;
+            while t0 < c1 {
+                let nt = (c1 - t0).min(TOKEN_TILE);
+                tile(row, t0, nt, &mut dst);
+                for (j, &v) in dst[..nt].iter().enumerate() {
+                    out.write((t0 + j) * rows + r, v);
+                }
+                t0 += nt;
             }
-            t0 += nt;
         }
+        c0 = c1;
     }
 }
+
+/// Activation bytes `row_loop` takes per pass over the rows (L1 is 32 KiB on the CPUs aimed at).
+const PASS_BYTES: usize = 16 * 1024;
 
 /// Rows ahead of the current one that `row_loop` asks the CPU to fetch.
 const PREFETCH_ROWS: usize = 2;
@@ -931,10 +1052,24 @@ fn prefetch(data: &[u8], start: usize, len: usize) {
 #[inline(always)]
 #[allow(clippy::type_complexity)]
 fn act_tile<const NT: usize>(x: &QuantizedActivations, t0: usize) -> ([&[i8]; NT], [&[f32]; NT]) {
-    let (c, n2) = (x.cols, 2 * x.blocks());
+    let (c, st, n2) = (x.cols, x.stride, 2 * x.blocks());
     (
-        core::array::from_fn(|j| &x.q[(t0 + j) * c..(t0 + j + 1) * c]),
+        core::array::from_fn(|j| &x.q[(t0 + j) * st..(t0 + j) * st + c]),
         core::array::from_fn(|j| &x.ds[(t0 + j) * n2..(t0 + j + 1) * n2]),
+    )
+}
+
+/// Tokens `t0..t0 + NT`'s quants padded to whole groups of [`GROUP`] blocks, and their
+/// per-group scales (see [`QuantizedActivations`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn act_groups<const NT: usize>(x: &QuantizedActivations, t0: usize) -> ([&[i8]; NT], [&[f32]; NT]) {
+    let st = x.stride;
+    let ng = st / QK * 2;
+    (
+        core::array::from_fn(|j| &x.q[(t0 + j) * st..(t0 + j + 1) * st]),
+        core::array::from_fn(|j| &x.g[(t0 + j) * ng..(t0 + j + 1) * ng]),
     )
 }
 
@@ -971,14 +1106,22 @@ impl QKernel {
         out: &SharedOut,
     ) {
         match self {
-            QKernel::Scalar(ty) => {
-                row_loop(data, rb, rows, r0, r1, x.tokens, out, |row, t0, nt, dst| {
+            QKernel::Scalar(ty) => row_loop(
+                data,
+                rb,
+                rows,
+                r0,
+                r1,
+                x.tokens,
+                x.token_bytes(),
+                out,
+                |row, t0, nt, dst| {
                     for (j, d) in dst[..nt].iter_mut().enumerate() {
                         let (q, ds) = act_tile::<1>(x, t0 + j);
                         *d = scalar::dot_quantized(ty, row, q[0], ds[0]);
                     }
-                })
-            }
+                },
+            ),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: an `Avx2Token` exists only when AVX2, FMA and F16C were detected.
             QKernel::Avx2(ty, _) => unsafe {
@@ -989,12 +1132,14 @@ impl QKernel {
 
     /// One row against token `t` (callers check), computed exactly as `rows` computes it.
     fn dot_one(self, row: &[u8], x: &QuantizedActivations, t: usize) -> f32 {
-        let (q, ds) = act_tile::<1>(x, t);
         match self {
-            QKernel::Scalar(ty) => scalar::dot_quantized(ty, row, q[0], ds[0]),
+            QKernel::Scalar(ty) => {
+                let (q, ds) = act_tile::<1>(x, t);
+                scalar::dot_quantized(ty, row, q[0], ds[0])
+            }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: an `Avx2Token` exists only when AVX2, FMA and F16C were detected.
-            QKernel::Avx2(ty, _) => unsafe { avx2::dot_quantized_one(ty, row, q[0], ds[0]) },
+            QKernel::Avx2(ty, _) => unsafe { avx2::dot_quantized_token(ty, row, x, t) },
         }
     }
 }
@@ -1031,14 +1176,22 @@ impl FKernel {
         out: &SharedOut,
     ) {
         match self {
-            FKernel::Scalar(ty) => {
-                row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
+            FKernel::Scalar(ty) => row_loop(
+                data,
+                rb,
+                rows,
+                r0,
+                r1,
+                tokens,
+                4 * cols,
+                out,
+                |row, t0, nt, dst| {
                     for (j, d) in dst[..nt].iter_mut().enumerate() {
                         let t = t0 + j;
                         *d = scalar::dot_float(ty, row, &x[t * cols..(t + 1) * cols]);
                     }
-                })
-            }
+                },
+            ),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: an `Avx2Token` exists only when AVX2, FMA and F16C were detected.
             FKernel::Avx2(ty, _) => unsafe {
@@ -1064,8 +1217,8 @@ impl FKernel {
 mod scalar {
     use super::{f16_at, WeightType, QK};
 
-    /// Quantizes one block; returns `(d, s)`.
-    pub(super) fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, f32) {
+    /// Quantizes one block; returns `(d, Σq)` (`d` at f32 precision).
+    pub(super) fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, i32) {
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -1075,7 +1228,7 @@ mod scalar {
             *qi = r as i8;
             sum += r;
         }
-        (d, d * sum as f32)
+        (d, sum)
     }
 
     /// One row of a block type against one token (`q`: cols i8, `ds`: (d, s) per block).
@@ -1144,16 +1297,28 @@ mod scalar {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    //! Integer block dot products: weights are brought to 32 bytes per block (4-bit values
-    //! unpacked to 0..=15 — low nibbles to lanes 0..16, high nibbles to lanes 16..32 — or, for
-    //! Q8_0, their absolute values with the sign moved onto the activations by
-    //! `_mm256_sign_epi8`), so one `_mm256_maddubs_epi16` (u8 × i8 → pairwise i16 sums, at most
+    //! Integer block dot products, a weight block unpacked once and used for `NT` tokens.
+    //!
+    //! Q8_0: the weights' absolute values, their signs moved onto the activations by
+    //! `_mm256_sign_epi8`, so one `_mm256_maddubs_epi16` (u8 × i8 → pairwise i16 sums, at most
     //! 2·128·127 < 2^15, no saturation) and one `_mm256_madd_epi16` with ones (→ eight i32)
-    //! give the block's integer dot in eight lanes, which are converted and accumulated with
-    //! one FMA by `d_w·d_x`. Offsets (Q4_1's `m`, Q4_0's `−8`) use the activation block sums.
-    //! Each weight block is unpacked once and used for `NT` tokens.
+    //! give the block's integer dot in eight lanes, converted and accumulated with one FMA by
+    //! `d_w·d_x`.
+    //!
+    //! Q4_1 / Q4_0: blocks go in groups of four ([`GROUP`]). Each block's nibbles are unpacked
+    //! to bytes 0..=15 in two 128-bit halves (elements 0..16 and 16..32); per token, eight
+    //! 128-bit `maddubs` give i16 pair sums (≤ 2·15·127), which are added and reduced in i16
+    //! (at most 16 products per lane, ≤ 30480 < 2^15) with three `hadd`s to
+    //! `[p0 p0 p1 p1 p2 p2 p3 p3]`, and one `madd` with ones gives the four blocks' exact
+    //! integer dots. Then a single FMA per group and token does all the float work:
+    //! `acc += [p0 p1 p2 p3 | 1 1 1 1] · [d_w·d_x ×4 | m_w·s_x ×4]` (Q4_0: `m = −8·d_w`), the
+    //! activation scales coming pre-arranged per group ([`QuantizedActivations`]). The result
+    //! is the lower four lanes' sum plus the upper four's.
 
-    use super::{act_tile, row_loop, QuantizedActivations, SharedOut, WeightType, QK, TOKEN_TILE};
+    use super::{
+        act_groups, act_tile, row_loop, QuantizedActivations, SharedOut, WeightType, GROUP, QK,
+        TOKEN_TILE,
+    };
     use core::arch::x86_64::*;
 
     /// Rows `r0..r1` of a block-type matrix against every token of `x` (see `row_loop`).
@@ -1176,38 +1341,166 @@ mod avx2 {
     ) {
         let tokens = x.tokens();
         match ty {
-            WeightType::Q4_1 => {
-                row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
-                    tile_quantized::<1>(row, x, t0, nt, dst)
-                })
+            WeightType::Q4_1 | WeightType::Q4_0 | WeightType::Q8_0 if tokens == 1 => {
+                debug_assert!(r1 <= rows);
+                let (q, g) = act_groups::<1>(x, 0);
+                let (qc, ds) = act_tile::<1>(x, 0);
+                match ty {
+                    WeightType::Q4_1 => rows_one_token(
+                        data,
+                        rb,
+                        r0,
+                        r1,
+                        out,
+                        |two| dot_q4_two_rows::<true>(two, q[0], g[0]),
+                        |row| dot_q4::<1, true>(row, q, g)[0],
+                    ),
+                    WeightType::Q4_0 => rows_one_token(
+                        data,
+                        rb,
+                        r0,
+                        r1,
+                        out,
+                        |two| dot_q4_two_rows::<false>(two, q[0], g[0]),
+                        |row| dot_q4::<1, false>(row, q, g)[0],
+                    ),
+                    _ => rows_one_token(
+                        data,
+                        rb,
+                        r0,
+                        r1,
+                        out,
+                        |two| dot_q8_0_rows::<2>(two, qc[0], ds[0]),
+                        |row| dot_q8_0::<1>(row, qc, ds)[0],
+                    ),
+                }
             }
-            WeightType::Q4_0 => {
-                row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
-                    tile_quantized::<0>(row, x, t0, nt, dst)
-                })
-            }
-            _ => row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
-                tile_quantized::<8>(row, x, t0, nt, dst)
-            }),
+            WeightType::Q4_1 => row_loop(
+                data,
+                rb,
+                rows,
+                r0,
+                r1,
+                tokens,
+                x.token_bytes(),
+                out,
+                |row, t0, nt, dst| tile_quantized::<1>(row, x, t0, nt, dst),
+            ),
+            WeightType::Q4_0 => row_loop(
+                data,
+                rb,
+                rows,
+                r0,
+                r1,
+                tokens,
+                x.token_bytes(),
+                out,
+                |row, t0, nt, dst| tile_quantized::<0>(row, x, t0, nt, dst),
+            ),
+            _ => row_loop(
+                data,
+                rb,
+                rows,
+                r0,
+                r1,
+                tokens,
+                x.token_bytes(),
+                out,
+                |row, t0, nt, dst| tile_quantized::<8>(row, x, t0, nt, dst),
+            ),
         }
     }
 
-    /// One row of a block type against one token, exactly as `rows_quantized` computes it.
+    /// One row of a block type against token `t` of `x`, exactly as `rows_quantized` computes
+    /// it.
     ///
     /// # Safety
     /// - The CPU supports AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_quantized_one(
+    pub(super) unsafe fn dot_quantized_token(
         ty: WeightType,
         row: &[u8],
-        q: &[i8],
-        ds: &[f32],
+        x: &QuantizedActivations,
+        t: usize,
     ) -> f32 {
         match ty {
-            WeightType::Q4_1 => dot_q4::<1, true>(row, [q], [ds])[0],
-            WeightType::Q4_0 => dot_q4::<1, false>(row, [q], [ds])[0],
-            _ => dot_q8_0::<1>(row, [q], [ds])[0],
+            WeightType::Q4_1 | WeightType::Q4_0 => {
+                let (q, g) = act_groups::<1>(x, t);
+                if ty == WeightType::Q4_1 {
+                    dot_q4::<1, true>(row, q, g)[0]
+                } else {
+                    dot_q4::<1, false>(row, q, g)[0]
+                }
+            }
+            _ => {
+                let (q, ds) = act_tile::<1>(x, t);
+                dot_q8_0::<1>(row, q, ds)[0]
+            }
         }
+    }
+
+    /// Rows `r0..r1` (of `rb` bytes) against the one token of a decode step, two rows at a
+    /// time (`two`) so that they share the activation loads and overlap their dependency
+    /// chains; an odd last row goes to `one`. Each row must come out exactly as alone.
+    #[inline(always)]
+    fn rows_one_token(
+        data: &[u8],
+        rb: usize,
+        r0: usize,
+        r1: usize,
+        out: &SharedOut,
+        two: impl Fn([&[u8]; 2]) -> [f32; 2],
+        one: impl Fn(&[u8]) -> f32,
+    ) {
+        let mut r = r0;
+        while r + 2 <= r1 {
+            super::prefetch(data, (r + super::PREFETCH_ROWS) * rb, 2 * rb);
+            let (a, b) = data[r * rb..(r + 2) * rb].split_at(rb);
+            let v = two([a, b]);
+            out.write(r, v[0]);
+            out.write(r + 1, v[1]);
+            r += 2;
+        }
+        if r < r1 {
+            out.write(r, one(&data[r * rb..(r + 1) * rb]));
+        }
+    }
+
+    /// Two Q4 rows (of the same length) · one token, each exactly as [`dot_q4`] computes it.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_q4_two_rows<const HAS_MIN: bool>(row: [&[u8]; 2], q: &[i8], g: &[f32]) -> [f32; 2] {
+        let bb = if HAS_MIN { 20 } else { 18 };
+        let nb = row[0].len() / bb;
+        assert!(row[0].len() == nb * bb && row[1].len() == nb * bb);
+        let groups = nb.div_ceil(GROUP);
+        assert!(q.len() >= groups * GROUP * QK && g.len() >= groups * 2 * GROUP);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let full = nb / GROUP;
+        for gi in 0..full {
+            // SAFETY: `4·gi + 4 ≤ nb`; the lengths were asserted above.
+            unsafe {
+                let (w0, dm0) = q4_group_weights::<HAS_MIN, true>(row[0], nb, gi);
+                let (w1, dm1) = q4_group_weights::<HAS_MIN, true>(row[1], nb, gi);
+                let x = q.as_ptr().add(gi * GROUP * QK);
+                let s = g.as_ptr().add(gi * 2 * GROUP);
+                acc[0] = q4_group_token(&w0, dm0, x, s, acc[0]);
+                acc[1] = q4_group_token(&w1, dm1, x, s, acc[1]);
+            }
+        }
+        if full < groups {
+            // SAFETY: `4·full < nb` (the last, partial group); the lengths were asserted above
+            // (the padding quants and scales are zero).
+            unsafe {
+                let (w0, dm0) = q4_group_weights::<HAS_MIN, false>(row[0], nb, full);
+                let (w1, dm1) = q4_group_weights::<HAS_MIN, false>(row[1], nb, full);
+                let x = q.as_ptr().add(full * GROUP * QK);
+                let s = g.as_ptr().add(full * 2 * GROUP);
+                acc[0] = q4_group_token(&w0, dm0, x, s, acc[0]);
+                acc[1] = q4_group_token(&w1, dm1, x, s, acc[1]);
+            }
+        }
+        acc.map(|a| q4_finish(a))
     }
 
     /// `KIND`: ggml id of the type (0 = Q4_0, 1 = Q4_1 here, 8 = Q8_0).
@@ -1227,11 +1520,19 @@ mod avx2 {
             x: &QuantizedActivations,
             t0: usize,
         ) -> [f32; NT] {
-            let (q, ds) = act_tile::<NT>(x, t0);
             match KIND {
-                1 => dot_q4::<NT, true>(row, q, ds),
-                0 => dot_q4::<NT, false>(row, q, ds),
-                _ => dot_q8_0::<NT>(row, q, ds),
+                1 => {
+                    let (q, g) = act_groups::<NT>(x, t0);
+                    dot_q4::<NT, true>(row, q, g)
+                }
+                0 => {
+                    let (q, g) = act_groups::<NT>(x, t0);
+                    dot_q4::<NT, false>(row, q, g)
+                }
+                _ => {
+                    let (q, ds) = act_tile::<NT>(x, t0);
+                    dot_q8_0::<NT>(row, q, ds)
+                }
             }
         }
         match nt {
@@ -1263,13 +1564,29 @@ mod avx2 {
         out: &SharedOut,
     ) {
         if ty == WeightType::F16 {
-            row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
-                tile_float::<true>(row, x, cols, t0, nt, dst)
-            })
+            row_loop(
+                data,
+                rb,
+                rows,
+                r0,
+                r1,
+                tokens,
+                4 * cols,
+                out,
+                |row, t0, nt, dst| tile_float::<true>(row, x, cols, t0, nt, dst),
+            )
         } else {
-            row_loop(data, rb, rows, r0, r1, tokens, out, |row, t0, nt, dst| {
-                tile_float::<false>(row, x, cols, t0, nt, dst)
-            })
+            row_loop(
+                data,
+                rb,
+                rows,
+                r0,
+                r1,
+                tokens,
+                4 * cols,
+                out,
+                |row, t0, nt, dst| tile_float::<false>(row, x, cols, t0, nt, dst),
+            )
         }
     }
 
@@ -1339,12 +1656,12 @@ mod avx2 {
     }
 
     /// Quantizes one block of 32 exactly like `scalar::quantize_block` (same operations,
-    /// round-half-even), returning `(d, s)`.
+    /// round-half-even), returning `(d, Σq)`.
     ///
     /// # Safety
     /// - The CPU supports AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, f32) {
+    pub(super) unsafe fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, i32) {
         let p = x.as_ptr();
         // SAFETY: `x` is 32 f32, so the four 8-lane loads at 0, 8, 16, 24 are in bounds.
         let v = unsafe {
@@ -1379,117 +1696,168 @@ mod avx2 {
         let c = _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         // SAFETY: `q` is 32 bytes; unaligned store.
         unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, c) };
-        (d, d * hsum_i32(sum) as f32)
+        (d, hsum_i32(sum))
     }
 
-    /// Weight block `b` of a Q4 row: the 32 values unpacked to bytes 0..=15 (low nibbles in
-    /// lanes 0..16, high nibbles in 16..32) and `(d, m)` (Q4_1) or `(d, d)` (Q4_0) as f32.
+    /// `[d₀ d₁ d₂ d₃ | m₀ m₁ m₂ m₃]` (Q4_1) or `[d₀ … d₃ | −8d₀ … −8d₃]` (Q4_0) from the four
+    /// blocks' first four bytes (`(d, m)` or `d` as f16).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q4_scales<const HAS_MIN: bool>(head: [i32; GROUP]) -> __m256 {
+        let h = _mm_setr_epi32(head[0], head[1], head[2], head[3]);
+        if HAS_MIN {
+            // (d, m) pairs of halves → the four d, then the four m.
+            let order = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+            _mm256_cvtph_ps(_mm_shuffle_epi8(h, order))
+        } else {
+            let order = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+            let d = _mm_cvtph_ps(_mm_shuffle_epi8(h, order));
+            _mm256_set_m128(_mm_mul_ps(d, _mm_set1_ps(-8.0)), d)
+        }
+    }
+
+    /// Group `gi` (blocks `4·gi..4·gi + 4`) of a Q4 row of `nb` blocks: each block's values as
+    /// bytes 0..=15 in two registers (`w[2k]`: elements 0..16 of block `k`, from the low
+    /// nibbles; `w[2k + 1]`: elements 16..32, from the high nibbles), and the scales of
+    /// [`q4_scales`]. Blocks at or past `nb` (only when not `FULL`) are all zero.
     ///
     /// # Safety
     /// - The CPU supports AVX2, FMA and F16C.
-    /// - `row` holds at least `(b + 1) · bb` bytes, `bb` = 20 (`HAS_MIN`) or 18.
+    /// - `row` holds `nb` blocks of `bb` bytes, `bb` = 20 (`HAS_MIN`) or 18, and
+    ///   `4·gi < nb` (`4·gi + 4 ≤ nb` when `FULL`).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_weights<const HAS_MIN: bool>(row: &[u8], b: usize) -> (__m256i, __m128) {
+    unsafe fn q4_group_weights<const HAS_MIN: bool, const FULL: bool>(
+        row: &[u8],
+        nb: usize,
+        gi: usize,
+    ) -> ([__m128i; 2 * GROUP], __m256) {
         let bb = if HAS_MIN { 20 } else { 18 };
-        // SAFETY: the block's `bb` bytes are in bounds (caller's contract); unaligned reads.
-        let (head, raw) = unsafe {
-            let p = row.as_ptr().add(b * bb);
-            let head = if HAS_MIN {
-                (p as *const u32).read_unaligned() as i32
-            } else {
-                let d = (p as *const u16).read_unaligned() as i32;
-                d | (d << 16)
-            };
-            (head, _mm_loadu_si128(p.add(bb - 16) as *const __m128i))
-        };
         let low = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(raw, low);
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), low);
-        (
-            _mm256_set_m128i(hi, lo),
-            _mm_cvtph_ps(_mm_cvtsi32_si128(head)),
-        )
+        let mut w = [_mm_setzero_si128(); 2 * GROUP];
+        let mut head = [0i32; GROUP];
+        for k in 0..GROUP {
+            let b = gi * GROUP + k;
+            if FULL || b < nb {
+                // SAFETY: block `b < nb` lies inside `row` (caller's contract); unaligned reads.
+                let (h, raw) = unsafe {
+                    let p = row.as_ptr().add(b * bb);
+                    let h = if HAS_MIN {
+                        (p as *const u32).read_unaligned() as i32
+                    } else {
+                        (p as *const u16).read_unaligned() as i32
+                    };
+                    (h, _mm_loadu_si128(p.add(bb - 16) as *const __m128i))
+                };
+                head[k] = h;
+                w[2 * k] = _mm_and_si128(raw, low);
+                w[2 * k + 1] = _mm_and_si128(_mm_srli_epi16::<4>(raw), low);
+            }
+        }
+        (w, q4_scales::<HAS_MIN>(head))
     }
 
-    /// One token's part of a Q4 block: the eight partial integer dots (as f32) and
-    /// `(d_w·d_x, m_w·s_x | d_w·s_x, 0, 0)`.
+    /// One token's part of a Q4 group: `acc + [p₀ p₁ p₂ p₃ | 1 1 1 1] · dm · g`, where `pₖ` is
+    /// block `k`'s integer dot and `g` = `[dx₀ … dx₃ | sx₀ … sx₃]` (so the upper lanes gather
+    /// the `m·s` terms).
     ///
     /// # Safety
     /// - The CPU supports AVX2, FMA and F16C.
-    /// - `q` holds at least `32 · (b + 1)` values and `ds` at least `2 · (b + 1)`.
+    /// - `x` points at 128 readable i8 and `g` at 8 readable f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_token(w: __m256i, dm: __m128, q: &[i8], ds: &[f32], b: usize) -> (__m256, __m128) {
+    unsafe fn q4_group_token(
+        w: &[__m128i; 2 * GROUP],
+        dm: __m256,
+        x: *const i8,
+        g: *const f32,
+        acc: __m256,
+    ) -> __m256 {
         // SAFETY: in bounds by the caller's contract; unaligned loads.
-        let (x, dsx) = unsafe {
+        let (x, g) = unsafe {
             (
-                _mm256_loadu_si256(q.as_ptr().add(b * QK) as *const __m256i),
-                _mm_castpd_ps(_mm_load_sd(ds.as_ptr().add(b * 2) as *const f64)),
+                [0, 1, 2, 3, 4, 5, 6, 7].map(|k| _mm_loadu_si128(x.add(16 * k) as *const __m128i)),
+                _mm256_loadu_ps(g),
             )
         };
-        // u8 (0..=15) × i8 → pairwise i16 sums (|·| ≤ 2·15·128), then pairs of those → i32.
-        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
-        (_mm256_cvtepi32_ps(p), _mm_mul_ps(dm, dsx))
+        // Per block, the low and high halves' pairwise sums added: |·| ≤ 4·15·127 = 7620.
+        let p: [__m128i; GROUP] = core::array::from_fn(|k| {
+            _mm_add_epi16(
+                _mm_maddubs_epi16(w[2 * k], x[2 * k]),
+                _mm_maddubs_epi16(w[2 * k + 1], x[2 * k + 1]),
+            )
+        });
+        // [p0 p0 p1 p1 p2 p2 p3 p3], each |·| ≤ 30480 < 2^15.
+        let h = _mm_hadd_epi16(_mm_hadd_epi16(p[0], p[1]), _mm_hadd_epi16(p[2], p[3]));
+        let dots = _mm_cvtepi32_ps(_mm_madd_epi16(h, _mm_set1_epi16(1)));
+        let f = _mm256_blend_ps::<0x0f>(_mm256_set1_ps(1.0), _mm256_castps128_ps256(dots));
+        _mm256_fmadd_ps(f, _mm256_mul_ps(dm, g), acc)
     }
 
-    /// Q4_1 (`HAS_MIN`) or Q4_0 row · `NT` tokens of quantized activations. Lengths are
-    /// checked: `row` must be whole blocks and every `q[j]` / `ds[j]` must cover as many
-    /// blocks, or this panics.
+    /// Q4_1 (`HAS_MIN`) or Q4_0 row · `NT` tokens of quantized activations, in groups of four
+    /// blocks: `q[j]` is token `j`'s quants padded to whole groups and `g[j]` its per-group
+    /// scales (see [`act_groups`]). Lengths are checked: `row` must be whole blocks and every
+    /// `q[j]` / `g[j]` must cover as many groups, or this panics.
     ///
-    /// Blocks go in pairs, `acc += s0·p0 + s1·p1`, so the loop-carried chain is one add per
-    /// two blocks; the order of operations per token does not depend on `NT`.
+    /// Each token has its own accumulator and the same operations whatever `NT`, so a token's
+    /// result does not depend on the tile it is in.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn dot_q4<const NT: usize, const HAS_MIN: bool>(
         row: &[u8],
         q: [&[i8]; NT],
-        ds: [&[f32]; NT],
+        g: [&[f32]; NT],
     ) -> [f32; NT] {
         let bb = if HAS_MIN { 20 } else { 18 };
         let nb = row.len() / bb;
         assert!(row.len() == nb * bb);
+        let groups = nb.div_ceil(GROUP);
         for j in 0..NT {
-            assert!(q[j].len() >= nb * QK && ds[j].len() >= nb * 2);
+            assert!(q[j].len() >= groups * GROUP * QK && g[j].len() >= groups * 2 * GROUP);
         }
         let mut acc = [_mm256_setzero_ps(); NT];
-        let mut acc_m = [_mm_setzero_ps(); NT];
-        let mut b = 0;
-        while b + 2 <= nb {
-            // SAFETY: `b + 1 < nb`; the lengths were asserted above.
+        let full = nb / GROUP;
+        for gi in 0..full {
+            // SAFETY: `4·gi + 4 ≤ nb`; the lengths were asserted above.
             unsafe {
-                let (w0, dm0) = q4_weights::<HAS_MIN>(row, b);
-                let (w1, dm1) = q4_weights::<HAS_MIN>(row, b + 1);
+                let (w, dm) = q4_group_weights::<HAS_MIN, true>(row, nb, gi);
                 for j in 0..NT {
-                    let (p0, s0) = q4_token(w0, dm0, q[j], ds[j], b);
-                    let (p1, s1) = q4_token(w1, dm1, q[j], ds[j], b + 1);
-                    let t = _mm256_mul_ps(_mm256_broadcastss_ps(s0), p0);
-                    let t = _mm256_fmadd_ps(_mm256_broadcastss_ps(s1), p1, t);
-                    acc[j] = _mm256_add_ps(acc[j], t);
-                    acc_m[j] = _mm_add_ps(acc_m[j], _mm_add_ps(s0, s1));
-                }
-            }
-            b += 2;
-        }
-        if b < nb {
-            // SAFETY: `b < nb`; the lengths were asserted above.
-            unsafe {
-                let (w0, dm0) = q4_weights::<HAS_MIN>(row, b);
-                for j in 0..NT {
-                    let (p0, s0) = q4_token(w0, dm0, q[j], ds[j], b);
-                    acc[j] = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc[j]);
-                    acc_m[j] = _mm_add_ps(acc_m[j], s0);
+                    let x = q[j].as_ptr().add(gi * GROUP * QK);
+                    let s = g[j].as_ptr().add(gi * 2 * GROUP);
+                    acc[j] = q4_group_token(&w, dm, x, s, acc[j]);
                 }
             }
         }
-        core::array::from_fn(|j| {
-            let m = _mm_cvtss_f32(_mm_movehdup_ps(acc_m[j]));
-            if HAS_MIN {
-                hsum(acc[j]) + m
-            } else {
-                hsum(acc[j]) - 8.0 * m
+        if full < groups {
+            // SAFETY: `4·full < nb` (the last, partial group); the lengths were asserted above
+            // (the padding quants and scales are zero).
+            unsafe {
+                let (w, dm) = q4_group_weights::<HAS_MIN, false>(row, nb, full);
+                for j in 0..NT {
+                    let x = q[j].as_ptr().add(full * GROUP * QK);
+                    let s = g[j].as_ptr().add(full * 2 * GROUP);
+                    acc[j] = q4_group_token(&w, dm, x, s, acc[j]);
+                }
             }
-        })
+        }
+        core::array::from_fn(|j| q4_finish(acc[j]))
+    }
+
+    /// A Q4 accumulator's result: the `d` terms, then the offset terms added (as llama.cpp
+    /// does).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q4_finish(acc: __m256) -> f32 {
+        let (d, m) = (_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        hsum4(d) + hsum4(m)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum4(s: __m128) -> f32 {
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
     }
 
     /// Weight block `b` of a Q8_0 row: `(|w|, w, d_w)`.
@@ -1579,6 +1947,46 @@ mod avx2 {
             }
         }
         core::array::from_fn(|j| hsum(acc[j]))
+    }
+
+    /// `NR` Q8_0 rows (of the same length) · one token, each exactly as [`dot_q8_0`] computes
+    /// it (the rows share the activation loads).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_q8_0_rows<const NR: usize>(row: [&[u8]; NR], q: &[i8], ds: &[f32]) -> [f32; NR] {
+        let nb = row[0].len() / 34;
+        for r in &row {
+            assert!(r.len() == nb * 34);
+        }
+        assert!(q.len() >= nb * QK && ds.len() >= nb * 2);
+        let mut acc = [_mm256_setzero_ps(); NR];
+        let mut b = 0;
+        while b + 2 <= nb {
+            // SAFETY: `b + 1 < nb`; the lengths were asserted above.
+            unsafe {
+                for i in 0..NR {
+                    let (a0, w0, d0) = q8_weights(row[i], b);
+                    let (a1, w1, d1) = q8_weights(row[i], b + 1);
+                    let (p0, s0) = q8_token(a0, w0, d0, q, ds, b);
+                    let (p1, s1) = q8_token(a1, w1, d1, q, ds, b + 1);
+                    let t = _mm256_mul_ps(_mm256_broadcastss_ps(s0), p0);
+                    let t = _mm256_fmadd_ps(_mm256_broadcastss_ps(s1), p1, t);
+                    acc[i] = _mm256_add_ps(acc[i], t);
+                }
+            }
+            b += 2;
+        }
+        if b < nb {
+            // SAFETY: `b < nb`; the lengths were asserted above.
+            unsafe {
+                for i in 0..NR {
+                    let (a0, w0, d0) = q8_weights(row[i], b);
+                    let (p0, s0) = q8_token(a0, w0, d0, q, ds, b);
+                    acc[i] = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc[i]);
+                }
+            }
+        }
+        acc.map(|a| hsum(a))
     }
 
     /// Shared body of the float kernels: `load(i)` gives weights `i..i+8` as f32,
