@@ -382,6 +382,26 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
             let scores = &scores[..rows * keys];
             kernels::prefetch(next_v_second);
             kernels::accumulate_rows(spec.v_format, v_rows, head_dim, scores, rows, acc);
+            // int4 values: the sequence's first value is held exact; correct its weighted
+            // int4 row to it (`acc` is linear in each row).
+            if block.first_position == 0 && keys > 0 {
+                if let Some(exact) = self.cache.first_value(entry.seq, self.layer, item.kv_head) {
+                    let row0 = &v_rows[..v_row_bytes];
+                    for d in 0..head_dim {
+                        let (s, m) = crate::quant::group_params(
+                            spec.v_format,
+                            row0,
+                            head_dim,
+                            d / crate::quant::GROUP,
+                        );
+                        let stored = m + s * crate::quant::stored_q(spec.v_format, row0, d) as f32;
+                        let delta = f32::from_bits(exact[d]) - stored;
+                        for r in 0..rows {
+                            acc[r * head_dim + d] += scores[r * keys] * delta;
+                        }
+                    }
+                }
+            }
         }
         // Values stored in the rotated basis: rotate the weighted sum back, once (it is linear,
         // so the merge of partial states is unaffected).

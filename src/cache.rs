@@ -168,6 +168,10 @@ pub struct KvCache<'a> {
     /// int4 keys only: the same shape, the first token's keys minus the offsets, exact
     /// (`f32` bits): attention and reads use them instead of its int4 row.
     first_keys: &'a mut [u32],
+    /// int4 values only (empty otherwise): `max_seqs × layers × kv_heads × head_dim`, the
+    /// first token's values exact (`f32` bits, stored basis): attention and reads use them
+    /// instead of its int4 row.
+    first_values: &'a mut [u32],
     live: usize,
     /// Logical blocks at the start of each sequence that hold sink tokens (never evicted).
     sink_blocks: usize,
@@ -201,14 +205,16 @@ impl<'a> KvCache<'a> {
         let seq_words = spec.max_seqs * SEQ_WORDS;
         let table_words = spec.max_seqs * layout.max_blocks_per_seq();
         let offset_words = layout.key_offset_words().ok_or(Error::SizeOverflow)?;
-        let words = 3 * blocks + seq_words + table_words + offset_words;
+        let value_words = layout.first_value_words().ok_or(Error::SizeOverflow)?;
+        let words = 3 * blocks + seq_words + table_words + offset_words + value_words;
         let regions = carve(arena, data_bytes, words)
             .map_err(|_| Error::ArenaTooSmall { needed, available })?;
         let (refcounts, rest) = regions.words.split_at_mut(blocks);
         let (free_stack, rest) = rest.split_at_mut(blocks);
         let (scratch, rest) = rest.split_at_mut(blocks);
         let (seq_table, rest) = rest.split_at_mut(seq_words);
-        let (page_tables, offsets) = rest.split_at_mut(table_words);
+        let (page_tables, rest) = rest.split_at_mut(table_words);
+        let (offsets, first_values) = rest.split_at_mut(offset_words);
         let flags = if offset_words == 0 {
             0
         } else {
@@ -221,6 +227,7 @@ impl<'a> KvCache<'a> {
         offsets_set.fill(0);
         key_offsets.fill(0);
         first_keys.fill(0);
+        first_values.fill(0);
         let sink_blocks = if spec.window == 0 {
             0
         } else {
@@ -236,6 +243,7 @@ impl<'a> KvCache<'a> {
             offsets_set,
             key_offsets,
             first_keys,
+            first_values,
             live: 0,
             sink_blocks,
         })
@@ -597,6 +605,13 @@ impl<'a> KvCache<'a> {
                             dst,
                         );
                     } else {
+                        if kind == Kind::V && format == KvFormat::Int4 && position == 0 {
+                            let at = offsets_at + head * spec.head_dim;
+                            let exact = &mut self.first_values[at..at + spec.head_dim];
+                            for (e, &x) in exact.iter_mut().zip(stored) {
+                                *e = x.to_bits();
+                            }
+                        }
                         kernels::encode_row(format, stored, dst);
                     }
                 }
@@ -650,6 +665,15 @@ impl<'a> KvCache<'a> {
                 *x += f32::from_bits(offset);
             }
         }
+        if kind == Kind::V && format == KvFormat::Int4 && position == 0 {
+            let at = self.offsets_index(slot, layer).1 + kv_head * spec.head_dim;
+            for (x, &exact) in out
+                .iter_mut()
+                .zip(&self.first_values[at..at + spec.head_dim])
+            {
+                *x = f32::from_bits(exact);
+            }
+        }
         if crate::quant::rotated(format, spec.head_dim) {
             crate::quant::hadamard(out);
         }
@@ -659,10 +683,24 @@ impl<'a> KvCache<'a> {
     /// Clears `slot`'s key offsets (a new sequence) or copies `from`'s (a fork, which shares
     /// its parent's rows). No-op unless the keys are int4.
     fn reset_key_offsets(&mut self, slot: usize, from: Option<usize>) {
+        let layers = self.spec().layers;
+        if !self.first_values.is_empty() {
+            let (at, end) = (
+                self.offsets_index(slot, 0).1,
+                self.offsets_index(slot, layers).1,
+            );
+            match from {
+                None => self.first_values[at..end].fill(0),
+                Some(parent) => {
+                    let source = self.offsets_index(parent, 0).1;
+                    self.first_values
+                        .copy_within(source..source + (end - at), at);
+                }
+            }
+        }
         if self.offsets_set.is_empty() {
             return;
         }
-        let layers = self.spec().layers;
         let (flags, offsets) = (
             self.offsets_index(slot, 0),
             self.offsets_index(slot, layers),
@@ -700,6 +738,21 @@ impl<'a> KvCache<'a> {
         }
         let at = self.offsets_index(slot, layer).1 + kv_head * spec.head_dim;
         self.first_keys.get(at..at + spec.head_dim)
+    }
+
+    /// int4 values: the exact first value of `seq`'s `layer` and `kv_head`, in the stored
+    /// (rotated) basis, as `f32` bits. `None` for other value formats.
+    pub(crate) fn first_value(&self, seq: SeqId, layer: usize, kv_head: usize) -> Option<&[u32]> {
+        if self.first_values.is_empty() {
+            return None;
+        }
+        let slot = self.slot_of(seq).ok()?;
+        let spec = self.spec();
+        if layer >= spec.layers || kv_head >= spec.kv_heads {
+            return None;
+        }
+        let at = self.offsets_index(slot, layer).1 + kv_head * spec.head_dim;
+        self.first_values.get(at..at + spec.head_dim)
     }
 
     /// Index of the "offsets set" flag and of the first key offset of (`slot`, `layer`).

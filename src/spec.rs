@@ -270,9 +270,21 @@ impl Layout {
             .checked_mul(per_layer.checked_mul(2)?.checked_add(1)?)
     }
 
+    /// `u32` words of the exact first values of int4 values (see [`crate::cache`]): per
+    /// sequence slot and layer `kv_heads × head_dim` `f32`; `0` for other value formats.
+    pub(crate) fn first_value_words(&self) -> Option<usize> {
+        if self.spec.v_format != KvFormat::Int4 {
+            return Some(0);
+        }
+        self.spec
+            .max_seqs
+            .checked_mul(self.spec.layers)?
+            .checked_mul(self.spec.kv_heads.checked_mul(self.spec.head_dim)?)
+    }
+
     /// `u32` words of metadata for `blocks` blocks: reference counts, free stack and a scratch
-    /// array (one word per block each), the sequence table, the page tables and the key
-    /// offsets.
+    /// array (one word per block each), the sequence table, the page tables, the key offsets
+    /// and first keys, and the first values.
     fn metadata_words(&self, blocks: usize) -> Option<usize> {
         let per_block = blocks.checked_mul(3)?;
         let seq_table = self.spec.max_seqs.checked_mul(SEQ_WORDS)?;
@@ -280,7 +292,8 @@ impl Layout {
         per_block
             .checked_add(seq_table)?
             .checked_add(page_tables)?
-            .checked_add(self.key_offset_words()?)
+            .checked_add(self.key_offset_words()?)?
+            .checked_add(self.first_value_words()?)
     }
 
     /// Exact arena bytes a cache of `blocks` blocks needs, whatever the arena's alignment

@@ -1103,3 +1103,33 @@ fn key_offsets_are_per_sequence() {
         Err(Error::UnknownSequence)
     );
 }
+
+/// int4 values: the first token's values read back exact (the others quantized), and a fork
+/// inherits them.
+#[test]
+fn first_int4_value_is_held_exact() {
+    let spec = quant_spec(KvFormat::F16, KvFormat::Int4, 40);
+    let mut arena = vec![0u8; Layout::new(spec).unwrap().arena_bytes(8).unwrap()];
+    let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    let seq = cache.add_sequence().unwrap();
+    cache.reserve(seq, 3).unwrap();
+    let mut rng = Rng(23);
+    let elems = 3 * 2 * 40;
+    let (keys, values) = (rng.values(elems), rng.values(elems));
+    cache.write_run(seq, 1, 0, &keys, &values).unwrap();
+    let child = cache.fork(seq).unwrap();
+    for id in [seq, child] {
+        for h in 0..2 {
+            let mut row = vec![0.0f32; 40];
+            cache.read_row(id, 1, Kind::V, h, 0, &mut row).unwrap();
+            assert_eq!(row, values[h * 40..(h + 1) * 40]);
+            cache.read_row(id, 1, Kind::V, h, 1, &mut row).unwrap();
+            let want = decode(
+                KvFormat::Int4,
+                &encode(KvFormat::Int4, &values[(2 + h) * 40..(3 + h) * 40]),
+                40,
+            );
+            assert_eq!(row, want);
+        }
+    }
+}
