@@ -50,7 +50,8 @@
 //! same `q·μ` to every score of a query, which softmax ignores. Values (whose weighted sum
 //! would need `μ` back) are stored without offsets. The cache also keeps each sequence's
 //! first key (position 0, the attention sink) exact next to `μ` and uses it instead of that
-//! int4 row in attention and reads. A key read back from the cache is within
+//! int4 row in attention and reads; for int4 values it keeps the first value exact the same
+//! way (attention adds the first row's weight times its exact-minus-stored difference). A key read back from the cache is within
 //! half a step of `x - μ` as rounded to `f32`, plus the `f32` rounding of adding `μ` back (and
 //! of the inverse rotation).
 //!
