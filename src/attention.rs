@@ -332,7 +332,10 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
             // int4 keys: the sequence's first key is held exact (it draws most of the
             // attention); its score comes from it, in the same f32 order on every path.
             if block.first_position == 0 {
-                if let Some(exact) = self.cache.first_key(entry.seq, self.layer, item.kv_head) {
+                if let Some(exact) =
+                    self.cache
+                        .first_row(Kind::K, entry.seq, self.layer, item.kv_head)
+                {
                     for (r, query) in query_buf.chunks_exact(head_dim).enumerate() {
                         scores[r * block_tokens] = query
                             .iter()
@@ -385,7 +388,10 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
             // int4 values: the sequence's first value is held exact; correct its weighted
             // int4 row to it (`acc` is linear in each row).
             if block.first_position == 0 && keys > 0 {
-                if let Some(exact) = self.cache.first_value(entry.seq, self.layer, item.kv_head) {
+                if let Some(exact) =
+                    self.cache
+                        .first_row(Kind::V, entry.seq, self.layer, item.kv_head)
+                {
                     let row0 = &v_rows[..v_row_bytes];
                     for d in 0..head_dim {
                         let (s, m) = crate::quant::group_params(

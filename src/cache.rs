@@ -322,7 +322,7 @@ impl<'a> KvCache<'a> {
         let words = self.words_mut(slot);
         let generation = words[GENERATION].wrapping_add(1);
         words.copy_from_slice(&[generation, 1, 0, 0]);
-        self.reset_key_offsets(slot, None);
+        self.reset_int4_state(slot, None);
         self.live += 1;
         Ok(SeqId {
             slot: slot as u32,
@@ -680,55 +680,41 @@ impl<'a> KvCache<'a> {
         Ok(())
     }
 
-    /// Clears `slot`'s key offsets (a new sequence) or copies `from`'s (a fork, which shares
-    /// its parent's rows). No-op unless the keys are int4.
-    fn reset_key_offsets(&mut self, slot: usize, from: Option<usize>) {
+    /// Clears `slot`'s int4 state — key offsets and their flags, exact first keys and values —
+    /// for a new sequence, or copies `from`'s for a fork (which shares its parent's rows).
+    /// The arrays are empty for formats other than int4.
+    fn reset_int4_state(&mut self, slot: usize, from: Option<usize>) {
         let layers = self.spec().layers;
-        if !self.first_values.is_empty() {
-            let (at, end) = (
-                self.offsets_index(slot, 0).1,
-                self.offsets_index(slot, layers).1,
-            );
-            match from {
-                None => self.first_values[at..end].fill(0),
-                Some(parent) => {
-                    let source = self.offsets_index(parent, 0).1;
-                    self.first_values
-                        .copy_within(source..source + (end - at), at);
-                }
-            }
-        }
-        if self.offsets_set.is_empty() {
-            return;
-        }
-        let (flags, offsets) = (
+        let (first, end) = (
             self.offsets_index(slot, 0),
             self.offsets_index(slot, layers),
         );
-        let count = (layers, offsets.1 - flags.1);
-        match from {
-            None => {
-                self.offsets_set[flags.0..flags.0 + count.0].fill(0);
-                self.key_offsets[flags.1..flags.1 + count.1].fill(0);
-                self.first_keys[flags.1..flags.1 + count.1].fill(0);
-            }
-            Some(parent) => {
-                let source = self.offsets_index(parent, 0);
-                self.offsets_set
-                    .copy_within(source.0..source.0 + count.0, flags.0);
-                self.key_offsets
-                    .copy_within(source.1..source.1 + count.1, flags.1);
-                self.first_keys
-                    .copy_within(source.1..source.1 + count.1, flags.1);
-            }
+        let source = from.map(|parent| self.offsets_index(parent, 0));
+        reset_words(self.offsets_set, first.0..end.0, source.map(|s| s.0));
+        for words in [
+            &mut *self.key_offsets,
+            &mut *self.first_keys,
+            &mut *self.first_values,
+        ] {
+            reset_words(words, first.1..end.1, source.map(|s| s.1));
         }
     }
 
-    /// int4 keys: the exact first key of `seq`'s `layer` and `kv_head` minus its offsets, in
-    /// the stored (rotated) basis, as `f32` bits; attention scores position 0 with it. `None`
-    /// for other key formats.
-    pub(crate) fn first_key(&self, seq: SeqId, layer: usize, kv_head: usize) -> Option<&[u32]> {
-        if self.first_keys.is_empty() {
+    /// int4 rows: the exact first key (minus the key offsets) or value of `seq`'s `layer` and
+    /// `kv_head`, in the stored (rotated) basis, as `f32` bits; attention uses it for
+    /// position 0. `None` when that kind is not stored as int4.
+    pub(crate) fn first_row(
+        &self,
+        kind: Kind,
+        seq: SeqId,
+        layer: usize,
+        kv_head: usize,
+    ) -> Option<&[u32]> {
+        let rows = match kind {
+            Kind::K => &*self.first_keys,
+            Kind::V => &*self.first_values,
+        };
+        if rows.is_empty() {
             return None;
         }
         let slot = self.slot_of(seq).ok()?;
@@ -737,22 +723,7 @@ impl<'a> KvCache<'a> {
             return None;
         }
         let at = self.offsets_index(slot, layer).1 + kv_head * spec.head_dim;
-        self.first_keys.get(at..at + spec.head_dim)
-    }
-
-    /// int4 values: the exact first value of `seq`'s `layer` and `kv_head`, in the stored
-    /// (rotated) basis, as `f32` bits. `None` for other value formats.
-    pub(crate) fn first_value(&self, seq: SeqId, layer: usize, kv_head: usize) -> Option<&[u32]> {
-        if self.first_values.is_empty() {
-            return None;
-        }
-        let slot = self.slot_of(seq).ok()?;
-        let spec = self.spec();
-        if layer >= spec.layers || kv_head >= spec.kv_heads {
-            return None;
-        }
-        let at = self.offsets_index(slot, layer).1 + kv_head * spec.head_dim;
-        self.first_values.get(at..at + spec.head_dim)
+        rows.get(at..at + spec.head_dim)
     }
 
     /// Index of the "offsets set" flag and of the first key offset of (`slot`, `layer`).
@@ -952,7 +923,7 @@ impl<'a> KvCache<'a> {
         let words = self.words_mut(child);
         let generation = words[GENERATION].wrapping_add(1);
         words.copy_from_slice(&[generation, 1, len, evict_end]);
-        self.reset_key_offsets(child, Some(parent));
+        self.reset_int4_state(child, Some(parent));
         self.live += 1;
         Ok(SeqId {
             slot: child as u32,
@@ -1191,5 +1162,17 @@ impl<'a> KvCache<'a> {
             *seen = u32::MAX;
         }
         Ok(())
+    }
+}
+
+/// Zeroes `words[range]`, or copies the same-length run starting at `source` over it; nothing
+/// when `words` is empty (the format keeps no such state).
+fn reset_words(words: &mut [u32], range: Range<usize>, source: Option<usize>) {
+    if words.is_empty() {
+        return;
+    }
+    match source {
+        None => words[range].fill(0),
+        Some(from) => words.copy_within(from..from + range.len(), range.start),
     }
 }
