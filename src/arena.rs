@@ -107,6 +107,8 @@ unsafe impl ArenaAllocator for GlobalAllocator {
 pub struct HeapArena<A: ArenaAllocator = GlobalAllocator> {
     ptr: core::ptr::NonNull<u8>,
     len: usize,
+    /// Alignment the memory was allocated with (needed again to free it).
+    align: usize,
     allocator: A,
 }
 
@@ -114,6 +116,17 @@ pub struct HeapArena<A: ArenaAllocator = GlobalAllocator> {
 impl<A: ArenaAllocator> HeapArena<A> {
     /// Allocates `bytes` bytes (aligned to 64) from `allocator`.
     pub fn new_in(bytes: usize, allocator: A) -> Result<Self, Error> {
+        Self::allocate_zeroed(bytes, SEGMENT_ALIGN, false, allocator)
+    }
+
+    /// Allocates `bytes` bytes aligned to `align`; with `huge_pages`, advises the kernel to
+    /// back them with huge pages before they are first touched (see [`HeapArena::new`]).
+    fn allocate_zeroed(
+        bytes: usize,
+        align: usize,
+        huge_pages: bool,
+        allocator: A,
+    ) -> Result<Self, Error> {
         if bytes == 0 {
             return Err(Error::ArenaTooSmall {
                 needed: 1,
@@ -121,17 +134,21 @@ impl<A: ArenaAllocator> HeapArena<A> {
             });
         }
         let ptr = allocator
-            .allocate(bytes, SEGMENT_ALIGN)
+            .allocate(bytes, align)
             .ok_or(Error::ArenaTooSmall {
                 needed: bytes,
                 available: 0,
             })?;
+        if huge_pages {
+            advise_huge_pages(ptr.as_ptr(), bytes);
+        }
         // SAFETY: `ptr` points to `bytes` writable bytes (the allocator's contract); zeroing
         // makes every byte initialized before a slice is formed over them.
         unsafe { core::ptr::write_bytes(ptr.as_ptr(), 0, bytes) };
         Ok(HeapArena {
             ptr,
             len: bytes,
+            align,
             allocator,
         })
     }
@@ -147,20 +164,64 @@ impl<A: ArenaAllocator> HeapArena<A> {
 #[cfg(feature = "alloc")]
 impl HeapArena<GlobalAllocator> {
     /// Allocates `bytes` bytes from the global allocator.
+    ///
+    /// Under `std` on Linux, an arena of at least [`HUGE_PAGE_MIN_BYTES`] is aligned to 2 MiB
+    /// and advised (`madvise(MADV_HUGEPAGE)`) to be backed by transparent huge pages before it
+    /// is zeroed: decode attention visits every block of a sequence once per layer and head,
+    /// a few KiB at a time spread over the whole arena, so with 4 KiB pages nearly every
+    /// visit is a TLB miss. The advice changes no byte and may be ignored by the kernel.
     pub fn new(bytes: usize) -> Result<Self, Error> {
-        HeapArena::new_in(bytes, GlobalAllocator)
+        let huge = cfg!(all(feature = "std", target_os = "linux")) && bytes >= HUGE_PAGE_MIN_BYTES;
+        let align = if huge { HUGE_PAGE_BYTES } else { SEGMENT_ALIGN };
+        HeapArena::allocate_zeroed(bytes, align, huge, GlobalAllocator)
     }
 }
 
 #[cfg(feature = "alloc")]
 impl<A: ArenaAllocator> Drop for HeapArena<A> {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from `allocate(len, SEGMENT_ALIGN)` on this allocator and no
+        // SAFETY: `ptr` came from `allocate(len, align)` on this allocator and no
         // borrow of it outlives `self`.
-        unsafe { self.allocator.deallocate(self.ptr, self.len, SEGMENT_ALIGN) }
+        unsafe { self.allocator.deallocate(self.ptr, self.len, self.align) }
     }
 }
 
 // SAFETY: a HeapArena owns its memory exclusively, like a Box<[u8]>.
 #[cfg(feature = "alloc")]
 unsafe impl<A: ArenaAllocator + Send> Send for HeapArena<A> {}
+
+/// Size of a transparent huge page on x86_64 and aarch64 Linux (2 MiB).
+#[cfg(feature = "alloc")]
+const HUGE_PAGE_BYTES: usize = 2 << 20;
+
+/// Arenas from [`HeapArena::new`] this large or larger are advised to use huge pages
+/// (smaller ones would waste most of a 2 MiB page).
+#[cfg(feature = "alloc")]
+pub const HUGE_PAGE_MIN_BYTES: usize = 8 << 20;
+
+/// Advises Linux to back the whole 2 MiB pages inside `bytes` bytes at `ptr` (memory the
+/// caller owns) with transparent huge pages. Advice only: failure (an old kernel, THP
+/// disabled) changes nothing.
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
+    extern "C" {
+        fn madvise(
+            addr: *mut core::ffi::c_void,
+            len: usize,
+            advice: core::ffi::c_int,
+        ) -> core::ffi::c_int;
+    }
+    const MADV_HUGEPAGE: core::ffi::c_int = 14;
+    let start = ptr as usize;
+    let first = start.next_multiple_of(HUGE_PAGE_BYTES);
+    let end = (start + bytes) / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES;
+    if end > first {
+        // SAFETY: `first..end` lies inside the allocation (rounded inwards to whole pages);
+        // MADV_HUGEPAGE only changes how the kernel backs the pages, never their contents,
+        // and the libc `madvise` symbol is linked by `std`.
+        unsafe { madvise(first as *mut core::ffi::c_void, end - first, MADV_HUGEPAGE) };
+    }
+}
+
+#[cfg(all(feature = "alloc", not(all(feature = "std", target_os = "linux"))))]
+pub(crate) fn advise_huge_pages(_ptr: *mut u8, _bytes: usize) {}

@@ -357,24 +357,37 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
                     mask.apply(first_query + r / group, &mut row[..keys]);
                 }
             }
-            // Online softmax update, one query row at a time.
-            for r in 0..rows {
-                let row = &mut scores[r * block_tokens..(r + 1) * block_tokens];
-                let block_max = kernels::max(row);
-                if block_max == f32::NEG_INFINITY {
-                    row.fill(0.0);
-                    continue;
-                }
-                let new_max = block_max.max(running_max[r]);
-                let correction = kernels::scalar::exp(running_max[r] - new_max);
-                let sum = kernels::exp_shifted_sum(row, new_max);
-                if correction != 1.0 {
-                    for value in &mut acc[r * head_dim..(r + 1) * head_dim] {
-                        *value *= correction;
+            // Online softmax update, `SOFTMAX_ROWS` query rows per kernel call.
+            for first in (0..rows).step_by(SOFTMAX_ROWS) {
+                let n = (rows - first).min(SOFTMAX_ROWS);
+                let chunk = &mut scores[first * block_tokens..(first + n) * block_tokens];
+                let mut block_max = [0.0f32; SOFTMAX_ROWS];
+                kernels::max_rows(chunk, block_tokens, &mut block_max[..n]);
+                // A row with nothing visible (max -inf) keeps its state; its shift only has
+                // to keep the `exp` call harmless, and its weights are zeroed below.
+                let mut new_max = [0.0f32; SOFTMAX_ROWS];
+                for i in 0..n {
+                    if block_max[i] != f32::NEG_INFINITY {
+                        new_max[i] = block_max[i].max(running_max[first + i]);
                     }
                 }
-                running_sum[r] = running_sum[r] * correction + sum;
-                running_max[r] = new_max;
+                let mut sums = [0.0f32; SOFTMAX_ROWS];
+                kernels::exp_shifted_rows(chunk, block_tokens, &new_max[..n], &mut sums[..n]);
+                for i in 0..n {
+                    let r = first + i;
+                    if block_max[i] == f32::NEG_INFINITY {
+                        chunk[i * block_tokens..(i + 1) * block_tokens].fill(0.0);
+                        continue;
+                    }
+                    let correction = kernels::scalar::exp(running_max[r] - new_max[i]);
+                    if correction != 1.0 {
+                        for value in &mut acc[r * head_dim..(r + 1) * head_dim] {
+                            *value *= correction;
+                        }
+                    }
+                    running_sum[r] = running_sum[r] * correction + sums[i];
+                    running_max[r] = new_max[i];
+                }
             }
             // The weights of the stored keys only: `[rows][keys]` (stale slots never reach V).
             if keys < block_tokens {
@@ -686,6 +699,10 @@ pub fn auto_splits(batch: usize, kv_heads: usize, threads: usize, blocks: usize)
 }
 
 /// First key position the query at `position` sees in the window, and whether sinks apply.
+/// Query rows whose softmax update one [`kernels::exp_shifted_rows`] call makes (a stack
+/// buffer of this many maxima and sums; more rows take more calls).
+const SOFTMAX_ROWS: usize = 16;
+
 fn key_window(window: usize, sinks: usize, position: usize) -> (usize, bool) {
     if window == 0 || position < window {
         (0, false)

@@ -484,3 +484,44 @@ proptest! {
         }
     }
 }
+
+/// Arenas from `HeapArena::new` on both sides of the huge-page threshold (under `std` on Linux
+/// the large one is 2 MiB-aligned and advised to use huge pages): zeroed, writable through a
+/// cache that fills them, and freed with the alignment they were allocated with (a mismatch
+/// would be caught by the allocator or Miri).
+#[test]
+fn heap_arenas_small_and_huge_page_sized() {
+    use kvcache::arena::{HeapArena, HUGE_PAGE_MIN_BYTES};
+    for bytes in [
+        4096,
+        HUGE_PAGE_MIN_BYTES - 1,
+        HUGE_PAGE_MIN_BYTES,
+        HUGE_PAGE_MIN_BYTES + 4097,
+    ] {
+        let mut arena = HeapArena::new(bytes).unwrap();
+        let slice = arena.as_mut_slice();
+        assert_eq!(slice.len(), bytes);
+        assert!(slice.iter().all(|&b| b == 0), "{bytes}: not zeroed");
+        if bytes >= HUGE_PAGE_MIN_BYTES && cfg!(target_os = "linux") {
+            assert_eq!(
+                slice.as_ptr() as usize % (2 << 20),
+                0,
+                "{bytes}: not 2 MiB aligned"
+            );
+        }
+        let spec = small_spec(KvFormat::F16, KvFormat::F16);
+        if Layout::new(spec).unwrap().arena_bytes(1).unwrap() > bytes {
+            continue;
+        }
+        let mut cache = KvCache::new(spec, arena.as_mut_slice()).unwrap();
+        let seq = cache.add_sequence().unwrap();
+        cache.reserve(seq, 5).unwrap();
+        for position in 0..5 {
+            write_token(&mut cache, seq, position, 40 + position as u32).unwrap();
+        }
+        for position in 0..5 {
+            assert_token(&cache, seq, position, 40 + position as u32);
+        }
+    }
+    assert!(HeapArena::new(0).is_err());
+}

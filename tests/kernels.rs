@@ -437,6 +437,136 @@ fn check_max(name: &str, max: MaxFn) {
     }
 }
 
+type MaxRowsFn<'a> = &'a dyn Fn(&[f32], usize, &mut [f32]);
+type ExpRowsFn<'a> = &'a dyn Fn(&mut [f32], usize, &[f32], &mut [f32]);
+
+/// The row-batched softmax kernels are bitwise one call per row of their single-row kernels
+/// (attention relies on it: batching must not change a result), for every row length up to
+/// 70 (full chunks, 16-pairs, masked tails), rows of -inf, NaN entries and rows with nothing
+/// visible, and they write no row or sum past the shortest input.
+fn check_rows_batched(
+    name: &str,
+    max_rows: MaxRowsFn,
+    exp_rows: ExpRowsFn,
+    max: MaxFn,
+    exp_sum: ExpFn,
+) {
+    let mut rng = Rng(0x50f7);
+    for n in 0..=70usize {
+        for rows in [0usize, 1, 3, 5] {
+            let mut values: Vec<f32> = (0..rows * n)
+                .map(|i| match rng.next() % 11 {
+                    0 => f32::NEG_INFINITY,
+                    1 if i % 5 == 0 => f32::NAN,
+                    _ => rng.value() * 30.0,
+                })
+                .collect();
+            if rows >= 3 {
+                // One row with nothing visible.
+                values[2 * n..3 * n].fill(f32::NEG_INFINITY);
+            }
+            let mut maxima = vec![7.0f32; rows + 1];
+            max_rows(&values, n, &mut maxima[..rows]);
+            if n == 0 {
+                let mut sums = vec![7.0f32; rows];
+                exp_rows(&mut values, n, &vec![0.0; rows], &mut sums);
+                assert!(
+                    maxima.iter().chain(&sums).all(|&v| v == 7.0),
+                    "{name}: n 0 wrote"
+                );
+                continue;
+            }
+            let shifts: Vec<f32> = (0..rows)
+                .map(|r| {
+                    let m = max(&values[r * n..(r + 1) * n]);
+                    assert_eq!(
+                        maxima[r].to_bits(),
+                        m.to_bits(),
+                        "{name}: max n {n} row {r}"
+                    );
+                    if m == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        m + rng.value()
+                    }
+                })
+                .collect();
+            assert_eq!(maxima[rows], 7.0, "{name}: max_rows wrote past its rows");
+            let mut batched = values.clone();
+            let mut sums = vec![7.0f32; rows + 1];
+            exp_rows(&mut batched, n, &shifts, &mut sums[..rows]);
+            assert_eq!(
+                sums[rows], 7.0,
+                "{name}: exp_shifted_rows wrote past its rows"
+            );
+            let mut single = values.clone();
+            for r in 0..rows {
+                let sum = exp_sum(&mut single[r * n..(r + 1) * n], shifts[r]);
+                assert_eq!(
+                    sum.to_bits(),
+                    sums[r].to_bits(),
+                    "{name}: sum n {n} row {r}"
+                );
+            }
+            for (i, (a, b)) in batched.iter().zip(&single).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{name}: n {n} element {i}");
+            }
+        }
+    }
+    // Fewer shifts than rows: only the rows with a shift are touched.
+    let mut values = vec![1.0f32; 4 * 8];
+    let mut sums = [0.0f32; 4];
+    exp_rows(&mut values, 8, &[1.0, 1.0], &mut sums);
+    assert!(
+        values[..16].iter().all(|&v| v == 1.0),
+        "{name}: exp(0) is 1"
+    );
+    assert_eq!(sums, [8.0, 8.0, 0.0, 0.0], "{name}: sums");
+    // Rows past the shifts keep their inputs (2.0 would become exp(2 - shift)).
+    let mut values = vec![2.0f32; 4 * 8];
+    exp_rows(&mut values, 8, &[2.0, 2.0], &mut sums);
+    assert!(
+        values[16..].iter().all(|&v| v == 2.0),
+        "{name}: touched a row without a shift"
+    );
+}
+
+#[test]
+fn scalar_rows_batched_match_single_rows() {
+    check_rows_batched(
+        "scalar",
+        &scalar::max_rows,
+        &scalar::exp_shifted_rows,
+        &scalar::max,
+        &scalar::exp_shifted_sum,
+    );
+}
+
+#[test]
+fn dispatched_rows_batched_match_single_rows() {
+    check_rows_batched(
+        "dispatch",
+        &kernels::max_rows,
+        &kernels::exp_shifted_rows,
+        &kernels::max,
+        &kernels::exp_shifted_sum,
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_rows_batched_match_single_rows() {
+    if let Some(t) = avx2() {
+        check_rows_batched(
+            "avx2",
+            &|v, n, o| t.max_rows(v, n, o),
+            &|v, n, s, o| t.exp_shifted_rows(v, n, s, o),
+            &|v| t.max(v),
+            &|v, s| t.exp_shifted_sum(v, s),
+        );
+    }
+}
+
 /// XOR of the little-endian 8-byte words, one byte at a time.
 fn naive_stream(bytes: &[u8]) -> u64 {
     bytes

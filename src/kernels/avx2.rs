@@ -126,6 +126,21 @@ impl Avx2 {
         unsafe { max(values) }
     }
 
+    /// See [`super::max_rows`].
+    #[inline]
+    pub fn max_rows(self, values: &[f32], n: usize, out: &mut [f32]) {
+        // SAFETY: the token exists, so the CPU has the features `max_rows` is compiled for.
+        unsafe { max_rows(values, n, out) }
+    }
+
+    /// See [`super::exp_shifted_rows`].
+    #[inline]
+    pub fn exp_shifted_rows(self, values: &mut [f32], n: usize, shifts: &[f32], sums: &mut [f32]) {
+        // SAFETY: the token exists, so the CPU has the features `exp_shifted_rows` is compiled
+        // for.
+        unsafe { exp_shifted_rows(values, n, shifts, sums) }
+    }
+
     /// See [`super::fma_burn`].
     #[inline]
     pub fn fma_burn(self, chunks: usize) -> f32 {
@@ -806,6 +821,7 @@ unsafe fn acc_block<const FMT: u8, const C: usize, const G: usize>(
 /// # Safety
 ///
 /// - The CPU must support AVX2, FMA and F16C.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
     let n = values.len();
@@ -889,6 +905,7 @@ unsafe fn exp8(x: __m256) -> __m256 {
 /// # Safety
 ///
 /// - The CPU must support AVX2.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn max(values: &[f32]) -> f32 {
     let n = values.len();
@@ -913,6 +930,75 @@ unsafe fn max(values: &[f32]) -> f32 {
         tail
     } else {
         head
+    }
+}
+
+/// See [`super::max_rows`]: [`max`] inlined per row.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn max_rows(values: &[f32], n: usize, out: &mut [f32]) {
+    if n == 0 {
+        return;
+    }
+    for (row, m) in values.chunks_exact(n).zip(out.iter_mut()) {
+        *m = max(row);
+    }
+}
+
+/// See [`super::exp_shifted_rows`]. Two passes: first every `exp` of every row (independent
+/// of each other, so the out-of-order core overlaps their long dependency chains: a block's
+/// row is only two chunks), then each row's sum, re-read in the exact order of
+/// [`exp_shifted_sum`] (chunks at `i ≡ 0 (mod 16)` and any tail into one sum, `i ≡ 8` into
+/// the other), so the results are bitwise those of one call per row.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp_shifted_rows(values: &mut [f32], n: usize, shifts: &[f32], sums: &mut [f32]) {
+    if n == 0 {
+        return;
+    }
+    let rows = (values.len() / n).min(shifts.len()).min(sums.len());
+    let p = values.as_mut_ptr();
+    for (r, &shift) in shifts.iter().enumerate().take(rows) {
+        let shift_v = _mm256_set1_ps(shift);
+        // SAFETY (this loop): `r < rows <= values.len() / n`, so `row..row + n` lies in
+        // `values`; full chunks end at or before `n`, the last one is masked to what is left.
+        let row = p.add(r * n);
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row.add(i)), shift_v));
+            _mm256_storeu_ps(row.add(i), e);
+            i += 8;
+        }
+        if i < n {
+            let m = first_lanes(n - i);
+            let e = exp8(_mm256_sub_ps(_mm256_maskload_ps(row.add(i), m), shift_v));
+            _mm256_maskstore_ps(row.add(i), m, e);
+        }
+    }
+    for (r, sum) in sums.iter_mut().enumerate().take(rows) {
+        // SAFETY (this loop): as above; masked-off lanes load as `0.0`, which is what
+        // `exp_shifted_sum` adds for them.
+        let row = p.add(r * n);
+        let mut sum0 = _mm256_setzero_ps();
+        let mut sum1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            sum0 = _mm256_add_ps(sum0, _mm256_loadu_ps(row.add(i)));
+            sum1 = _mm256_add_ps(sum1, _mm256_loadu_ps(row.add(i + 8)));
+            i += 16;
+        }
+        while i < n {
+            let m = first_lanes((n - i).min(8));
+            sum0 = _mm256_add_ps(sum0, _mm256_maskload_ps(row.add(i), m));
+            i += 8;
+        }
+        *sum = hsum(_mm256_add_ps(sum0, sum1));
     }
 }
 

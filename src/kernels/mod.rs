@@ -217,6 +217,22 @@ pub fn max(values: &[f32]) -> f32 {
     dispatch!(max(values))
 }
 
+/// [`max`] of each row of `values` seen as rows of `n` (`out[r] = max(values[r·n..(r+1)·n])`),
+/// for `r < min(values.len() / n, out.len())`; bitwise the same as one call per row, but one
+/// call lets the rows' reductions overlap. `n == 0` writes nothing.
+pub fn max_rows(values: &[f32], n: usize, out: &mut [f32]) {
+    dispatch!(max_rows(values, n, out))
+}
+
+/// [`exp_shifted_sum`] of each row of `values` seen as rows of `n`, row `r` shifted by
+/// `shifts[r]` and its sum written to `sums[r]`, for `r < min(values.len() / n, shifts.len(),
+/// sums.len())`; bitwise the same as one call per row, but one call lets the rows' `exp`
+/// latencies overlap (a decode block's rows are 16 values each, too short to hide them alone).
+/// `n == 0` writes nothing.
+pub fn exp_shifted_rows(values: &mut [f32], n: usize, shifts: &[f32], sums: &mut [f32]) {
+    dispatch!(exp_shifted_rows(values, n, shifts, sums))
+}
+
 /// Name of the kernel set in use (`"scalar"` or `"avx2"`), for reports.
 pub fn active_isa() -> &'static str {
     #[cfg(all(target_arch = "x86_64", not(feature = "force-scalar")))]

@@ -146,6 +146,26 @@ pub fn max(values: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
+/// See [`super::max_rows`].
+pub fn max_rows(values: &[f32], n: usize, out: &mut [f32]) {
+    if n == 0 {
+        return;
+    }
+    for (row, m) in values.chunks_exact(n).zip(out.iter_mut()) {
+        *m = max(row);
+    }
+}
+
+/// See [`super::exp_shifted_rows`].
+pub fn exp_shifted_rows(values: &mut [f32], n: usize, shifts: &[f32], sums: &mut [f32]) {
+    if n == 0 {
+        return;
+    }
+    for ((row, &shift), sum) in values.chunks_exact_mut(n).zip(shifts).zip(sums.iter_mut()) {
+        *sum = exp_shifted_sum(row, shift);
+    }
+}
+
 /// `e^x` for `f32` without `std`: range reduction `x = k·ln2 + r`, |r| ≤ ln2/2, then a degree-7
 /// polynomial for `e^r` (relative error below 2e-7 over the whole normal range), scaled by `2^k`.
 #[inline]

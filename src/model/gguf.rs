@@ -761,9 +761,20 @@ pub struct Gguf {
 }
 
 impl Gguf {
-    /// Reads and parses the file at `path`.
+    /// Reads and parses the file at `path`. The bytes are read into memory advised to use
+    /// huge pages (see [`crate::arena::HeapArena::new`]): every decode step streams all the
+    /// weights, and with 4 KiB pages each page costs a TLB miss.
     pub fn open(path: impl AsRef<Path>) -> Result<Gguf, GgufError> {
-        Gguf::from_bytes(std::fs::read(path)?)
+        use std::io::Read;
+        let mut file = std::fs::File::open(path)?;
+        let len = usize::try_from(file.metadata()?.len()).unwrap_or(0);
+        let mut bytes = Vec::new();
+        // The length is a hint: a file that grows or shrinks meanwhile is still read whole.
+        if bytes.try_reserve_exact(len.saturating_add(1)).is_ok() {
+            crate::arena::advise_huge_pages(bytes.as_mut_ptr(), bytes.capacity());
+        }
+        file.read_to_end(&mut bytes)?;
+        Gguf::from_bytes(bytes)
     }
 
     /// Parses a GGUF file held in memory.
