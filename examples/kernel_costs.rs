@@ -1,7 +1,7 @@
 //! Where a decode step's cycles go, per stored token, with the data in L1 (no memory traffic):
 //! `cargo run --release --example kernel_costs [-- GROUP]`.
 //!
-//! For each KV format it times, on one thread and best of 7 rounds, the three kernels one KV
+//! For each KV format it times, on one thread and best of 25 rounds, the three kernels one KV
 //! head runs per block of 16 tokens for `GROUP` query heads (default 3, SmolLM2's): the scores
 //! (`dot_rows`, or `dot_rows_prepared` for int8 / int4 keys), the softmax of each query row
 //! (`max_rows` + `exp_shifted_rows`, as attention calls them) and the weighted sum of values (`accumulate_rows`). It prints
@@ -22,7 +22,7 @@ const REPS: usize = 20_000;
 
 /// Best of 7 rounds of `REPS` calls of `f`, in nanoseconds per call.
 fn best_ns(mut f: impl FnMut()) -> f64 {
-    (0..7)
+    (0..25)
         .map(|_| {
             let start = Instant::now();
             for _ in 0..REPS {

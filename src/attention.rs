@@ -379,7 +379,13 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
                         chunk[i * block_tokens..(i + 1) * block_tokens].fill(0.0);
                         continue;
                     }
-                    let correction = kernels::scalar::exp(running_max[r] - new_max[i]);
+                    // The max rarely moves after the first blocks: `exp(0)` is exactly 1, so
+                    // skip the call (not for an infinite max, whose difference is NaN).
+                    let correction = if running_max[r] == new_max[i] && new_max[i].is_finite() {
+                        1.0
+                    } else {
+                        kernels::scalar::exp(running_max[r] - new_max[i])
+                    };
                     if correction != 1.0 {
                         for value in &mut acc[r * head_dim..(r + 1) * head_dim] {
                             *value *= correction;

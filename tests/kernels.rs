@@ -877,3 +877,12 @@ fn scalar_encode_decode_round_trip() {
         }
     }
 }
+
+/// Attention skips the softmax correction `exp(old_max - new_max)` when the max did not move,
+/// taking it as 1: that is bitwise what the scalar `exp` gives for a zero difference.
+#[test]
+fn scalar_exp_of_zero_is_exactly_one() {
+    assert_eq!(scalar::exp(0.0).to_bits(), 1.0f32.to_bits());
+    assert_eq!(scalar::exp(-0.0).to_bits(), 1.0f32.to_bits());
+    assert!(scalar::exp(f32::INFINITY - f32::INFINITY).is_nan());
+}
