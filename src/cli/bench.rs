@@ -167,7 +167,13 @@ pub fn attention(args: &Args) -> Result<(), String> {
         fma_once();
         fma_times.push(start.elapsed().as_secs_f64());
     }
+    let best_step = step_times.iter().copied().fold(f64::INFINITY, f64::min);
     let step = median(&mut step_times);
+    // Thread-nanoseconds per stored token and KV head: comparable across shapes and with
+    // `examples/kernel_costs`, whose per-token kernel costs (data in L1) sum to the part of
+    // this that is not memory waits or per-block bookkeeping.
+    let token_heads = (batch * ctx * spec.layers * spec.kv_heads) as f64;
+    let ns_per_token_head = step * threads as f64 * 1e9 / token_heads;
     let read = median(&mut read_times);
     let fma = median(&mut fma_times);
     let gbps = step_bytes / step / 1e9;
@@ -198,12 +204,14 @@ pub fn attention(args: &Args) -> Result<(), String> {
         flops / fma / 1e9
     );
     println!(
-        "  K+V bytes per step: {:.1} MB, steps measured: {steps}, out[0] = {:.6}",
+        "  K+V bytes per step: {:.1} MB, steps measured: {steps} (fastest {:.3} ms), {:.1} thread-ns per token and KV head, out[0] = {:.6}",
         step_bytes / 1e6,
+        best_step * 1e3,
+        ns_per_token_head,
         out[0]
     );
     println!(
-        "{{\"shape\":\"{shape_name}\",\"kv\":\"{format}\",\"ctx\":{ctx},\"batch\":{batch},\"threads\":{threads},\"splits\":{splits},\"isa\":\"{}\",\"ms_per_step\":{:.4},\"gbps\":{:.3},\"read_ms\":{:.4},\"read_gbps\":{:.3},\"gflops\":{:.2},\"roofline_ratio\":{:.3},\"fma_ms\":{:.4},\"compute_ratio\":{:.3}}}",
+        "{{\"shape\":\"{shape_name}\",\"kv\":\"{format}\",\"ctx\":{ctx},\"batch\":{batch},\"threads\":{threads},\"splits\":{splits},\"isa\":\"{}\",\"ms_per_step\":{:.4},\"gbps\":{:.3},\"read_ms\":{:.4},\"read_gbps\":{:.3},\"gflops\":{:.2},\"roofline_ratio\":{:.3},\"fma_ms\":{:.4},\"compute_ratio\":{:.3},\"best_ms\":{:.4},\"ns_per_token_head\":{:.2}}}",
         kernels::active_isa(),
         step * 1e3,
         gbps,
@@ -212,7 +220,9 @@ pub fn attention(args: &Args) -> Result<(), String> {
         flops / step / 1e9,
         step / read,
         fma * 1e3,
-        step / fma
+        step / fma,
+        best_step * 1e3,
+        ns_per_token_head
     );
     let _ = sink.load(std::sync::atomic::Ordering::Relaxed);
     Ok(())
