@@ -704,11 +704,11 @@ pub fn auto_splits(batch: usize, kv_heads: usize, threads: usize, blocks: usize)
     splits.min(blocks.max(1))
 }
 
-/// First key position the query at `position` sees in the window, and whether sinks apply.
 /// Query rows whose softmax update one [`kernels::exp_shifted_rows`] call makes (a stack
 /// buffer of this many maxima and sums; more rows take more calls).
 const SOFTMAX_ROWS: usize = 16;
 
+/// First key position the query at `position` sees in the window, and whether sinks apply.
 fn key_window(window: usize, sinks: usize, position: usize) -> (usize, bool) {
     if window == 0 || position < window {
         (0, false)
