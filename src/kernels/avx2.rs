@@ -816,7 +816,7 @@ unsafe fn acc_block<const FMT: u8, const C: usize, const G: usize>(
 // ---------------------------------------------------------------------------------------------
 // Softmax helpers.
 
-/// See [`super::exp_shifted_sum`].
+/// See [`super::exp_shifted_sum`]: [`exp_shifted_rows`] with one row.
 ///
 /// # Safety
 ///
@@ -824,33 +824,14 @@ unsafe fn acc_block<const FMT: u8, const C: usize, const G: usize>(
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
-    let n = values.len();
-    let p = values.as_mut_ptr();
-    let shift_v = _mm256_set1_ps(shift);
-    // Two sums so consecutive iterations' adds do not wait on each other.
-    let mut sum0 = _mm256_setzero_ps();
-    let mut sum1 = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 16 <= n {
-        // SAFETY: `i + 16 <= n`: both chunks lie in `values`.
-        let e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), shift_v));
-        let e1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i + 8)), shift_v));
-        _mm256_storeu_ps(p.add(i), e0);
-        _mm256_storeu_ps(p.add(i + 8), e1);
-        sum0 = _mm256_add_ps(sum0, e0);
-        sum1 = _mm256_add_ps(sum1, e1);
-        i += 16;
-    }
-    while i < n {
-        let m = first_lanes((n - i).min(8));
-        // SAFETY: the mask covers only the `min(n - i, 8)` floats left in `values`.
-        let e = exp8(_mm256_sub_ps(_mm256_maskload_ps(p.add(i), m), shift_v));
-        _mm256_maskstore_ps(p.add(i), m, e);
-        // Masked-off lanes hold exp(0 - shift); keep them out of the sum.
-        sum0 = _mm256_add_ps(sum0, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
-        i += 8;
-    }
-    hsum(_mm256_add_ps(sum0, sum1))
+    let mut sum = 0.0;
+    exp_shifted_rows(
+        values,
+        values.len(),
+        &[shift],
+        core::slice::from_mut(&mut sum),
+    );
+    sum
 }
 
 /// `e^x` for 8 lanes with the same reduction as [`scalar::exp`]: `x = k·ln2 + r`,
@@ -950,9 +931,10 @@ unsafe fn max_rows(values: &[f32], n: usize, out: &mut [f32]) {
 
 /// See [`super::exp_shifted_rows`]. Two passes: first every `exp` of every row (independent
 /// of each other, so the out-of-order core overlaps their long dependency chains: a block's
-/// row is only two chunks), then each row's sum, re-read in the exact order of
-/// [`exp_shifted_sum`] (chunks at `i ≡ 0 (mod 16)` and any tail into one sum, `i ≡ 8` into
-/// the other), so the results are bitwise those of one call per row.
+/// row is only two chunks), then each row's sum, re-read from the stored values into two
+/// 8-lane sums (chunks at `i ≡ 0 (mod 16)` and any tail into one, `i ≡ 8` into the other) so
+/// consecutive adds do not wait on each other. [`exp_shifted_sum`] is this with one row, so
+/// the results are bitwise those of one call per row.
 ///
 /// # Safety
 ///
