@@ -194,8 +194,8 @@ unsafe impl<A: ArenaAllocator + Send> Send for HeapArena<A> {}
 #[cfg(feature = "alloc")]
 const HUGE_PAGE_BYTES: usize = 2 << 20;
 
-/// Arenas from [`HeapArena::new`] this large or larger are advised to use huge pages
-/// (smaller ones would waste most of a 2 MiB page).
+/// Under `std` on Linux, arenas from [`HeapArena::new`] this large or larger are aligned to
+/// 2 MiB and advised to use huge pages (smaller ones would waste most of a 2 MiB page).
 #[cfg(feature = "alloc")]
 pub const HUGE_PAGE_MIN_BYTES: usize = 8 << 20;
 
