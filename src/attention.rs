@@ -83,8 +83,15 @@ pub struct AttentionPlan<'c, 'a, 'b> {
     entries: &'b [BatchEntry],
     scale: f32,
     splits: usize,
+    /// The options' query tile, clamped to the longest entry (the same tiles: an entry never
+    /// spans more than one tile of its own length), so that the buffer sizes below follow the
+    /// batch, not the option.
     query_tile: usize,
     items: usize,
+    /// Query rows of one item at most: `query_tile × group`.
+    max_rows: usize,
+    partial_len: usize,
+    scratch_len: usize,
 }
 
 impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
@@ -112,6 +119,8 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
         if !scale.is_finite() {
             return Err(Error::NonFinite);
         }
+        let longest = entries.iter().map(|e| e.tokens).max().unwrap_or(0);
+        let query_tile = options.query_tile.min(longest.max(1));
         let mut items = 0usize;
         for entry in entries {
             let (_, len) = cache.slot_and_len(entry.seq)?;
@@ -138,21 +147,38 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
                 cache.check_stored(entry.seq, 0..needed.sink_blocks)?;
                 cache.check_stored(entry.seq, needed.first..needed.last + 1)?;
             }
-            let tiles = entry.tokens.div_ceil(options.query_tile);
+            let tiles = entry.tokens.div_ceil(query_tile);
             items = tiles
                 .checked_mul(spec.kv_heads)
                 .and_then(|i| i.checked_mul(options.splits))
                 .and_then(|i| i.checked_add(items))
                 .ok_or(Error::SizeOverflow)?;
         }
+        // Every buffer size a caller will compute from the plan, checked once here.
+        let max_rows = query_tile
+            .checked_mul(spec.group())
+            .ok_or(Error::SizeOverflow)?;
+        let partial_len = max_rows
+            .checked_mul(spec.head_dim + 2)
+            .ok_or(Error::SizeOverflow)?;
+        items.checked_mul(partial_len).ok_or(Error::SizeOverflow)?;
+        let prepared = kernels::prepared_query_len(spec.k_format, spec.head_dim, max_rows);
+        let scratch_len = max_rows
+            .checked_mul(spec.head_dim + spec.block_tokens)
+            .filter(|_| prepared != usize::MAX)
+            .and_then(|n| n.checked_add(prepared.div_ceil(4)))
+            .ok_or(Error::SizeOverflow)?;
         Ok(AttentionPlan {
             cache,
             layer,
             entries,
             scale,
             splits: options.splits,
-            query_tile: options.query_tile,
+            query_tile,
             items,
+            max_rows,
+            partial_len,
+            scratch_len,
         })
     }
 
@@ -161,22 +187,23 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
         self.items
     }
 
-    /// Query vectors handled by one item at most: `query_tile × group`.
+    /// Query vectors handled by one item at most: `query_tile × group` (the tile clamped to
+    /// the longest entry).
     fn max_rows(&self) -> usize {
-        self.query_tile * self.cache.spec().group()
+        self.max_rows
     }
 
-    /// `f32` elements of one item's partial state: `max_rows × (head_dim + 2)`.
+    /// `f32` elements of one item's partial state: `max_rows × (head_dim + 2)`, where
+    /// `max_rows` is the query tile (clamped to the longest entry) times the GQA group.
+    /// `work_items() × partial_len()` does not overflow (checked by [`AttentionPlan::new`]).
     pub fn partial_len(&self) -> usize {
-        self.max_rows() * (self.cache.spec().head_dim + 2)
+        self.partial_len
     }
 
     /// `f32` scratch one worker needs to run items: gathered queries, one block of scores and,
     /// for quantized keys, the prepared (quantized) queries.
     pub fn scratch_len(&self) -> usize {
-        let spec = self.cache.spec();
-        self.max_rows() * (spec.head_dim + spec.block_tokens)
-            + prepared_f32_len(spec.k_format, spec.head_dim, self.max_rows())
+        self.scratch_len
     }
 
     /// `f32` elements of queries (and of the output) the batch needs.
@@ -512,20 +539,26 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
     }
 }
 
-/// `f32` elements holding the prepared queries of `rows` query rows
-/// ([`kernels::prepared_query_len`] bytes, rounded up to whole `f32`); 0 for float keys.
-fn prepared_f32_len(k_format: crate::format::KvFormat, head_dim: usize, rows: usize) -> usize {
-    kernels::prepared_query_len(k_format, head_dim, rows).div_ceil(4)
-}
-
-/// `f32` scratch [`attention`] needs for a batch: one worker's scratch plus two partial
-/// states. Independent of the context length.
+/// `f32` scratch [`attention`] needs for any batch with these options: one worker's scratch
+/// plus a partial state per split. Independent of the context length; saturates at
+/// `usize::MAX` for options too large to run (a call with them gets
+/// [`Error::ScratchTooSmall`]).
 pub fn attention_scratch_len(cache: &KvCache<'_>, options: &AttentionOptions) -> usize {
     let spec = cache.spec();
-    let rows = options.query_tile.max(1) * spec.group();
-    rows * (spec.head_dim + spec.block_tokens)
-        + prepared_f32_len(spec.k_format, spec.head_dim, rows)
-        + 2 * rows * (spec.head_dim + 2) * options.splits.max(1)
+    let rows = options.query_tile.max(1).saturating_mul(spec.group());
+    let prepared = kernels::prepared_query_len(spec.k_format, spec.head_dim, rows);
+    let prepared = if prepared == usize::MAX {
+        usize::MAX
+    } else {
+        prepared.div_ceil(4)
+    };
+    rows.saturating_mul(spec.head_dim + spec.block_tokens)
+        .saturating_add(prepared)
+        .saturating_add(
+            rows.saturating_mul(spec.head_dim + 2)
+                .saturating_mul(options.splits.max(1))
+                .saturating_mul(2),
+        )
 }
 
 /// Attention for a batch on the calling thread, in caller scratch (no allocation).
@@ -631,9 +664,20 @@ impl AttentionWorkspace {
             let per_thread = plan.work_items().div_ceil(threads);
             let items = (thread * per_thread).min(plan.work_items())
                 ..((thread + 1) * per_thread).min(plan.work_items());
-            buffers.scratch.resize(plan.scratch_len(), 0.0);
-            buffers.partials.resize(per_thread * partial_len, 0.0);
+            // `per_thread × partial_len <= items × partial_len`, checked by the plan. Sizes
+            // from huge options are refused here rather than aborting on allocation.
             buffers.result = None;
+            for (buffer, needed) in [
+                (&mut buffers.scratch, plan.scratch_len()),
+                (&mut buffers.partials, per_thread * partial_len),
+            ] {
+                let available = buffer.len();
+                if needed > available && buffer.try_reserve(needed - available).is_err() {
+                    buffers.result = Some(Error::ScratchTooSmall { needed, available });
+                    return;
+                }
+                buffer.resize(needed, 0.0);
+            }
             for (index, item) in items.enumerate() {
                 let partial = &mut buffers.partials[index * partial_len..(index + 1) * partial_len];
                 if let Err(e) = plan.run_item(item, queries, partial, &mut buffers.scratch) {

@@ -512,6 +512,86 @@ fn bad_batches_are_refused() {
     attention(&cache, 0, &[ok], &q, &mut out, &mut scratch, &options).unwrap();
 }
 
+/// Options too large to run (found by the `attention` fuzz target: the scratch size
+/// overflowed) get an error, never a panic or an abort on allocation; a query tile longer
+/// than every entry is the same as one of the entry's length, bitwise.
+#[test]
+fn huge_options_are_refused_or_clamped() {
+    let spec = CacheSpec::new(2, 4, 2, 8);
+    let layout = Layout::new(spec).unwrap();
+    let mut arena = vec![0u8; layout.arena_bytes(8).unwrap()];
+    let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    let seq = cache.add_sequence().unwrap();
+    let mut rng = Rng(2);
+    append(&mut cache, seq, 6, &mut rng);
+    let entry = BatchEntry {
+        seq,
+        first_position: 3,
+        tokens: 3,
+    };
+    let q = rng.vec(3 * 4 * 8);
+    let reference = {
+        let options = AttentionOptions::default();
+        let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
+        let mut out = vec![0.0; q.len()];
+        attention(&cache, 0, &[entry], &q, &mut out, &mut scratch, &options).unwrap();
+        out
+    };
+    for (splits, query_tile) in [
+        (1, usize::MAX),
+        (usize::MAX, 1),
+        (usize::MAX, usize::MAX),
+        (1 << 40, 8),
+        (8, 1 << 62),
+    ] {
+        let options = AttentionOptions {
+            splits,
+            query_tile,
+            ..AttentionOptions::default()
+        };
+        // The entry-independent bound saturates instead of wrapping...
+        let needed = attention_scratch_len(&cache, &options);
+        assert!(needed >= 1 << 20, "{splits} {query_tile}: {needed}");
+        // ...so `attention` refuses any scratch a caller could have (or the plan's sizes).
+        let mut scratch = vec![0.0; 1024];
+        let mut out = vec![0.0; q.len()];
+        assert!(matches!(
+            attention(&cache, 0, &[entry], &q, &mut out, &mut scratch, &options),
+            Err(Error::ScratchTooSmall { .. } | Error::SizeOverflow)
+        ));
+        // The plan either refuses the sizes or sizes its buffers by the batch.
+        match AttentionPlan::new(&cache, 0, &[entry], &options) {
+            Err(e) => assert_eq!(e, Error::SizeOverflow, "{splits} {query_tile}"),
+            Ok(plan) => {
+                assert!(
+                    plan.partial_len() <= 3 * 2 * (8 + 2),
+                    "{}",
+                    plan.partial_len()
+                );
+                if plan.work_items() <= 1 << 12 {
+                    let mut partials = vec![0.0; plan.work_items() * plan.partial_len()];
+                    let mut scratch = vec![0.0; plan.scratch_len()];
+                    for (i, partial) in partials.chunks_mut(plan.partial_len()).enumerate() {
+                        plan.run_item(i, &q, partial, &mut scratch).unwrap();
+                    }
+                    let mut out = vec![0.0; q.len()];
+                    plan.merge(&partials, &mut out).unwrap();
+                    let same = out
+                        .iter()
+                        .zip(&reference)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{splits} {query_tile}: differs from the default tile");
+                }
+            }
+        }
+        // Threads: an error (or the result), never an abort on a huge allocation.
+        let mut out = vec![0.0; q.len()];
+        if let Ok(()) = attention_threaded(&cache, 0, &[entry], &q, &mut out, 2, &options) {
+            assert_eq!(out, reference);
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 

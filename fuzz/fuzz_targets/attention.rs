@@ -1,0 +1,172 @@
+//! Bytes → a small cache (geometry, formats, window and sinks from the first bytes), a few
+//! sequences of stored tokens (a fork among them, values mostly moderate, raw bits
+//! sometimes), then attention calls with batches built from the bytes: stale and unknown
+//! sequence ids, positions and token counts up to `usize::MAX`, zero or huge splits and
+//! tiles, NaN scales, short buffers. Every call must return (no panic) and leave the cache's
+//! invariants intact; an accepted call with moderate inputs gives finite outputs, bitwise the
+//! same as its work items run in reverse order on the plan API and merged.
+#![no_main]
+
+use kvcache::attention::{attention, attention_scratch_len, AttentionOptions, AttentionPlan, BatchEntry};
+use kvcache::{CacheSpec, KvCache, KvFormat, Layout, SeqId};
+use libfuzzer_sys::fuzz_target;
+
+const FORMATS: [KvFormat; 5] = [KvFormat::F32, KvFormat::F16, KvFormat::Bf16, KvFormat::Int8, KvFormat::Int4];
+
+struct Bytes<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl Bytes<'_> {
+    fn byte(&mut self) -> u8 {
+        let b = self.data.get(self.at).copied().unwrap_or(0);
+        self.at += 1;
+        b
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.byte() as usize % n
+    }
+
+    /// A count or position: usually small, sometimes near `usize::MAX`.
+    fn count(&mut self) -> usize {
+        match self.byte() {
+            250 => usize::MAX,
+            251 => usize::MAX - self.below(64),
+            252 => 1 << 40,
+            b => b as usize % 40,
+        }
+    }
+
+    fn value(&mut self) -> f32 {
+        let b = self.byte();
+        if b == 255 {
+            // Raw bits now and then: NaN, inf, huge, subnormal.
+            f32::from_bits(u32::from_le_bytes([self.byte(), self.byte(), self.byte(), self.byte()]))
+        } else {
+            (b as f32 - 127.0) / 16.0
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.at >= self.data.len()
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut bytes = Bytes { data, at: 0 };
+    let kv_heads = 1 + bytes.below(3);
+    let mut spec = CacheSpec::new(1 + bytes.below(2), kv_heads * (1 + bytes.below(4)), kv_heads, 1 + bytes.below(40));
+    spec.block_tokens = 1 + bytes.below(6);
+    spec.k_format = FORMATS[bytes.below(5)];
+    spec.v_format = FORMATS[bytes.below(5)];
+    spec.max_seqs = 4;
+    spec.max_seq_tokens = 48;
+    if bytes.below(3) == 0 {
+        spec.window = 1 + bytes.below(20);
+        spec.sink_tokens = bytes.below(spec.window + 1);
+    }
+    let Ok(layout) = Layout::new(spec) else { return };
+    let Ok(arena_bytes) = layout.arena_bytes(1 + bytes.below(24)) else { return };
+    let mut arena = vec![0u8; arena_bytes];
+    let Ok(mut cache) = KvCache::new(spec, &mut arena) else { return };
+
+    // Sequences: the first ones live, one removed (a stale id), one forked.
+    let elems = spec.kv_heads * spec.head_dim;
+    let mut ids: Vec<SeqId> = Vec::new();
+    // Whether every value written is moderate (|x| < 1e4): then scores cannot overflow.
+    let mut moderate = true;
+    for _ in 0..1 + bytes.below(3) {
+        let Ok(seq) = cache.add_sequence() else { break };
+        ids.push(seq);
+        let n = bytes.below(30);
+        let Ok(range) = cache.reserve(seq, n) else { continue };
+        for layer in 0..spec.layers {
+            let k: Vec<f32> = (0..n * elems).map(|_| bytes.value()).collect();
+            let v: Vec<f32> = (0..n * elems).map(|_| bytes.value()).collect();
+            moderate &= k.iter().chain(&v).all(|x| x.abs() < 1e4);
+            // A refused write (non-finite input for a format that rejects it) leaves the
+            // reserved slots unwritten; attention over them is still memory-safe.
+            let _ = cache.write_run(seq, layer, range.start, &k, &v);
+        }
+    }
+    if bytes.below(2) == 0 {
+        if let Some(&last) = ids.last() {
+            if cache.remove(last).is_ok() {
+                // Kept in `ids`: a stale id for the batches below.
+            }
+        }
+    }
+    if let Some(&first) = ids.first() {
+        if let Ok(child) = cache.fork(first) {
+            ids.push(child);
+            if let Ok(range) = cache.reserve(child, 1) {
+                for layer in 0..spec.layers {
+                    let row: Vec<f32> = (0..elems).map(|_| bytes.value()).collect();
+                    moderate &= row.iter().all(|x| x.abs() < 1e4);
+                    let _ = cache.write_run(child, layer, range.start, &row, &row);
+                }
+            }
+        }
+    }
+    cache.check_invariants().expect("invariants after setup");
+
+    while !bytes.done() {
+        let mut entries = Vec::new();
+        for _ in 0..bytes.below(4) {
+            let Some(&seq) = ids.get(bytes.below(ids.len().max(1))) else { break };
+            let len = cache.len(seq).unwrap_or(0);
+            let (first_position, tokens) = if bytes.below(4) == 0 {
+                (bytes.count(), bytes.count())
+            } else {
+                let tokens = 1 + bytes.below(len.max(1));
+                (len.saturating_sub(tokens), tokens.min(len))
+            };
+            entries.push(BatchEntry { seq, first_position, tokens });
+        }
+        let options = AttentionOptions {
+            scale: match bytes.below(8) {
+                0 => Some(f32::NAN),
+                1 => Some(bytes.value()),
+                _ => None,
+            },
+            splits: if bytes.below(8) == 0 { bytes.count() } else { 1 + bytes.below(4) },
+            query_tile: if bytes.below(8) == 0 { bytes.count() } else { 1 + bytes.below(5) },
+        };
+        let layer = if bytes.below(16) == 0 { bytes.count() } else { bytes.below(spec.layers) };
+        let queries_len = entries.iter().map(|e| e.tokens.min(1 << 12)).sum::<usize>() * spec.q_heads * spec.head_dim;
+        let short = bytes.below(16) == 0;
+        let queries: Vec<f32> = (0..queries_len.saturating_sub(short as usize)).map(|_| bytes.value()).collect();
+        let queries_moderate = queries.iter().all(|x| x.abs() < 1e4);
+        let scratch_len = attention_scratch_len(&cache, &options).min(1 << 20);
+        let mut scratch = vec![0.0f32; scratch_len.saturating_sub((bytes.below(16) == 0) as usize)];
+        let mut out = vec![f32::NAN; queries.len()];
+        let result = attention(&cache, layer, &entries, &queries, &mut out, &mut scratch, &options);
+        cache.check_invariants().expect("invariants after attention");
+        if result.is_err() {
+            continue;
+        }
+        let moderate_scale = options.scale.map_or(true, |s| s.is_finite() && s.abs() < 1e3);
+        if moderate && queries_moderate && moderate_scale {
+            assert!(out.iter().all(|x| x.is_finite()), "non-finite output from moderate inputs");
+        }
+        // The plan API, items in reverse order, must give the same bits.
+        let plan = AttentionPlan::new(&cache, layer, &entries, &options).expect("accepted once");
+        let items = plan.work_items();
+        if items > 4096 {
+            continue;
+        }
+        let mut partials = vec![0.0f32; items * plan.partial_len()];
+        let mut item_scratch = vec![0.0f32; plan.scratch_len()];
+        for index in (0..items).rev() {
+            let partial = &mut partials[index * plan.partial_len()..(index + 1) * plan.partial_len()];
+            plan.run_item(index, &queries, partial, &mut item_scratch).expect("item");
+        }
+        let mut merged = vec![f32::NAN; queries.len()];
+        plan.merge(&partials, &mut merged).expect("merge");
+        for (a, b) in out.iter().zip(&merged) {
+            assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "plan differs: {a} vs {b}");
+        }
+    }
+});
