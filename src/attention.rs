@@ -47,7 +47,9 @@ pub struct AttentionOptions {
     /// Key splits per (entry, tile, head): more splits, more parallel items (split-K). At
     /// least 1.
     pub splits: usize,
-    /// Query tokens handled together by one item (they share every K/V row load). At least 1.
+    /// Query tokens handled together by one item (they share every K/V row load). At least 1;
+    /// a tile longer than every entry of a batch acts as one of the longest entry's length
+    /// (the same items and results, buffers sized by the batch).
     pub query_tile: usize,
 }
 
