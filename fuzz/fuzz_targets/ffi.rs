@@ -1,0 +1,199 @@
+//! Bytes → calls through the C ABI: a spec of raw `u32` fields (mostly small, sometimes
+//! anything), then operations with NULL or valid pointers, lengths at or below the buffers'
+//! real sizes, any sequence id, layer, position and option values. Every call must return a
+//! status (a panic here would be an abort in C), and a mutating call that fails must leave the
+//! cache's accounting unchanged.
+#![no_main]
+
+use kvcache::ffi::*;
+use libfuzzer_sys::fuzz_target;
+
+struct Bytes<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl Bytes<'_> {
+    fn byte(&mut self) -> u8 {
+        let b = self.data.get(self.at).copied().unwrap_or(0);
+        self.at += 1;
+        b
+    }
+
+    fn below(&mut self, n: u32) -> u32 {
+        self.byte() as u32 % n
+    }
+
+    /// Usually small, sometimes any `u32`.
+    fn word(&mut self) -> u32 {
+        if self.byte() == 255 {
+            u32::from_le_bytes([self.byte(), self.byte(), self.byte(), self.byte()])
+        } else {
+            self.byte() as u32 % 24
+        }
+    }
+
+    fn null(&mut self) -> bool {
+        self.byte() % 16 == 0
+    }
+
+    fn done(&self) -> bool {
+        self.at >= self.data.len()
+    }
+}
+
+fn stats(cache: *mut KvcCache) -> KvcStats {
+    let mut s = KvcStats::default();
+    // SAFETY: a live handle and a valid out pointer.
+    assert_eq!(unsafe { kvc_stats_get(cache, &mut s) } as u32, 0);
+    s
+}
+
+fn same(a: &KvcStats, b: &KvcStats) -> bool {
+    (a.sequences, a.blocks_free, a.bytes_used, a.tokens, a.waste_slots)
+        == (b.sequences, b.blocks_free, b.bytes_used, b.tokens, b.waste_slots)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut bytes = Bytes { data, at: 0 };
+    let kv_heads = 1 + bytes.below(3);
+    let spec = KvcSpec {
+        layers: 1 + bytes.below(3),
+        q_heads: kv_heads * (1 + bytes.below(3)),
+        kv_heads,
+        head_dim: if bytes.byte() == 0 { bytes.word() } else { 1 + bytes.below(20) },
+        block_tokens: if bytes.byte() == 0 { bytes.word() } else { 1 + bytes.below(5) },
+        k_format: bytes.below(6),
+        v_format: bytes.below(6),
+        max_seqs: bytes.word(),
+        max_seq_tokens: bytes.word(),
+        window: if bytes.below(3) == 0 { bytes.word() } else { 0 },
+        sink_tokens: bytes.below(4),
+    };
+    let mut arena_len = 0usize;
+    // SAFETY (every call below): pointers are NULL or point at live buffers of at least the
+    // length passed; the handle memory and the arena outlive the handle's last use.
+    let status = unsafe { kvc_arena_bytes(&spec, 1 + bytes.below(16), &mut arena_len) };
+    if status as u32 != 0 || arena_len > 1 << 22 {
+        return;
+    }
+    let mut arena = vec![0u8; arena_len + bytes.below(64) as usize];
+    let mut handle = vec![0u64; kvc_cache_size().div_ceil(8) + 1];
+    let mut cache: *mut KvcCache = core::ptr::null_mut();
+    let status = unsafe {
+        kvc_cache_init(
+            handle.as_mut_ptr().cast(),
+            handle.len() * 8,
+            &spec,
+            arena.as_mut_ptr(),
+            arena.len(),
+            &mut cache,
+        )
+    };
+    if status as u32 != 0 {
+        return;
+    }
+    let elems = (spec.kv_heads * spec.head_dim) as usize;
+    let mut ids: Vec<u64> = vec![0, u64::MAX];
+    let mut floats = vec![0.5f32; 4096];
+    let mut out = vec![0.0f32; 4096];
+    let mut scratch = vec![0.0f32; 1 << 16];
+    while !bytes.done() {
+        let before = stats(cache);
+        let seq = ids[bytes.below(ids.len() as u32) as usize];
+        let (status, mutating) = match bytes.below(9) {
+            0 => {
+                let mut id = 0u64;
+                let p: *mut u64 = if bytes.null() { core::ptr::null_mut() } else { &mut id };
+                let s = unsafe { kvc_add_sequence(cache, p) };
+                if s as u32 == 0 {
+                    ids.push(id);
+                }
+                (s, true)
+            }
+            1 => (unsafe { kvc_reserve(cache, seq, bytes.word(), core::ptr::null_mut()) }, true),
+            2 => {
+                let tokens = bytes.below(4) as usize;
+                let len = (tokens * elems).min(floats.len()) - bytes.below(2) as usize * (tokens * elems > 0) as usize;
+                for x in floats.iter_mut().take(len) {
+                    *x = (bytes.byte() as f32 - 128.0) / 8.0;
+                }
+                let k = if bytes.null() { core::ptr::null() } else { floats.as_ptr() };
+                (unsafe { kvc_write(cache, seq, bytes.word(), bytes.word(), k, floats.as_ptr(), len) }, true)
+            }
+            3 => {
+                let (k, v) = out.split_at_mut(2048);
+                let len = elems.min(2048) - (bytes.below(2) as usize).min(elems);
+                (unsafe { kvc_read(cache, seq, bytes.word(), bytes.word(), k.as_mut_ptr(), v.as_mut_ptr(), len) }, false)
+            }
+            4 => {
+                let mut id = 0u64;
+                let s = unsafe { kvc_fork(cache, seq, &mut id) };
+                if s as u32 == 0 {
+                    ids.push(id);
+                }
+                (s, true)
+            }
+            5 => (unsafe { kvc_truncate(cache, seq, bytes.word()) }, true),
+            6 => (unsafe { kvc_remove(cache, seq) }, true),
+            7 => {
+                let entries: Vec<KvcBatchEntry> = (0..bytes.below(3))
+                    .map(|_| KvcBatchEntry {
+                        seq: ids[bytes.below(ids.len() as u32) as usize],
+                        first_position: bytes.word(),
+                        tokens: bytes.word(),
+                    })
+                    .collect();
+                let tokens: usize = entries.iter().map(|e| e.tokens as usize).sum();
+                let len = (tokens * (spec.q_heads * spec.head_dim) as usize).min(2048);
+                let mut needed = 0usize;
+                unsafe { kvc_attention_scratch_len(cache, &mut needed) };
+                let scratch_len = needed.min(scratch.len()) - bytes.below(2) as usize * (needed > 0) as usize;
+                let e = if bytes.null() { core::ptr::null() } else { entries.as_ptr() };
+                let s = unsafe {
+                    kvc_attention(cache, bytes.word(), e, entries.len(), floats.as_ptr(), out.as_mut_ptr(), len, scratch.as_mut_ptr(), scratch_len)
+                };
+                if s as u32 == 0 {
+                    assert!(out[..len].iter().all(|x| x.is_finite()), "non-finite attention output");
+                }
+                (s, false)
+            }
+            _ => {
+                let entries = [KvcBatchEntry { seq, first_position: bytes.word(), tokens: bytes.word() }];
+                let opts = KvcAttentionOptions {
+                    splits: bytes.word(),
+                    query_tile: bytes.word(),
+                    scale: if bytes.null() { f32::NAN } else { 0.0 },
+                };
+                let (mut items, mut partial_len, mut item_scratch) = (0usize, 0usize, 0usize);
+                let s = unsafe {
+                    kvc_attention_plan(cache, 0, entries.as_ptr(), 1, &opts, &mut items, &mut partial_len, &mut item_scratch)
+                };
+                if s as u32 == 0 && items.saturating_mul(partial_len) <= 1 << 16 && item_scratch <= 1 << 16 {
+                    let len = (entries[0].tokens as usize * (spec.q_heads * spec.head_dim) as usize).min(2048);
+                    let mut partials = vec![0.0f32; items * partial_len];
+                    for i in (0..items).rev() {
+                        let r = unsafe {
+                            kvc_attention_run_item(cache, 0, entries.as_ptr(), 1, &opts, i, floats.as_ptr(), len,
+                                partials[i * partial_len..].as_mut_ptr(), partial_len, scratch.as_mut_ptr(), item_scratch)
+                        };
+                        assert_eq!(r as u32, 0, "a planned item failed");
+                    }
+                    let r = unsafe {
+                        kvc_attention_merge(cache, 0, entries.as_ptr(), 1, &opts, partials.as_ptr(), partials.len(), out.as_mut_ptr(), len)
+                    };
+                    assert_eq!(r as u32, 0, "merge of a planned batch failed");
+                }
+                (s, false)
+            }
+        };
+        let after = stats(cache);
+        if status as u32 != 0 || !mutating {
+            assert!(same(&before, &after), "a failed or read-only call changed the cache: {status:?}");
+        }
+        let mut message = [0u8; 8];
+        unsafe { kvc_status_message(status as u32, message.as_mut_ptr().cast(), message.len()) };
+    }
+    drop(arena);
+    drop(handle);
+});
