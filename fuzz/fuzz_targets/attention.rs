@@ -11,51 +11,13 @@ use kvcache::attention::{attention, attention_scratch_len, AttentionOptions, Att
 use kvcache::{CacheSpec, KvCache, KvFormat, Layout, SeqId};
 use libfuzzer_sys::fuzz_target;
 
+mod bytes;
+use bytes::Bytes;
+
 const FORMATS: [KvFormat; 5] = [KvFormat::F32, KvFormat::F16, KvFormat::Bf16, KvFormat::Int8, KvFormat::Int4];
 
-struct Bytes<'a> {
-    data: &'a [u8],
-    at: usize,
-}
-
-impl Bytes<'_> {
-    fn byte(&mut self) -> u8 {
-        let b = self.data.get(self.at).copied().unwrap_or(0);
-        self.at += 1;
-        b
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        self.byte() as usize % n
-    }
-
-    /// A count or position: usually small, sometimes near `usize::MAX`.
-    fn count(&mut self) -> usize {
-        match self.byte() {
-            250 => usize::MAX,
-            251 => usize::MAX - self.below(64),
-            252 => 1 << 40,
-            b => b as usize % 40,
-        }
-    }
-
-    fn value(&mut self) -> f32 {
-        let b = self.byte();
-        if b == 255 {
-            // Raw bits now and then: NaN, inf, huge, subnormal.
-            f32::from_bits(u32::from_le_bytes([self.byte(), self.byte(), self.byte(), self.byte()]))
-        } else {
-            (b as f32 - 127.0) / 16.0
-        }
-    }
-
-    fn done(&self) -> bool {
-        self.at >= self.data.len()
-    }
-}
-
 fuzz_target!(|data: &[u8]| {
-    let mut bytes = Bytes { data, at: 0 };
+    let mut bytes = Bytes::new(data);
     let kv_heads = 1 + bytes.below(3);
     let mut spec = CacheSpec::new(1 + bytes.below(2), kv_heads * (1 + bytes.below(4)), kv_heads, 1 + bytes.below(40));
     spec.block_tokens = 1 + bytes.below(6);

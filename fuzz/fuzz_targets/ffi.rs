@@ -8,39 +8,8 @@
 use kvcache::ffi::*;
 use libfuzzer_sys::fuzz_target;
 
-struct Bytes<'a> {
-    data: &'a [u8],
-    at: usize,
-}
-
-impl Bytes<'_> {
-    fn byte(&mut self) -> u8 {
-        let b = self.data.get(self.at).copied().unwrap_or(0);
-        self.at += 1;
-        b
-    }
-
-    fn below(&mut self, n: u32) -> u32 {
-        self.byte() as u32 % n
-    }
-
-    /// Usually small, sometimes any `u32`.
-    fn word(&mut self) -> u32 {
-        if self.byte() == 255 {
-            u32::from_le_bytes([self.byte(), self.byte(), self.byte(), self.byte()])
-        } else {
-            self.byte() as u32 % 24
-        }
-    }
-
-    fn null(&mut self) -> bool {
-        self.byte() % 16 == 0
-    }
-
-    fn done(&self) -> bool {
-        self.at >= self.data.len()
-    }
-}
+mod bytes;
+use bytes::Bytes;
 
 fn stats(cache: *mut KvcCache) -> KvcStats {
     let mut s = KvcStats::default();
@@ -55,29 +24,29 @@ fn same(a: &KvcStats, b: &KvcStats) -> bool {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut bytes = Bytes { data, at: 0 };
-    let kv_heads = 1 + bytes.below(3);
+    let mut bytes = Bytes::new(data);
+    let kv_heads = 1 + bytes.below_u32(3);
     let spec = KvcSpec {
-        layers: 1 + bytes.below(3),
-        q_heads: kv_heads * (1 + bytes.below(3)),
+        layers: 1 + bytes.below_u32(3),
+        q_heads: kv_heads * (1 + bytes.below_u32(3)),
         kv_heads,
-        head_dim: if bytes.byte() == 0 { bytes.word() } else { 1 + bytes.below(20) },
-        block_tokens: if bytes.byte() == 0 { bytes.word() } else { 1 + bytes.below(5) },
-        k_format: bytes.below(6),
-        v_format: bytes.below(6),
+        head_dim: if bytes.byte() == 0 { bytes.word() } else { 1 + bytes.below_u32(20) },
+        block_tokens: if bytes.byte() == 0 { bytes.word() } else { 1 + bytes.below_u32(5) },
+        k_format: bytes.below_u32(6),
+        v_format: bytes.below_u32(6),
         max_seqs: bytes.word(),
         max_seq_tokens: bytes.word(),
-        window: if bytes.below(3) == 0 { bytes.word() } else { 0 },
-        sink_tokens: bytes.below(4),
+        window: if bytes.below_u32(3) == 0 { bytes.word() } else { 0 },
+        sink_tokens: bytes.below_u32(4),
     };
     let mut arena_len = 0usize;
     // SAFETY (every call below): pointers are NULL or point at live buffers of at least the
     // length passed; the handle memory and the arena outlive the handle's last use.
-    let status = unsafe { kvc_arena_bytes(&spec, 1 + bytes.below(16), &mut arena_len) };
+    let status = unsafe { kvc_arena_bytes(&spec, 1 + bytes.below_u32(16), &mut arena_len) };
     if status as u32 != 0 || arena_len > 1 << 22 {
         return;
     }
-    let mut arena = vec![0u8; arena_len + bytes.below(64) as usize];
+    let mut arena = vec![0u8; arena_len + bytes.below_u32(64) as usize];
     let mut handle = vec![0u64; kvc_cache_size().div_ceil(8) + 1];
     let mut cache: *mut KvcCache = core::ptr::null_mut();
     let status = unsafe {
@@ -100,8 +69,8 @@ fuzz_target!(|data: &[u8]| {
     let mut scratch = vec![0.0f32; 1 << 16];
     while !bytes.done() {
         let before = stats(cache);
-        let seq = ids[bytes.below(ids.len() as u32) as usize];
-        let (status, mutating) = match bytes.below(9) {
+        let seq = ids[bytes.below_u32(ids.len() as u32) as usize];
+        let (status, mutating) = match bytes.below_u32(9) {
             0 => {
                 let mut id = 0u64;
                 let p: *mut u64 = if bytes.null() { core::ptr::null_mut() } else { &mut id };
@@ -113,8 +82,8 @@ fuzz_target!(|data: &[u8]| {
             }
             1 => (unsafe { kvc_reserve(cache, seq, bytes.word(), core::ptr::null_mut()) }, true),
             2 => {
-                let tokens = bytes.below(4) as usize;
-                let len = (tokens * elems).min(floats.len()) - bytes.below(2) as usize * (tokens * elems > 0) as usize;
+                let tokens = bytes.below_u32(4) as usize;
+                let len = (tokens * elems).min(floats.len()) - bytes.below_u32(2) as usize * (tokens * elems > 0) as usize;
                 for x in floats.iter_mut().take(len) {
                     *x = (bytes.byte() as f32 - 128.0) / 8.0;
                 }
@@ -123,7 +92,7 @@ fuzz_target!(|data: &[u8]| {
             }
             3 => {
                 let (k, v) = out.split_at_mut(2048);
-                let len = elems.min(2048) - (bytes.below(2) as usize).min(elems);
+                let len = elems.min(2048) - (bytes.below_u32(2) as usize).min(elems);
                 (unsafe { kvc_read(cache, seq, bytes.word(), bytes.word(), k.as_mut_ptr(), v.as_mut_ptr(), len) }, false)
             }
             4 => {
@@ -137,9 +106,9 @@ fuzz_target!(|data: &[u8]| {
             5 => (unsafe { kvc_truncate(cache, seq, bytes.word()) }, true),
             6 => (unsafe { kvc_remove(cache, seq) }, true),
             7 => {
-                let entries: Vec<KvcBatchEntry> = (0..bytes.below(3))
+                let entries: Vec<KvcBatchEntry> = (0..bytes.below_u32(3))
                     .map(|_| KvcBatchEntry {
-                        seq: ids[bytes.below(ids.len() as u32) as usize],
+                        seq: ids[bytes.below_u32(ids.len() as u32) as usize],
                         first_position: bytes.word(),
                         tokens: bytes.word(),
                     })
@@ -148,7 +117,7 @@ fuzz_target!(|data: &[u8]| {
                 let len = (tokens * (spec.q_heads * spec.head_dim) as usize).min(2048);
                 let mut needed = 0usize;
                 unsafe { kvc_attention_scratch_len(cache, &mut needed) };
-                let scratch_len = needed.min(scratch.len()) - bytes.below(2) as usize * (needed > 0) as usize;
+                let scratch_len = needed.min(scratch.len()) - bytes.below_u32(2) as usize * (needed > 0) as usize;
                 let e = if bytes.null() { core::ptr::null() } else { entries.as_ptr() };
                 let s = unsafe {
                     kvc_attention(cache, bytes.word(), e, entries.len(), floats.as_ptr(), out.as_mut_ptr(), len, scratch.as_mut_ptr(), scratch_len)
