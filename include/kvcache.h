@@ -5,6 +5,9 @@
  * use the handle, then free them yourself. Nothing here allocates. Sequence ids are uint64_t.
  * Every function checks its pointers and lengths and returns a kvc_status; a call that fails
  * changes nothing. A handle is used by one thread at a time, except kvc_attention_run_item.
+ * Buffers: what a call writes must not overlap anything else the call is given (inputs may
+ * overlap inputs), and no buffer may lie in the handle memory or the arena; such calls are
+ * refused with KVC_BAD_SHAPE (in particular, attention is not done in place: out != queries).
  */
 #ifndef KVCACHE_H
 #define KVCACHE_H
@@ -28,7 +31,7 @@ typedef enum kvc_status {
     KVC_BAD_POSITION = 8,
     KVC_EVICTED = 9,
     KVC_BAD_INDEX = 10,
-    KVC_BAD_SHAPE = 11,
+    KVC_BAD_SHAPE = 11, /* wrong length, or a buffer overlapping one it must not */
     KVC_DUPLICATE_SEQUENCE = 12,
     KVC_SCRATCH_TOO_SMALL = 13,
     KVC_NON_FINITE = 14

@@ -621,6 +621,8 @@ struct ThreadBuffers {
     scratch: std::vec::Vec<f32>,
     partials: std::vec::Vec<f32>,
     result: Option<Error>,
+    /// This thread index ran all its items in the current call.
+    ran: bool,
 }
 
 #[cfg(feature = "std")]
@@ -653,6 +655,9 @@ impl AttentionWorkspace {
         }
         let partial_len = plan.partial_len();
         let max_threads = self.threads.len();
+        for cell in &mut self.threads {
+            cell.get_mut().unwrap_or_else(|e| e.into_inner()).ran = false;
+        }
         let used = std::sync::atomic::AtomicUsize::new(0);
         let buffers = &self.threads;
         let work = |thread: usize, threads: usize| {
@@ -687,6 +692,7 @@ impl AttentionWorkspace {
                     return;
                 }
             }
+            buffers.ran = true;
         };
         execute(&work);
         let threads = used.load(std::sync::atomic::Ordering::Relaxed).max(1);
@@ -699,6 +705,11 @@ impl AttentionWorkspace {
             .collect::<Result<_, _>>()?;
         if let Some(error) = guards.iter().find_map(|g| g.result) {
             return Err(error);
+        }
+        // An `execute` that skipped a thread index would leave its items unrun (and an earlier
+        // call's partial states in place).
+        if guards.iter().any(|g| !g.ran) {
+            return Err(Error::IncompleteRun);
         }
         let per_thread = plan.work_items().div_ceil(threads);
         plan.merge_with(
@@ -808,7 +819,9 @@ impl NeededBlocks {
 
 /// The `split`-th of `splits` near-equal contiguous parts of `0..count`.
 fn split_range(count: usize, splits: usize, split: usize) -> (usize, usize) {
-    (count * split / splits, count * (split + 1) / splits)
+    // In `u128`, so that no `count × split` overflows (both are `usize`).
+    let at = |k: usize| (count as u128 * k as u128 / splits.max(1) as u128) as usize;
+    (at(split), at(split + 1))
 }
 
 /// Causal and window masking of one block's scores.
@@ -820,15 +833,17 @@ struct Mask {
 
 impl Mask {
     fn visible(&self, query: usize, key: usize) -> bool {
-        key <= query && (self.window == 0 || key + self.window > query || key < self.sinks)
+        key <= query && (self.window == 0 || query - key < self.window || key < self.sinks)
     }
 
     /// True when some key of the block is hidden from some query of `first..=last`.
     fn needed(&self, first: usize, last: usize, keys: usize) -> bool {
         let last_key = self.first_key + keys - 1;
         let causal_ok = last_key <= first;
-        let window_ok =
-            self.window == 0 || self.first_key + self.window > last || last_key < self.sinks;
+        let window_ok = self.window == 0
+            || last < self.first_key
+            || last - self.first_key < self.window
+            || last_key < self.sinks;
         !(causal_ok && window_ok)
     }
 

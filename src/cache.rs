@@ -41,7 +41,9 @@ const LEN: usize = 2;
 const EVICT_END: usize = 3;
 
 /// Handle of a sequence: a slot index and the slot's generation, so that an id kept after
-/// [`KvCache::remove`] is refused instead of naming the slot's next occupant.
+/// [`KvCache::remove`] is refused instead of naming the slot's next occupant. Each cache starts
+/// its generations at its own value (see `generation_salt`), so an id from another cache is
+/// refused too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SeqId {
     slot: u32,
@@ -67,6 +69,26 @@ impl SeqId {
             generation: (raw >> 32) as u32,
         }
     }
+}
+
+/// Where a new cache starts the generation counters of its slots: the arena's address and a
+/// count of caches built so far, mixed so that any two differ in about half their bits. Two
+/// caches alive at once have different arenas, and a cache rebuilt in the same arena has a new
+/// count (on targets without 32-bit atomics, only the address), so an id from another cache
+/// meets a generation that its slot would reach only after billions of sequences.
+fn generation_salt(arena: *const u8) -> u32 {
+    #[cfg(target_has_atomic = "32")]
+    let built = {
+        use core::sync::atomic::{AtomicU32, Ordering};
+        static BUILT: AtomicU32 = AtomicU32::new(0);
+        BUILT.fetch_add(1, Ordering::Relaxed)
+    };
+    #[cfg(not(target_has_atomic = "32"))]
+    let built = 0u32;
+    let address = arena as usize as u64;
+    let mixed = (address ^ (address >> 31)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ u64::from(built).wrapping_mul(0xd6e8_feb8_6659_fd93);
+    (mixed >> 32) as u32 ^ mixed as u32
 }
 
 /// Accounting for the whole cache.
@@ -175,6 +197,8 @@ pub struct KvCache<'a> {
     live: usize,
     /// Logical blocks at the start of each sequence that hold sink tokens (never evicted).
     sink_blocks: usize,
+    /// Address and length in bytes of the arena the cache was built on.
+    arena_span: (usize, usize),
 }
 
 impl<'a> KvCache<'a> {
@@ -207,6 +231,8 @@ impl<'a> KvCache<'a> {
         let offset_words = layout.key_offset_words().ok_or(Error::SizeOverflow)?;
         let value_words = layout.first_value_words().ok_or(Error::SizeOverflow)?;
         let words = 3 * blocks + seq_words + table_words + offset_words + value_words;
+        let salt = generation_salt(arena.as_ptr());
+        let arena_span = (arena.as_ptr() as usize, arena.len());
         let regions = carve(arena, data_bytes, words)
             .map_err(|_| Error::ArenaTooSmall { needed, available })?;
         let (refcounts, rest) = regions.words.split_at_mut(blocks);
@@ -222,7 +248,9 @@ impl<'a> KvCache<'a> {
         };
         let (offsets_set, rest) = offsets.split_at_mut(flags);
         let (key_offsets, first_keys) = rest.split_at_mut(rest.len() / 2);
-        seq_table.fill(0);
+        for words in seq_table.chunks_exact_mut(SEQ_WORDS) {
+            words.copy_from_slice(&[salt, 0, 0, 0]);
+        }
         page_tables.fill(NO_BLOCK);
         offsets_set.fill(0);
         key_offsets.fill(0);
@@ -246,7 +274,14 @@ impl<'a> KvCache<'a> {
             first_values,
             live: 0,
             sink_blocks,
+            arena_span,
         })
+    }
+
+    /// Address and length in bytes of the memory the cache was built on (for the C ABI, which
+    /// refuses caller buffers that overlap it).
+    pub(crate) fn arena_span(&self) -> (usize, usize) {
+        self.arena_span
     }
 
     /// The derived layout (sizes and strides).
@@ -429,7 +464,10 @@ impl<'a> KvCache<'a> {
             self.table_mut(slot)[logical] = block;
         }
         self.words_mut(slot)[LEN] = new_len as u32;
-        self.evict_outside_window(slot, len);
+        // Reserving nothing changes nothing (not even what the window keeps).
+        if new_len > len {
+            self.evict_outside_window(slot, len);
+        }
         len..new_len
     }
 
@@ -581,7 +619,10 @@ impl<'a> KvCache<'a> {
                     let mut buffer = [0.0f32; crate::quant::MAX_ROTATED_DIM];
                     let stored = if crate::quant::rotated(format, spec.head_dim) {
                         let rotated = &mut buffer[..spec.head_dim];
-                        rotated.copy_from_slice(row);
+                        let limit = crate::quant::ROTATION_INPUT_LIMIT;
+                        for (r, &x) in rotated.iter_mut().zip(row) {
+                            *r = x.clamp(-limit, limit);
+                        }
                         crate::quant::hadamard(rotated);
                         &*rotated
                     } else {
@@ -933,7 +974,8 @@ impl<'a> KvCache<'a> {
 
     /// Shortens `seq` to `new_len` tokens (rolling back, e.g. rejected speculative tokens);
     /// blocks past the new end are released. With a window, the tokens the next query would
-    /// see must still be stored.
+    /// see must still be stored. Truncated to 0, a sequence is as if new: int4 keys get fresh
+    /// offsets (and first rows) from its next write.
     pub fn truncate(&mut self, seq: SeqId, new_len: usize) -> Result<(), Error> {
         let slot = self.slot_of(seq)?;
         let len = self.len_of(slot);
@@ -947,9 +989,11 @@ impl<'a> KvCache<'a> {
         let window = self.spec().window;
         if !evicted.is_empty() {
             let first_stored = evicted.end * self.spec().block_tokens;
-            if new_len + 1 < first_stored + window {
+            // The next query (at `new_len`) sees keys from `new_len + 1 - window` on.
+            let first_seen = new_len.saturating_add(1).saturating_sub(window);
+            if first_seen < first_stored {
                 return Err(Error::Evicted {
-                    position: (new_len + 1).saturating_sub(window),
+                    position: first_seen,
                 });
             }
         }
@@ -960,6 +1004,10 @@ impl<'a> KvCache<'a> {
             }
         }
         self.words_mut(slot)[LEN] = new_len as u32;
+        if new_len == 0 {
+            // Nothing of the sequence is left: its next write starts over, as in a new one.
+            self.reset_int4_state(slot, None);
+        }
         Ok(())
     }
 

@@ -74,6 +74,9 @@ pub enum Error {
     },
     /// A value is NaN or infinite where the storage format cannot hold it.
     NonFinite,
+    /// A threaded attention run returned before every thread index had run its work items
+    /// (the `execute` given to `AttentionWorkspace::run` broke its contract).
+    IncompleteRun,
 }
 
 impl fmt::Display for Error {
@@ -122,6 +125,9 @@ impl fmt::Display for Error {
                 )
             }
             Error::NonFinite => f.write_str("NaN or infinite value"),
+            Error::IncompleteRun => {
+                f.write_str("attention returned before every thread ran its work items")
+            }
         }
     }
 }

@@ -7,7 +7,10 @@
 //!
 //! Every entry point checks its pointers (NULL gives `KVC_NULL_POINTER`) and lengths before it
 //! touches anything, and returns a status; a failed call changes nothing. No path here can
-//! panic: all indexing goes through checked Rust APIs.
+//! panic: all indexing goes through checked Rust APIs. A buffer a call writes must not overlap
+//! any other buffer of the call, and no buffer may overlap the handle or the arena (Rust
+//! references must not alias): both are checked by address, and break the call with
+//! `KVC_BAD_SHAPE`.
 #![allow(clippy::missing_safety_doc)]
 
 use core::ffi::c_char;
@@ -48,7 +51,7 @@ pub enum KvcStatus {
     Evicted = 9,
     /// Layer, head or other index out of range.
     BadIndex = 10,
-    /// A buffer has the wrong length.
+    /// A buffer has the wrong length, or overlaps one it must not (see the module doc).
     BadShape = 11,
     /// The same sequence twice in one batch.
     DuplicateSequence = 12,
@@ -72,7 +75,8 @@ impl From<Error> for KvcStatus {
             Error::OutOfBlocks { .. } => KvcStatus::OutOfBlocks,
             Error::BadPosition { .. } => KvcStatus::BadPosition,
             Error::Evicted { .. } => KvcStatus::Evicted,
-            Error::BadIndex(_) => KvcStatus::BadIndex,
+            // `IncompleteRun` comes only from the threaded workspace, which the C ABI lacks.
+            Error::BadIndex(_) | Error::IncompleteRun => KvcStatus::BadIndex,
             Error::BadShape(_) => KvcStatus::BadShape,
             Error::DuplicateSequence => KvcStatus::DuplicateSequence,
             Error::ScratchTooSmall { .. } => KvcStatus::ScratchTooSmall,
@@ -182,6 +186,67 @@ fn status(result: Result<(), Error>) -> KvcStatus {
     }
 }
 
+/// The bytes `[start, end)` of `count` values of `T` at `ptr` (saturating).
+#[derive(Clone, Copy)]
+struct Span {
+    start: usize,
+    end: usize,
+}
+
+impl Span {
+    fn of<T>(ptr: *const T, count: usize) -> Span {
+        let start = ptr as usize;
+        Span {
+            start,
+            end: start.saturating_add(count.saturating_mul(size_of::<T>())),
+        }
+    }
+
+    /// Whether both spans are non-empty and share a byte.
+    fn overlaps(self, other: Span) -> bool {
+        self.start < self.end
+            && other.start < other.end
+            && self.start < other.end
+            && other.start < self.end
+    }
+}
+
+/// `Ok` when the buffers of a call may be turned into Rust slices together: no `write` overlaps
+/// another buffer, and no buffer overlaps the handle or the arena of `cache` (a handle from
+/// `kvc_cache_init`, not NULL); `KVC_BAD_SHAPE` otherwise.
+///
+/// # Safety
+///
+/// `cache` points at a live handle that no call is mutating meanwhile.
+unsafe fn check_disjoint(
+    cache: *const KvcCache,
+    reads: &[Span],
+    writes: &[Span],
+) -> Result<(), KvcStatus> {
+    // SAFETY: the function's contract; only read here, before any `&mut` to it exists.
+    let (arena_start, arena_len) = unsafe { (*cache).arena_span() };
+    let owned = [
+        Span::of(cache, 1),
+        Span {
+            start: arena_start,
+            end: arena_start.saturating_add(arena_len),
+        },
+    ];
+    for (i, write) in writes.iter().enumerate() {
+        let others = owned.iter().chain(reads).chain(&writes[i + 1..]);
+        if others.into_iter().any(|other| write.overlaps(*other)) {
+            return Err(KvcStatus::BadShape);
+        }
+    }
+    if reads
+        .iter()
+        .any(|read| owned.iter().any(|o| read.overlaps(*o)))
+    {
+        return Err(KvcStatus::BadShape);
+    }
+    Ok(())
+}
+
 /// Bytes of memory a `kvc_cache` handle needs.
 #[no_mangle]
 pub extern "C" fn kvc_cache_size() -> usize {
@@ -236,6 +301,18 @@ pub unsafe extern "C" fn kvc_cache_init(
     if handle_len < size_of::<KvcCache>() || (handle as usize) % align_of::<KvcCache>() != 0 {
         return KvcStatus::ArenaTooSmall;
     }
+    // The cache will own the arena, the handle and `*out` are written: no two may overlap.
+    let (handle_span, arena_span) = (
+        Span::of(handle, size_of::<KvcCache>()),
+        Span::of(arena, arena_len),
+    );
+    let out_span = Span::of(out, 1);
+    if handle_span.overlaps(arena_span)
+        || out_span.overlaps(arena_span)
+        || out_span.overlaps(handle_span)
+    {
+        return KvcStatus::BadShape;
+    }
     // SAFETY: checked non-NULL above; the caller passes a valid spec.
     let spec = match spec_from(unsafe { &*spec }) {
         Ok(s) => s,
@@ -275,6 +352,13 @@ unsafe fn with_cache(
 /// Adds an empty sequence; `*out_seq` receives its id.
 #[no_mangle]
 pub unsafe extern "C" fn kvc_add_sequence(cache: *mut KvcCache, out_seq: *mut u64) -> KvcStatus {
+    if cache.is_null() || out_seq.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &[Span::of(out_seq, 1)]) } {
+        return e;
+    }
     // SAFETY: NULL checked; the caller passes a valid pointer otherwise.
     let Some(out) = (unsafe { out_seq.as_mut() }) else {
         return KvcStatus::NullPointer;
@@ -300,6 +384,14 @@ pub unsafe extern "C" fn kvc_reserve(
     n: u32,
     out_first: *mut u32,
 ) -> KvcStatus {
+    if cache.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    let out_span = Span::of(out_first, usize::from(!out_first.is_null()));
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &[out_span]) } {
+        return e;
+    }
     // SAFETY: see `with_cache`; `out_first` is checked for NULL before use.
     unsafe {
         with_cache(cache, |c| {
@@ -328,10 +420,15 @@ pub unsafe extern "C" fn kvc_write(
     v: *const f32,
     len: usize,
 ) -> KvcStatus {
-    if k.is_null() || v.is_null() {
+    if cache.is_null() || k.is_null() || v.is_null() {
         return KvcStatus::NullPointer;
     }
-    // SAFETY: non-NULL checked; the caller gives `len` readable floats behind each.
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[Span::of(k, len), Span::of(v, len)], &[]) } {
+        return e;
+    }
+    // SAFETY: non-NULL checked; the caller gives `len` readable floats behind each, outside
+    // the handle and the arena (checked).
     let (k, v) = unsafe {
         (
             core::slice::from_raw_parts(k, len),
@@ -358,11 +455,16 @@ pub unsafe extern "C" fn kvc_read(
     v_out: *mut f32,
     len: usize,
 ) -> KvcStatus {
-    if k_out.is_null() || v_out.is_null() {
+    if cache.is_null() || k_out.is_null() || v_out.is_null() {
         return KvcStatus::NullPointer;
     }
-    // SAFETY: non-NULL checked; the caller gives `len` writable floats behind each, not
-    // overlapping.
+    let writes = [Span::of(k_out, len), Span::of(v_out, len)];
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &writes) } {
+        return e;
+    }
+    // SAFETY: non-NULL checked; the caller gives `len` writable floats behind each, which
+    // overlap neither each other nor the handle or the arena (checked).
     let (k, v) = unsafe {
         (
             core::slice::from_raw_parts_mut(k_out, len),
@@ -386,6 +488,13 @@ pub unsafe extern "C" fn kvc_read(
 /// Forks `seq`; `*out_seq` receives the child's id.
 #[no_mangle]
 pub unsafe extern "C" fn kvc_fork(cache: *mut KvcCache, seq: u64, out_seq: *mut u64) -> KvcStatus {
+    if cache.is_null() || out_seq.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &[Span::of(out_seq, 1)]) } {
+        return e;
+    }
     // SAFETY: NULL checked; valid otherwise.
     let Some(out) = (unsafe { out_seq.as_mut() }) else {
         return KvcStatus::NullPointer;
@@ -423,6 +532,13 @@ pub unsafe extern "C" fn kvc_remove(cache: *mut KvcCache, seq: u64) -> KvcStatus
 /// Writes the cache's accounting to `*out`.
 #[no_mangle]
 pub unsafe extern "C" fn kvc_stats_get(cache: *mut KvcCache, out: *mut KvcStats) -> KvcStatus {
+    if cache.is_null() || out.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &[Span::of(out, 1)]) } {
+        return e;
+    }
     // SAFETY: NULL checked; valid otherwise.
     let Some(out) = (unsafe { out.as_mut() }) else {
         return KvcStatus::NullPointer;
@@ -450,6 +566,13 @@ pub unsafe extern "C" fn kvc_attention_scratch_len(
     cache: *mut KvcCache,
     out: *mut usize,
 ) -> KvcStatus {
+    if cache.is_null() || out.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &[Span::of(out, 1)]) } {
+        return e;
+    }
     // SAFETY: NULL checked; valid otherwise.
     let Some(out) = (unsafe { out.as_mut() }) else {
         return KvcStatus::NullPointer;
@@ -478,8 +601,19 @@ pub unsafe extern "C" fn kvc_attention(
     scratch: *mut f32,
     scratch_len: usize,
 ) -> KvcStatus {
-    if entries.is_null() || queries.is_null() || out.is_null() || scratch.is_null() {
+    if cache.is_null()
+        || entries.is_null()
+        || queries.is_null()
+        || out.is_null()
+        || scratch.is_null()
+    {
         return KvcStatus::NullPointer;
+    }
+    let reads = [Span::of(queries, len), Span::of(entries, n_entries)];
+    let writes = [Span::of(out, len), Span::of(scratch, scratch_len)];
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &reads, &writes) } {
+        return e;
     }
     // SAFETY: non-NULL checked; the caller gives an array of `n_entries` entries.
     let batch = match unsafe { batch_from(entries, n_entries) } {
@@ -488,7 +622,7 @@ pub unsafe extern "C" fn kvc_attention(
     };
     let batch = &batch[..n_entries];
     // SAFETY: non-NULL checked; the caller gives arrays of the stated lengths, `out` and
-    // `scratch` writable and not overlapping the inputs.
+    // `scratch` writable; no two overlap, nor the handle or the arena (checked).
     let (queries, out, scratch) = unsafe {
         (
             core::slice::from_raw_parts(queries, len),
@@ -601,6 +735,22 @@ pub unsafe extern "C" fn kvc_attention_plan(
     out_partial_len: *mut usize,
     out_scratch_len: *mut usize,
 ) -> KvcStatus {
+    if cache.is_null()
+        || out_items.is_null()
+        || out_partial_len.is_null()
+        || out_scratch_len.is_null()
+    {
+        return KvcStatus::NullPointer;
+    }
+    let writes = [
+        Span::of(out_items, 1),
+        Span::of(out_partial_len, 1),
+        Span::of(out_scratch_len, 1),
+    ];
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &writes) } {
+        return e;
+    }
     // SAFETY: NULL checked; valid otherwise.
     let (Some(items), Some(partial), Some(scratch)) = (
         unsafe { out_items.as_mut() },
@@ -638,11 +788,20 @@ pub unsafe extern "C" fn kvc_attention_run_item(
     scratch: *mut f32,
     scratch_len: usize,
 ) -> KvcStatus {
-    if queries.is_null() || partial.is_null() || scratch.is_null() {
+    if cache.is_null() || queries.is_null() || partial.is_null() || scratch.is_null() {
         return KvcStatus::NullPointer;
     }
+    let writes = [
+        Span::of(partial, partial_len),
+        Span::of(scratch, scratch_len),
+    ];
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[Span::of(queries, len)], &writes) } {
+        return e;
+    }
     // SAFETY: non-NULL checked; the caller gives arrays of the stated lengths, `partial` and
-    // `scratch` writable, private to this call and not overlapping the queries.
+    // `scratch` writable and private to this call; no two overlap, nor the handle or the
+    // arena (checked).
     let (queries, partial, scratch) = unsafe {
         (
             core::slice::from_raw_parts(queries, len),
@@ -672,11 +831,16 @@ pub unsafe extern "C" fn kvc_attention_merge(
     out: *mut f32,
     len: usize,
 ) -> KvcStatus {
-    if partials.is_null() || out.is_null() {
+    if cache.is_null() || partials.is_null() || out.is_null() {
         return KvcStatus::NullPointer;
     }
-    // SAFETY: non-NULL checked; the caller gives arrays of the stated lengths, `out` writable
-    // and not overlapping `partials`.
+    let reads = [Span::of(partials, partials_len)];
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &reads, &[Span::of(out, len)]) } {
+        return e;
+    }
+    // SAFETY: non-NULL checked; the caller gives arrays of the stated lengths, `out` writable;
+    // they overlap neither each other nor the handle or the arena (checked).
     let (partials, out) = unsafe {
         (
             core::slice::from_raw_parts(partials, partials_len),
@@ -708,7 +872,7 @@ pub unsafe extern "C" fn kvc_status_message(status: u32, buf: *mut c_char, len: 
         8 => b"position or length out of range",
         9 => b"position dropped by the sliding window",
         10 => b"index out of range",
-        11 => b"buffer has the wrong length",
+        11 => b"buffer has the wrong length or overlaps another",
         12 => b"sequence appears twice in one batch",
         13 => b"scratch buffer too small",
         14 => b"NaN or infinite value",

@@ -60,7 +60,9 @@
 //! Inputs are saturated to `±2^126` (≈ 8.5e37) before quantizing so that every dequantized
 //! value (`s·q`, `m + s·q`) is finite; below that the error bound holds for every finite
 //! input. NaN encodes as `0` and `±inf` as `±2^126`: the kernels never panic on them, but the
-//! cache refuses them before they get here ([`crate::Error::NonFinite`]).
+//! cache refuses them before they get here ([`crate::Error::NonFinite`]). int4 rows the cache
+//! stores rotated (see [`rotated`]) saturate their inputs at `±2^118` instead
+//! ([`ROTATION_INPUT_LIMIT`]), so that the rotation's sums stay finite.
 //!
 //! # Why groups of 32 with bfloat16 parameters
 //!
@@ -417,6 +419,11 @@ pub fn prepared_value(format: KvFormat, prepared: &[u8], head_dim: usize, d: usi
 
 /// Largest `head_dim` whose int4 rows are stored rotated (the rotation works in a stack buffer).
 pub const MAX_ROTATED_DIM: usize = 256;
+
+/// Largest input magnitude a stored rotated row keeps, `2^118`: the cache saturates larger
+/// finite inputs to it before [`hadamard`], whose unscaled sums reach `MAX_ROTATED_DIM` times
+/// the largest input (`2^126`, still finite) before the final scaling.
+pub const ROTATION_INPUT_LIMIT: f32 = f32::from_bits((127 + 118) << 23);
 
 /// Whether rows of `format` with `head_dim` elements are stored in the Hadamard-rotated basis:
 /// int4 rows whose `head_dim` is a power of two from 2 to [`MAX_ROTATED_DIM`].

@@ -154,8 +154,11 @@ impl Layout {
         if spec.max_seq_tokens > u32::MAX as usize {
             return Err(Error::InvalidSpec("max_seq_tokens"));
         }
-        if spec.max_seqs > u32::MAX as usize / 2 || spec.block_tokens > u32::MAX as usize {
+        if spec.max_seqs > u32::MAX as usize / 2 {
             return Err(Error::InvalidSpec("max_seqs"));
+        }
+        if spec.block_tokens > u32::MAX as usize {
+            return Err(Error::InvalidSpec("block_tokens"));
         }
         if spec.window != 0 && spec.sink_tokens > spec.max_seq_tokens {
             return Err(Error::InvalidSpec("sink_tokens"));

@@ -516,6 +516,107 @@ fn bad_batches_are_refused() {
 /// overflowed) get an error, never a panic or an abort on allocation; a query tile longer
 /// than every entry is the same as one of the entry's length, bitwise.
 #[test]
+fn windows_wider_than_any_sequence_equal_no_window() {
+    let run = |window: usize, sinks: usize| {
+        let mut spec = CacheSpec::new(2, 4, 2, 8);
+        spec.block_tokens = 2;
+        spec.window = window;
+        spec.sink_tokens = sinks;
+        let layout = Layout::new(spec).unwrap();
+        let mut arena = vec![0u8; layout.arena_bytes(8).unwrap()];
+        let mut cache = KvCache::new(spec, &mut arena).unwrap();
+        let seq = cache.add_sequence().unwrap();
+        let mut rng = Rng(11);
+        append(&mut cache, seq, 6, &mut rng);
+        let entry = BatchEntry {
+            seq,
+            first_position: 2,
+            tokens: 4,
+        };
+        let q = rng.vec(4 * 4 * 8);
+        let options = AttentionOptions::default();
+        let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
+        let mut out = vec![0.0; q.len()];
+        attention(&cache, 1, &[entry], &q, &mut out, &mut scratch, &options).unwrap();
+        let mut threaded = vec![0.0; q.len()];
+        attention_threaded(&cache, 1, &[entry], &q, &mut threaded, 2, &options).unwrap();
+        assert_eq!(out, threaded);
+        out
+    };
+    let unlimited = run(0, 0);
+    for window in [usize::MAX, usize::MAX - 3, 1 << 40, 6] {
+        for sinks in [0, 1, 5] {
+            assert_eq!(
+                run(window, sinks),
+                unlimited,
+                "window {window} sinks {sinks}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_workspace_run_that_skips_threads_is_refused() {
+    use kvcache::attention::AttentionWorkspace;
+    let spec = CacheSpec::new(2, 4, 2, 8);
+    let layout = Layout::new(spec).unwrap();
+    let mut arena = vec![0u8; layout.arena_bytes(8).unwrap()];
+    let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    let seq = cache.add_sequence().unwrap();
+    let mut rng = Rng(5);
+    append(&mut cache, seq, 12, &mut rng);
+    let entry = BatchEntry {
+        seq,
+        first_position: 11,
+        tokens: 1,
+    };
+    let q = rng.vec(4 * 8);
+    let options = AttentionOptions {
+        splits: 3,
+        ..AttentionOptions::default()
+    };
+    let entries = [entry];
+    let plan = AttentionPlan::new(&cache, 0, &entries, &options).unwrap();
+    let mut reference = vec![0.0; q.len()];
+    let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
+    attention(
+        &cache,
+        0,
+        &[entry],
+        &q,
+        &mut reference,
+        &mut scratch,
+        &options,
+    )
+    .unwrap();
+    let mut workspace = AttentionWorkspace::new(2);
+    let mut out = vec![0.0; q.len()];
+    // Nothing run, then only thread 0 of 2 (twice): refused, before and after a good run.
+    for round in 0..2 {
+        assert_eq!(
+            workspace.run(&plan, &q, &mut out, |_| {}),
+            Err(Error::IncompleteRun),
+            "round {round}"
+        );
+        assert_eq!(
+            workspace.run(&plan, &q, &mut out, |work| {
+                work(0, 2);
+                work(0, 2);
+            }),
+            Err(Error::IncompleteRun),
+            "round {round}"
+        );
+        workspace
+            .run(&plan, &q, &mut out, |work| {
+                work(1, 2);
+                work(0, 2);
+            })
+            .unwrap();
+        assert_eq!(out, reference);
+    }
+}
+
+#[test]
 fn huge_options_are_refused_or_clamped() {
     let spec = CacheSpec::new(2, 4, 2, 8);
     let layout = Layout::new(spec).unwrap();

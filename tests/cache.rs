@@ -333,6 +333,83 @@ fn sliding_window_evicts_old_blocks_but_keeps_sinks() {
     cache.check_invariants().unwrap();
 }
 
+#[test]
+fn ids_from_another_cache_are_refused() {
+    let spec = small_spec(KvFormat::F32, KvFormat::F32);
+    let bytes = Layout::new(spec).unwrap().arena_bytes(8).unwrap();
+    let (mut arena_a, mut arena_b) = (vec![0u8; bytes], vec![0u8; bytes]);
+    let mut a = KvCache::new(spec, &mut arena_a).unwrap();
+    let mut b = KvCache::new(spec, &mut arena_b).unwrap();
+    // Both caches put their first sequence in slot 0.
+    let id_a = a.add_sequence().unwrap();
+    let id_b = b.add_sequence().unwrap();
+    assert_eq!((id_a.slot(), id_b.slot()), (0, 0));
+    assert_ne!(id_a, id_b);
+    b.reserve(id_b, 3).unwrap();
+    for p in 0..3 {
+        write_token(&mut b, id_b, p, p as u32).unwrap();
+    }
+    let before = snapshot(&b, &[id_b]);
+    let k = vec![0.0; spec.kv_heads * spec.head_dim];
+    assert_eq!(b.len(id_a), Err(Error::UnknownSequence));
+    assert_eq!(b.reserve(id_a, 1), Err(Error::UnknownSequence));
+    assert_eq!(b.write(id_a, 0, 0, &k, &k), Err(Error::UnknownSequence));
+    assert_eq!(b.truncate(id_a, 0), Err(Error::UnknownSequence));
+    assert_eq!(b.fork(id_a), Err(Error::UnknownSequence));
+    assert_eq!(b.remove(id_a), Err(Error::UnknownSequence));
+    assert_eq!(snapshot(&b, &[id_b]), before);
+    // A cache rebuilt in the same arena (the first one no longer used) refuses the old
+    // cache's ids too.
+    let _ = a.len(id_a);
+    let mut again = KvCache::new(spec, &mut arena_a).unwrap();
+    let id_again = again.add_sequence().unwrap();
+    assert_eq!(id_again.slot(), 0);
+    assert_ne!(id_again, id_a);
+    assert_eq!(again.len(id_a), Err(Error::UnknownSequence));
+}
+
+#[test]
+fn reserving_nothing_keeps_what_the_window_holds() {
+    let mut spec = small_spec(KvFormat::F32, KvFormat::F32);
+    spec.window = 4;
+    let layout = Layout::new(spec).unwrap();
+    let mut arena = vec![0u8; layout.arena_bytes(8).unwrap()];
+    let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    let seq = cache.add_sequence().unwrap();
+    // Reserve a whole prompt before writing any of it (its queries still need every key).
+    cache.reserve(seq, 16).unwrap();
+    let before = snapshot(&cache, &[seq]);
+    assert_eq!(cache.reserve(seq, 0), Ok(16..16));
+    cache.reserve_batch(&[(seq, 0)]).unwrap();
+    assert_eq!(snapshot(&cache, &[seq]), before);
+    for p in 0..16 {
+        write_token(&mut cache, seq, p, p as u32).unwrap();
+    }
+    cache.check_invariants().unwrap();
+}
+
+#[test]
+fn windows_wider_than_any_sequence_keep_everything() {
+    for window in [usize::MAX, usize::MAX - 1, u32::MAX as usize + 7] {
+        let mut spec = small_spec(KvFormat::F32, KvFormat::F32);
+        spec.window = window;
+        spec.sink_tokens = 1;
+        let layout = Layout::new(spec).unwrap();
+        let mut arena = vec![0u8; layout.arena_bytes(10).unwrap()];
+        let mut cache = KvCache::new(spec, &mut arena).unwrap();
+        let seq = cache.add_sequence().unwrap();
+        for p in 0..spec.max_seq_tokens {
+            cache.reserve(seq, 1).unwrap();
+            write_token(&mut cache, seq, p, p as u32).unwrap();
+        }
+        for p in 0..spec.max_seq_tokens {
+            assert_token(&cache, seq, p, p as u32);
+        }
+        cache.truncate(seq, 1).unwrap();
+        cache.check_invariants().unwrap();
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Add,

@@ -506,3 +506,243 @@ fn attention_work_items_from_c_threads_match() {
         );
     }
 }
+
+/// Buffers that overlap what a call writes, the handle or the arena are refused with
+/// `KVC_BAD_SHAPE` before anything is touched (Rust references must not alias); disjoint
+/// neighbours are fine.
+#[test]
+fn overlapping_buffers_are_refused() {
+    unsafe {
+        let mut bytes = 0usize;
+        assert_eq!(kvc_arena_bytes(&spec(), 8, &mut bytes), KvcStatus::Ok);
+        let mut arena = vec![0u8; bytes];
+        let a = arena.as_mut_ptr();
+        let align = kvc_cache_align();
+        let inside = a.add(align - a as usize % align + 64);
+        let mut cache: *mut KvcCache = null_mut();
+        // The handle, or the pointer that receives it, inside the arena.
+        assert_eq!(
+            kvc_cache_init(inside, 1024, &spec(), a, bytes, &mut cache),
+            KvcStatus::BadShape
+        );
+        let mut handle = Box::new(Handle([0; 1024]));
+        let h = handle.0.as_mut_ptr();
+        let out_in_arena = inside.cast::<*mut KvcCache>();
+        assert_eq!(
+            kvc_cache_init(h, 1024, &spec(), a, bytes, out_in_arena),
+            KvcStatus::BadShape
+        );
+        assert_eq!(
+            kvc_cache_init(h, 1024, &spec(), a, bytes, h.add(8).cast()),
+            KvcStatus::BadShape
+        );
+        assert!(cache.is_null());
+        assert_eq!(
+            kvc_cache_init(h, 1024, &spec(), a, bytes, &mut cache),
+            KvcStatus::Ok
+        );
+        let mut seq = 0u64;
+        assert_eq!(kvc_add_sequence(cache, inside.cast()), KvcStatus::BadShape);
+        assert_eq!(
+            kvc_add_sequence(cache, h.add(16).cast()),
+            KvcStatus::BadShape
+        );
+        assert_eq!(kvc_add_sequence(cache, &mut seq), KvcStatus::Ok);
+        assert_eq!(
+            kvc_reserve(cache, seq, 2, inside.cast()),
+            KvcStatus::BadShape
+        );
+        assert_eq!(kvc_reserve(cache, seq, 2, null_mut()), KvcStatus::Ok);
+        let k: Vec<f32> = (0..32).map(|i| i as f32).collect();
+        let v: Vec<f32> = (0..32).map(|i| -(i as f32)).collect();
+        let in_arena = inside.cast::<f32>();
+        assert_eq!(
+            kvc_write(cache, seq, 0, 0, in_arena, v.as_ptr(), 32),
+            KvcStatus::BadShape
+        );
+        assert_eq!(
+            kvc_write(cache, seq, 0, 0, k.as_ptr(), h.cast(), 32),
+            KvcStatus::BadShape
+        );
+        // Inputs may overlap each other.
+        assert_eq!(
+            kvc_write(cache, seq, 1, 0, k.as_ptr(), k.as_ptr(), 32),
+            KvcStatus::Ok
+        );
+        assert_eq!(
+            kvc_write(cache, seq, 0, 0, k.as_ptr(), v.as_ptr(), 32),
+            KvcStatus::Ok
+        );
+        let mut stats = KvcStats::default();
+        assert_eq!(kvc_stats_get(cache, h.cast()), KvcStatus::BadShape);
+        assert_eq!(kvc_stats_get(cache, &mut stats), KvcStatus::Ok);
+        assert_eq!((stats.sequences, stats.tokens), (1, 2));
+        let mut both = vec![7.0f32; 33];
+        let p = both.as_mut_ptr();
+        for (k_out, v_out) in [(p, p), (p, p.add(1)), (p.add(15), p), (in_arena, p)] {
+            assert_eq!(
+                kvc_read(cache, seq, 0, 0, k_out, v_out, 16),
+                KvcStatus::BadShape
+            );
+        }
+        assert!(both.iter().all(|&x| x == 7.0));
+        assert_eq!(kvc_read(cache, seq, 0, 1, p, p.add(16), 16), KvcStatus::Ok);
+        assert_eq!(both[..16], k[16..]);
+        assert_eq!(both[16..32], v[16..]);
+        let mut fork = 0u64;
+        assert_eq!(kvc_fork(cache, seq, inside.cast()), KvcStatus::BadShape);
+        let mut scratch_len = 0usize;
+        assert_eq!(
+            kvc_attention_scratch_len(cache, inside.cast()),
+            KvcStatus::BadShape
+        );
+        assert_eq!(
+            kvc_attention_scratch_len(cache, &mut scratch_len),
+            KvcStatus::Ok
+        );
+        // Attention: not in place, scratch apart from out, nothing in the arena.
+        let entry = KvcBatchEntry {
+            seq,
+            first_position: 0,
+            tokens: 2,
+        };
+        let len = 2 * 4 * 8;
+        let mut q: Vec<f32> = (0..len).map(|i| (i as f32 * 0.1).sin()).collect();
+        let mut scratch = vec![0.0f32; scratch_len + len];
+        let mut out = vec![0.0f32; len];
+        let (qp, sp) = (q.as_mut_ptr(), scratch.as_mut_ptr());
+        for (queries, o, s) in [
+            (qp.cast_const(), qp, sp),
+            (qp.cast_const(), sp, sp.add(len - 1)),
+            (in_arena.cast_const(), out.as_mut_ptr(), sp),
+            (qp.cast_const(), out.as_mut_ptr(), in_arena),
+        ] {
+            assert_eq!(
+                kvc_attention(cache, 0, &entry, 1, queries, o, len, s, scratch_len),
+                KvcStatus::BadShape
+            );
+        }
+        assert_eq!(
+            kvc_attention(
+                cache,
+                0,
+                &entry,
+                1,
+                qp,
+                out.as_mut_ptr(),
+                len,
+                sp,
+                scratch_len
+            ),
+            KvcStatus::Ok
+        );
+        // The work-item calls.
+        let c = cache.cast_const();
+        let (mut items, mut partial_len, mut item_scratch) = (0usize, 0usize, 0usize);
+        assert_eq!(
+            kvc_attention_plan(
+                c,
+                0,
+                &entry,
+                1,
+                null(),
+                &mut items,
+                &mut items,
+                &mut item_scratch
+            ),
+            KvcStatus::BadShape
+        );
+        assert_eq!(
+            kvc_attention_plan(
+                c,
+                0,
+                &entry,
+                1,
+                null(),
+                &mut items,
+                &mut partial_len,
+                &mut item_scratch
+            ),
+            KvcStatus::Ok
+        );
+        let mut partials = vec![0.0f32; items * partial_len + item_scratch];
+        let pp = partials.as_mut_ptr();
+        assert_eq!(
+            kvc_attention_run_item(
+                c,
+                0,
+                &entry,
+                1,
+                null(),
+                0,
+                qp,
+                len,
+                pp,
+                partial_len,
+                pp,
+                item_scratch
+            ),
+            KvcStatus::BadShape
+        );
+        assert_eq!(
+            kvc_attention_run_item(
+                c,
+                0,
+                &entry,
+                1,
+                null(),
+                0,
+                qp,
+                len,
+                qp,
+                partial_len,
+                sp,
+                item_scratch
+            ),
+            KvcStatus::BadShape
+        );
+        let scratch_at = pp.add(items * partial_len);
+        for item in 0..items {
+            assert_eq!(
+                kvc_attention_run_item(
+                    c,
+                    0,
+                    &entry,
+                    1,
+                    null(),
+                    item,
+                    qp,
+                    len,
+                    pp.add(item * partial_len),
+                    partial_len,
+                    scratch_at,
+                    item_scratch
+                ),
+                KvcStatus::Ok
+            );
+        }
+        let mut merged = vec![0.0f32; len];
+        assert_eq!(
+            kvc_attention_merge(c, 0, &entry, 1, null(), pp, items * partial_len, pp, len),
+            KvcStatus::BadShape
+        );
+        assert_eq!(
+            kvc_attention_merge(
+                c,
+                0,
+                &entry,
+                1,
+                null(),
+                pp,
+                items * partial_len,
+                merged.as_mut_ptr(),
+                len
+            ),
+            KvcStatus::Ok
+        );
+        assert_eq!(merged, out);
+        assert_eq!(kvc_fork(cache, seq, &mut fork), KvcStatus::Ok);
+        assert_eq!(kvc_stats_get(cache, &mut stats), KvcStatus::Ok);
+        assert_eq!((stats.sequences, stats.tokens), (2, 4));
+    }
+}

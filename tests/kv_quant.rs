@@ -272,6 +272,108 @@ fn refused_first_write_sets_no_key_offsets() {
 }
 
 #[test]
+fn huge_finite_inputs_stay_finite_in_every_quantized_layout() {
+    // head dims 4 and 64 store int4 rows rotated, 6 does not; the rotation of ±3e38 would
+    // overflow without the input limit.
+    for head_dim in [4, 6, 64] {
+        for (k, v) in [
+            (KvFormat::Int4, KvFormat::Int4),
+            (KvFormat::Int8, KvFormat::Int4),
+            (KvFormat::Int4, KvFormat::Int8),
+        ] {
+            let mut spec = quant_spec(k, v, head_dim);
+            spec.q_heads = 2;
+            let mut arena = vec![0u8; Layout::new(spec).unwrap().arena_bytes(8).unwrap()];
+            let mut cache = KvCache::new(spec, &mut arena).unwrap();
+            let seq = cache.add_sequence().unwrap();
+            cache.reserve(seq, 3).unwrap();
+            let elems = 3 * 2 * head_dim;
+            let huge: Vec<f32> = (0..elems)
+                .map(|i| match i % 4 {
+                    0 | 1 => f32::MAX * 0.9,
+                    2 => -f32::MAX,
+                    _ => 1.0,
+                })
+                .collect();
+            for layer in 0..2 {
+                cache.write_run(seq, layer, 0, &huge, &huge).unwrap();
+            }
+            for p in 0..3 {
+                for kind in [Kind::K, Kind::V] {
+                    let mut row = vec![0.0f32; head_dim];
+                    cache.read_row(seq, 0, kind, 1, p, &mut row).unwrap();
+                    assert!(
+                        row.iter().all(|x| x.is_finite()),
+                        "{k}/{v} hd {head_dim} {kind:?} pos {p}: {row:?}"
+                    );
+                }
+            }
+            // The first query sees one value, so its output is that value (sums of several
+            // such values may overflow `f32`, in any format).
+            let entry = BatchEntry {
+                seq,
+                first_position: 0,
+                tokens: 1,
+            };
+            let queries = vec![1e-30f32; 2 * head_dim];
+            let options = AttentionOptions::default();
+            let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
+            let mut out = vec![0.0; queries.len()];
+            attention(
+                &cache,
+                1,
+                &[entry],
+                &queries,
+                &mut out,
+                &mut scratch,
+                &options,
+            )
+            .unwrap();
+            assert!(
+                out.iter().all(|x| x.is_finite()),
+                "{k}/{v} hd {head_dim}: {out:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn truncating_to_zero_gives_int4_keys_fresh_offsets() {
+    let spec = quant_spec(KvFormat::Int4, KvFormat::Int4, 64);
+    let mut arena = vec![0u8; Layout::new(spec).unwrap().arena_bytes(8).unwrap()];
+    let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    let seq = cache.add_sequence().unwrap();
+    let mut rng = Rng(9);
+    let elems = 2 * 2 * 64;
+    let mut offsets = vec![0.0f32; 64];
+    cache.reserve(seq, 2).unwrap();
+    cache
+        .write_run(seq, 0, 0, &rng.values(elems), &rng.values(elems))
+        .unwrap();
+    cache.truncate(seq, 1).unwrap();
+    assert!(cache.key_offsets(seq, 0, 0, &mut offsets).unwrap());
+    cache.truncate(seq, 0).unwrap();
+    assert!(!cache.key_offsets(seq, 0, 0, &mut offsets).unwrap());
+    // The next write fixes them from its own keys, as for a new sequence.
+    cache.reserve(seq, 2).unwrap();
+    let (keys, values) = (rng.values(elems), rng.values(elems));
+    cache.write_run(seq, 0, 0, &keys, &values).unwrap();
+    let fresh = cache.add_sequence().unwrap();
+    cache.reserve(fresh, 2).unwrap();
+    cache.write_run(fresh, 0, 0, &keys, &values).unwrap();
+    let mut want = vec![0.0f32; 64];
+    assert!(cache.key_offsets(seq, 0, 0, &mut offsets).unwrap());
+    assert!(cache.key_offsets(fresh, 0, 0, &mut want).unwrap());
+    assert_eq!(offsets, want);
+    for p in 0..2 {
+        let (mut a, mut b) = (vec![0.0f32; 64], vec![0.0f32; 64]);
+        cache.read_row(seq, 0, Kind::K, 1, p, &mut a).unwrap();
+        cache.read_row(fresh, 0, Kind::K, 1, p, &mut b).unwrap();
+        assert_eq!(a, b, "position {p}");
+    }
+}
+
+#[test]
 fn non_finite_writes_are_refused_and_change_nothing() {
     for (k, v) in [
         (KvFormat::Int8, KvFormat::Int8),

@@ -351,8 +351,114 @@ fn bad_input_gets_a_clear_message_and_a_nonzero_exit() {
             "64",
         ]);
         assert!(code != 0 && err.contains("does not fit"), "{err}");
+        let model = model.to_str().unwrap();
+        let huge = usize::MAX.to_string();
+        let (code, err) = cli(&["generate", "--model", model, "--prompt", "hi", "-n", &huge]);
+        assert!(code != 0 && err.contains("does not fit"), "{err}");
+        for depth in [
+            huge.clone(),
+            (usize::MAX - 1).to_string(),
+            "400000000".into(),
+        ] {
+            let (code, err) = cli(&["bench", "decode", "--model", model, "--depth", &depth]);
+            assert!(
+                code != 0 && (err.contains("too large") || err.contains("cannot allocate")),
+                "{err}"
+            );
+        }
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The synthetic model's GGUF bytes with its `llama.block_count` replaced.
+fn synthetic_with_layers(layers: u32) -> Vec<u8> {
+    let mut bytes = kvcache::model::synthetic::synthetic_gguf(3);
+    let key = b"llama.block_count";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    // Type (u32 = 4), then the value.
+    assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes());
+    bytes[at + 4..at + 8].copy_from_slice(&layers.to_le_bytes());
+    bytes
+}
+
+#[test]
+fn a_hostile_layer_count_is_refused_without_allocating_for_it() {
+    use kvcache::model::gguf::Gguf;
+    for layers in [3, 1 << 20, u32::MAX] {
+        let gguf = Gguf::from_bytes(synthetic_with_layers(layers)).unwrap();
+        let error = Model::from_gguf(gguf).err().expect("refused").to_string();
+        assert!(error.contains("blk.2."), "{layers}: {error}");
+    }
+    let gguf = Gguf::from_bytes(synthetic_with_layers(2)).unwrap();
+    assert_eq!(Model::from_gguf(gguf).unwrap().config().layers, 2);
+}
+
+#[test]
+fn a_forward_pass_that_fails_gives_its_reservation_back() {
+    use kvcache::model::gguf::Gguf;
+    use kvcache::spec::Kind;
+    let healthy =
+        Model::from_gguf(Gguf::from_bytes(kvcache::model::synthetic::synthetic_gguf(3)).unwrap())
+            .unwrap();
+    // The file ends with the five 64-float norms (blk.0 attn, ffn; blk.1 attn, ffn; output):
+    // NaN in blk.1's attention norm makes layer 1's keys NaN, which an int8 cache refuses
+    // after layer 0's rows were written.
+    let mut bytes = kvcache::model::synthetic::synthetic_gguf(3);
+    let at = bytes.len() - 3 * 256;
+    for b in bytes[at..at + 256].chunks_exact_mut(4) {
+        b.copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    let broken = Model::from_gguf(Gguf::from_bytes(bytes).unwrap()).unwrap();
+    let (spec, mut arena) =
+        kvcache::cli::generate::cache_arena(&healthy, KvFormat::Int8, 2, 32).unwrap();
+    let mut cache = KvCache::new(spec, arena.as_mut_slice()).unwrap();
+    let (a, b) = (cache.add_sequence().unwrap(), cache.add_sequence().unwrap());
+    let vocab = healthy.config().vocab;
+    let mut logits = vec![0.0f32; 2 * vocab];
+    Runner::new(&healthy, 1)
+        .forward(
+            &mut cache,
+            &[Step {
+                seq: a,
+                tokens: &[72, 105, 33],
+            }],
+            &mut logits[..vocab],
+        )
+        .unwrap();
+    let rows = |cache: &KvCache| {
+        let mut all = Vec::new();
+        for p in 0..cache.len(a).unwrap() {
+            for layer in 0..2 {
+                let mut row = vec![0.0f32; spec.head_dim];
+                cache.read_row(a, layer, Kind::K, 1, p, &mut row).unwrap();
+                all.extend(row.iter().map(|x| x.to_bits()));
+            }
+        }
+        all
+    };
+    let (stats, before) = (cache.stats(), rows(&cache));
+    let steps = [
+        Step {
+            seq: a,
+            tokens: &[1, 2],
+        },
+        Step {
+            seq: b,
+            tokens: &[3, 4, 5],
+        },
+    ];
+    let result = Runner::new(&broken, 2).forward(&mut cache, &steps, &mut logits);
+    let error = result.expect_err("refused").to_string();
+    assert!(error.contains("NaN"), "{error}");
+    assert_eq!((cache.len(a), cache.len(b)), (Ok(3), Ok(0)));
+    assert_eq!(cache.stats(), stats);
+    assert_eq!(rows(&cache), before);
+    cache.check_invariants().unwrap();
+    // And the cache goes on as if the call never happened.
+    Runner::new(&healthy, 1)
+        .forward(&mut cache, &steps, &mut logits)
+        .unwrap();
+    assert_eq!((cache.len(a), cache.len(b)), (Ok(5), Ok(3)));
 }
 
 /// Teacher-forced along the f16 cache's greedy tokens: how often a compressed cache's top

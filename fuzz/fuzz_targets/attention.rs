@@ -8,6 +8,7 @@
 #![no_main]
 
 use kvcache::attention::{attention, attention_scratch_len, AttentionOptions, AttentionPlan, BatchEntry};
+use kvcache::spec::Kind;
 use kvcache::{CacheSpec, KvCache, KvFormat, Layout, SeqId};
 use libfuzzer_sys::fuzz_target;
 
@@ -25,9 +26,17 @@ fuzz_target!(|data: &[u8]| {
     spec.v_format = FORMATS[bytes.below(5)];
     spec.max_seqs = 4;
     spec.max_seq_tokens = 48;
-    if bytes.below(3) == 0 {
-        spec.window = 1 + bytes.below(20);
-        spec.sink_tokens = bytes.below(spec.window + 1);
+    match bytes.below(6) {
+        0 | 1 => {
+            spec.window = 1 + bytes.below(20);
+            spec.sink_tokens = bytes.below(spec.window + 1);
+        }
+        // Windows wider than any sequence, up to `usize::MAX`: they keep every key.
+        2 => {
+            spec.window = usize::MAX - bytes.below(3) * (usize::MAX / 2);
+            spec.sink_tokens = bytes.below(spec.max_seq_tokens + 1);
+        }
+        _ => {}
     }
     let Ok(layout) = Layout::new(spec) else { return };
     let Ok(arena_bytes) = layout.arena_bytes(1 + bytes.below(24)) else { return };
@@ -73,6 +82,22 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     cache.check_invariants().expect("invariants after setup");
+    // The quantized formats refuse non-finite input, so nothing they store reads back as NaN
+    // (huge finite input saturates; the int4 rotation must not overflow into inf - inf). The
+    // float formats store NaN as given.
+    let mut row = vec![0.0f32; spec.head_dim];
+    for &seq in &ids {
+        for position in 0..cache.len(seq).unwrap_or(0) {
+            for (layer, kind, head) in (0..spec.layers).flat_map(|l| {
+                [Kind::K, Kind::V].into_iter().flat_map(move |k| (0..spec.kv_heads).map(move |h| (l, k, h)))
+            }) {
+                let format = if kind == Kind::K { spec.k_format } else { spec.v_format };
+                if !format.is_float() && cache.read_row(seq, layer, kind, head, position, &mut row).is_ok() {
+                    assert!(row.iter().all(|x| !x.is_nan()), "NaN stored at {position} {kind:?}");
+                }
+            }
+        }
+    }
 
     while !bytes.done() {
         let mut entries = Vec::new();

@@ -59,8 +59,10 @@ pub fn cache_arena_kv(
     spec.block_tokens = block_tokens;
     let layout = Layout::new(spec).map_err(|e| e.to_string())?;
     let blocks = tokens.max(1).div_ceil(spec.block_tokens) * seqs;
-    let arena = HeapArena::new(layout.arena_bytes(blocks).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
+    let bytes = layout.arena_bytes(blocks).map_err(|e| e.to_string())?;
+    let arena = HeapArena::new(bytes).map_err(|_| {
+        format!("cannot allocate a cache arena of {bytes} bytes for {tokens} tokens")
+    })?;
     Ok((spec, arena))
 }
 
@@ -110,7 +112,11 @@ pub fn generate(args: &Args) -> Result<(), String> {
     if prompt_ids.is_empty() {
         return Err("the prompt encodes to no tokens".into());
     }
-    if prompt_ids.len() + n > ctx {
+    if prompt_ids
+        .len()
+        .checked_add(n)
+        .is_none_or(|total| total > ctx)
+    {
         return Err(format!(
             "prompt of {} tokens plus {n} new ones does not fit the cache of {ctx} tokens (--ctx)",
             prompt_ids.len()
@@ -331,8 +337,11 @@ pub fn bench_decode(args: &Args) -> Result<(), String> {
     }
     let model = Model::load(&path).map_err(|e| e.to_string())?;
     let vocab = model.config().vocab;
-    let (spec, mut arena) =
-        cache_arena_kv(&model, (format, v_format), block_tokens, 1, depth + n + 1)?;
+    let tokens = depth
+        .checked_add(n)
+        .and_then(|t| t.checked_add(1))
+        .ok_or("--depth plus -n is too large")?;
+    let (spec, mut arena) = cache_arena_kv(&model, (format, v_format), block_tokens, 1, tokens)?;
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
     let seq: SeqId = cache.add_sequence().map_err(|e| e.to_string())?;
     let mut runner = Runner::new(&model, threads);

@@ -147,6 +147,7 @@ impl Model {
         let kv_heads = int("llama.attention.head_count_kv").unwrap_or(heads);
         if layers == 0
             || embed == 0
+            || ffn == 0
             || heads == 0
             || kv_heads == 0
             || embed % heads != 0
@@ -174,6 +175,14 @@ impl Model {
                 .unwrap_or(1e-5),
             context_length: int("llama.context_length").unwrap_or(2048),
         };
+        if !(config.rms_eps.is_finite() && config.rms_eps >= 0.0) {
+            return Err(err("metadata `llama.attention.layer_norm_rms_epsilon` is not a finite, non-negative number"));
+        }
+        if !(config.rope_base.is_finite() && config.rope_base > 0.0) {
+            return Err(err(
+                "metadata `llama.rope.freq_base` is not a finite, positive number",
+            ));
+        }
         if token_embd.cols != embed {
             return Err(err("token_embd.weight does not match the embedding length"));
         }
@@ -183,7 +192,8 @@ impl Model {
         };
         let output_norm = norm_weights(&gguf, "output_norm.weight", embed)?;
         let kv = kv_heads * head_dim;
-        let mut layer_refs = Vec::with_capacity(layers);
+        // Grown per layer found, not sized from `layers`: a hostile count must not allocate.
+        let mut layer_refs = Vec::new();
         for i in 0..layers {
             let name = |suffix: &str| format!("blk.{i}.{suffix}.weight");
             layer_refs.push(LayerRefs {
@@ -420,8 +430,9 @@ impl<'m> Runner<'m> {
     }
 
     /// Appends each step's tokens to its sequence and writes the logits of each step's last
-    /// token to `logits` (`[steps][vocab]`). All or nothing for the cache reservation; a bad
-    /// token id is refused before anything changes.
+    /// token to `logits` (`[steps][vocab]`). All or nothing: a bad token id or buffer is
+    /// refused before anything changes, and if the pass fails later (a cache refusing a
+    /// non-finite key, say) every sequence is truncated back to its length before the call.
     pub fn forward(
         &mut self,
         cache: &mut KvCache<'_>,
@@ -474,16 +485,40 @@ impl<'m> Runner<'m> {
             .map(|s| cache.len(s.seq))
             .collect::<Result<_, _>>()?;
         cache.reserve_batch(&requests)?;
+        let result = self.forward_reserved(cache, steps, &starts, logits, all);
+        if result.is_err() {
+            // Give the reservation back: each sequence ends where it did (the rows this call
+            // wrote past that end are dropped with it).
+            for (step, &start) in steps.iter().zip(&starts) {
+                let _ = cache.truncate(step.seq, start);
+            }
+        }
+        result
+    }
+
+    /// The forward pass of [`Runner::forward_with`] once the cache holds room for every step's
+    /// tokens (sequence `i` grew from `starts[i]`).
+    fn forward_reserved(
+        &mut self,
+        cache: &mut KvCache<'_>,
+        steps: &[Step<'_>],
+        starts: &[usize],
+        logits: &mut [f32],
+        all: bool,
+    ) -> Result<(), ModelError> {
+        let config = *self.model.config();
+        let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
+        let rows = if all { total } else { steps.len() };
         let max_position = steps
             .iter()
-            .zip(&starts)
+            .zip(starts)
             .map(|(s, &p)| p + s.tokens.len())
             .max()
             .unwrap_or(0);
         self.rope.ensure(max_position);
         let entries: Vec<BatchEntry> = steps
             .iter()
-            .zip(&starts)
+            .zip(starts)
             .map(|(s, &p)| BatchEntry {
                 seq: s.seq,
                 first_position: p,
