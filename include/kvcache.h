@@ -6,8 +6,11 @@
  * Every function checks its pointers and lengths and returns a kvc_status; a call that fails
  * changes nothing. A handle is used by one thread at a time, except kvc_attention_run_item.
  * Buffers: what a call writes must not overlap anything else the call is given (inputs may
- * overlap inputs), and no buffer may lie in the handle memory or the arena; such calls are
- * refused with KVC_BAD_SHAPE (in particular, attention is not done in place: out != queries).
+ * overlap inputs), no buffer may lie in the handle memory or the arena, and pointers must be
+ * aligned for their type; such calls are refused with KVC_BAD_SHAPE (so attention is not done
+ * in place: out != queries). The check sees only the handle it is given: buffers must not lie
+ * in another live cache's handle or arena either, and buffers of calls running at the same
+ * time (kvc_attention_run_item) must be disjoint.
  */
 #ifndef KVCACHE_H
 #define KVCACHE_H
@@ -103,7 +106,9 @@ kvc_status kvc_attention(kvc_cache *cache, uint32_t layer, const kvc_batch_entry
  *   kvc_attention_plan     -> number of items, floats of partial state per item, floats of
  *                             scratch per thread;
  *   kvc_attention_run_item -> item i's partial state (threads may run different items at once
- *                             on one handle, as long as no other call runs meanwhile);
+ *                             on one handle, as long as no other call runs meanwhile; each
+ *                             call uses the plan's partial and scratch lengths of its buffers,
+ *                             which must not overlap another running call's);
  *   kvc_attention_merge    -> all partial states (item i at i * partial_len) into out.
  * Every call takes the same layer, entries and options. The result does not depend on which
  * thread ran which item: merge combines them in a fixed order. */

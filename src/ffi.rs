@@ -186,19 +186,27 @@ fn status(result: Result<(), Error>) -> KvcStatus {
     }
 }
 
-/// The bytes `[start, end)` of `count` values of `T` at `ptr` (saturating).
+/// The bytes `[start, end)` of a buffer of `count` values of `T` at `ptr` (saturating), and
+/// whether Rust may view it as a slice at all: `ptr` aligned for `T`, and at most `isize::MAX`
+/// bytes that do not wrap around the address space.
 #[derive(Clone, Copy)]
 struct Span {
     start: usize,
     end: usize,
+    valid: bool,
 }
 
 impl Span {
     fn of<T>(ptr: *const T, count: usize) -> Span {
         let start = ptr as usize;
+        let bytes = count.checked_mul(size_of::<T>());
+        let end = bytes.and_then(|b| start.checked_add(b));
         Span {
             start,
-            end: start.saturating_add(count.saturating_mul(size_of::<T>())),
+            end: end.unwrap_or(usize::MAX),
+            valid: start % align_of::<T>() == 0
+                && end.is_some()
+                && bytes.is_some_and(|b| b <= isize::MAX as usize),
         }
     }
 
@@ -211,9 +219,10 @@ impl Span {
     }
 }
 
-/// `Ok` when the buffers of a call may be turned into Rust slices together: no `write` overlaps
-/// another buffer, and no buffer overlaps the handle or the arena of `cache` (a handle from
-/// `kvc_cache_init`, not NULL); `KVC_BAD_SHAPE` otherwise.
+/// `Ok` when the buffers of a call may be turned into Rust slices together: each is valid as
+/// a slice (see [`Span`]), no `write` overlaps another buffer, and no buffer overlaps the
+/// handle or the arena of `cache` (a handle from `kvc_cache_init`, not NULL); `KVC_BAD_SHAPE`
+/// otherwise.
 ///
 /// # Safety
 ///
@@ -227,11 +236,11 @@ unsafe fn check_disjoint(
     let (arena_start, arena_len) = unsafe { (*cache).arena_span() };
     let owned = [
         Span::of(cache, 1),
-        Span {
-            start: arena_start,
-            end: arena_start.saturating_add(arena_len),
-        },
+        Span::of(arena_start as *const u8, arena_len),
     ];
+    if reads.iter().chain(writes).any(|span| !span.valid) {
+        return Err(KvcStatus::BadShape);
+    }
     for (i, write) in writes.iter().enumerate() {
         let others = owned.iter().chain(reads).chain(&writes[i + 1..]);
         if others.into_iter().any(|other| write.overlaps(*other)) {
@@ -266,17 +275,22 @@ pub unsafe extern "C" fn kvc_arena_bytes(
     blocks: u32,
     out: *mut usize,
 ) -> KvcStatus {
-    // SAFETY: NULL is checked; otherwise the caller passes valid, aligned pointers.
-    let (Some(spec), Some(out)) = (unsafe { spec.as_ref() }, unsafe { out.as_mut() }) else {
+    if spec.is_null() || out.is_null() {
         return KvcStatus::NullPointer;
-    };
-    let spec = match spec_from(spec) {
+    }
+    if !Span::of(spec, 1).valid || !Span::of(out, 1).valid {
+        return KvcStatus::BadShape;
+    }
+    // SAFETY: non-NULL and aligned (checked); the caller passes a valid spec. It is copied
+    // before `out` is written, so the two may even overlap.
+    let spec = match spec_from(unsafe { &*spec }) {
         Ok(s) => s,
         Err(e) => return e,
     };
     match Layout::new(spec).and_then(|l| l.arena_bytes(blocks as usize)) {
         Ok(bytes) => {
-            *out = bytes;
+            // SAFETY: non-NULL and aligned (checked); the caller's writable `size_t`.
+            unsafe { out.write(bytes) };
             KvcStatus::Ok
         }
         Err(e) => e.into(),
@@ -307,6 +321,9 @@ pub unsafe extern "C" fn kvc_cache_init(
         Span::of(arena, arena_len),
     );
     let out_span = Span::of(out, 1);
+    if !(arena_span.valid && out_span.valid && Span::of(spec, 1).valid) {
+        return KvcStatus::BadShape;
+    }
     if handle_span.overlaps(arena_span)
         || out_span.overlaps(arena_span)
         || out_span.overlaps(handle_span)
@@ -680,6 +697,9 @@ unsafe fn batch_from(
 
 /// Builds the attention plan of a call and runs `f` on it; every work-item call goes through
 /// here, so each one validates the whole batch again (O(entries), independent of context).
+/// The entries and options are copied before `f` runs, so `f` may make slices of the call's
+/// buffers (once [`check_disjoint`] has passed them, with `entries_and_options` among the
+/// reads).
 ///
 /// # Safety
 ///
@@ -691,10 +711,18 @@ unsafe fn with_plan(
     entries: *const KvcBatchEntry,
     n_entries: usize,
     options: *const KvcAttentionOptions,
-    f: impl FnOnce(&AttentionPlan<'_, '_, '_>) -> KvcStatus,
+    f: impl FnOnce(&AttentionPlan<'_, '_, '_>, [Span; 2]) -> KvcStatus,
 ) -> KvcStatus {
-    if entries.is_null() {
+    if cache.is_null() || entries.is_null() {
         return KvcStatus::NullPointer;
+    }
+    let entries_and_options = [
+        Span::of(entries, n_entries),
+        Span::of(options, usize::from(!options.is_null())),
+    ];
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &entries_and_options, &[]) } {
+        return e;
     }
     // SAFETY: NULL checked; shared access only, which the header allows from several threads
     // while no mutating call runs.
@@ -706,7 +734,8 @@ unsafe fn with_plan(
         Ok(batch) => batch,
         Err(e) => return e,
     };
-    // SAFETY: NULL means defaults; otherwise the caller passes a valid struct.
+    // SAFETY: NULL means defaults; otherwise the caller passes a valid struct (aligned:
+    // checked).
     let options = match unsafe { options.as_ref() } {
         None => AttentionOptions::default(),
         Some(o) => AttentionOptions {
@@ -716,7 +745,7 @@ unsafe fn with_plan(
         },
     };
     match AttentionPlan::new(cache, layer as usize, &batch[..n_entries], &options) {
-        Ok(plan) => f(&plan),
+        Ok(plan) => f(&plan, entries_and_options),
         Err(e) => e.into(),
     }
 }
@@ -735,11 +764,7 @@ pub unsafe extern "C" fn kvc_attention_plan(
     out_partial_len: *mut usize,
     out_scratch_len: *mut usize,
 ) -> KvcStatus {
-    if cache.is_null()
-        || out_items.is_null()
-        || out_partial_len.is_null()
-        || out_scratch_len.is_null()
-    {
+    if out_items.is_null() || out_partial_len.is_null() || out_scratch_len.is_null() {
         return KvcStatus::NullPointer;
     }
     let writes = [
@@ -747,32 +772,28 @@ pub unsafe extern "C" fn kvc_attention_plan(
         Span::of(out_partial_len, 1),
         Span::of(out_scratch_len, 1),
     ];
-    // SAFETY: `cache` is a non-NULL handle (the header's contract).
-    if let Err(e) = unsafe { check_disjoint(cache, &[], &writes) } {
-        return e;
-    }
-    // SAFETY: NULL checked; valid otherwise.
-    let (Some(items), Some(partial), Some(scratch)) = (
-        unsafe { out_items.as_mut() },
-        unsafe { out_partial_len.as_mut() },
-        unsafe { out_scratch_len.as_mut() },
-    ) else {
-        return KvcStatus::NullPointer;
-    };
     // SAFETY: see `with_plan`.
     unsafe {
-        with_plan(cache, layer, entries, n_entries, options, |plan| {
-            *items = plan.work_items();
-            *partial = plan.partial_len();
-            *scratch = plan.scratch_len();
+        with_plan(cache, layer, entries, n_entries, options, |plan, reads| {
+            // SAFETY: `plan` borrows the handle `cache` shared, as `check_disjoint` needs.
+            if let Err(e) = check_disjoint(cache, &reads, &writes) {
+                return e;
+            }
+            // SAFETY: non-NULL, aligned, disjoint from each other, the inputs, the handle and
+            // the arena (checked).
+            out_items.write(plan.work_items());
+            out_partial_len.write(plan.partial_len());
+            out_scratch_len.write(plan.scratch_len());
             KvcStatus::Ok
         })
     }
 }
 
 /// Runs work item `item` of the plan that the same arguments give: reads `queries` (`len`
-/// floats, as for `kvc_attention`), writes its partial state to `partial[0..partial_len]`.
-/// Threads may run different items at once on one handle while no other call uses it.
+/// floats, as for `kvc_attention`), writes its partial state to `partial` (`partial_len`
+/// floats given, the plan's partial length used) with `scratch` (`scratch_len` floats given,
+/// the plan's scratch length used). Threads may run different items at once on one handle
+/// while no other call uses it; the floats each call uses must be its own.
 #[no_mangle]
 pub unsafe extern "C" fn kvc_attention_run_item(
     cache: *const KvcCache,
@@ -788,30 +809,33 @@ pub unsafe extern "C" fn kvc_attention_run_item(
     scratch: *mut f32,
     scratch_len: usize,
 ) -> KvcStatus {
-    if cache.is_null() || queries.is_null() || partial.is_null() || scratch.is_null() {
+    if queries.is_null() || partial.is_null() || scratch.is_null() {
         return KvcStatus::NullPointer;
     }
-    let writes = [
-        Span::of(partial, partial_len),
-        Span::of(scratch, scratch_len),
-    ];
-    // SAFETY: `cache` is a non-NULL handle (the header's contract).
-    if let Err(e) = unsafe { check_disjoint(cache, &[Span::of(queries, len)], &writes) } {
-        return e;
-    }
-    // SAFETY: non-NULL checked; the caller gives arrays of the stated lengths, `partial` and
-    // `scratch` writable and private to this call; no two overlap, nor the handle or the
-    // arena (checked).
-    let (queries, partial, scratch) = unsafe {
-        (
-            core::slice::from_raw_parts(queries, len),
-            core::slice::from_raw_parts_mut(partial, partial_len),
-            core::slice::from_raw_parts_mut(scratch, scratch_len),
-        )
-    };
     // SAFETY: see `with_plan`.
     unsafe {
-        with_plan(cache, layer, entries, n_entries, options, |plan| {
+        with_plan(cache, layer, entries, n_entries, options, |plan, inputs| {
+            // Only the plan's sizes are used (and viewed as slices), so calls on several
+            // threads may pass the rest of one shared array as long as the used parts differ.
+            let partial_len = partial_len.min(plan.partial_len());
+            let scratch_len = scratch_len.min(plan.scratch_len());
+            let reads = [Span::of(queries, len), inputs[0], inputs[1]];
+            let writes = [
+                Span::of(partial, partial_len),
+                Span::of(scratch, scratch_len),
+            ];
+            // SAFETY: `plan` borrows the handle `cache` shared, as `check_disjoint` needs.
+            if let Err(e) = check_disjoint(cache, &reads, &writes) {
+                return e;
+            }
+            // SAFETY: non-NULL; the caller gives arrays of at least these lengths, `partial`
+            // and `scratch` writable and private to this call; valid as slices and no two
+            // overlap, nor the handle or the arena (checked).
+            let (queries, partial, scratch) = (
+                core::slice::from_raw_parts(queries, len),
+                core::slice::from_raw_parts_mut(partial, partial_len),
+                core::slice::from_raw_parts_mut(scratch, scratch_len),
+            );
             status(plan.run_item(item, queries, partial, scratch))
         })
     }
@@ -831,25 +855,25 @@ pub unsafe extern "C" fn kvc_attention_merge(
     out: *mut f32,
     len: usize,
 ) -> KvcStatus {
-    if cache.is_null() || partials.is_null() || out.is_null() {
+    if partials.is_null() || out.is_null() {
         return KvcStatus::NullPointer;
     }
-    let reads = [Span::of(partials, partials_len)];
-    // SAFETY: `cache` is a non-NULL handle (the header's contract).
-    if let Err(e) = unsafe { check_disjoint(cache, &reads, &[Span::of(out, len)]) } {
-        return e;
-    }
-    // SAFETY: non-NULL checked; the caller gives arrays of the stated lengths, `out` writable;
-    // they overlap neither each other nor the handle or the arena (checked).
-    let (partials, out) = unsafe {
-        (
-            core::slice::from_raw_parts(partials, partials_len),
-            core::slice::from_raw_parts_mut(out, len),
-        )
-    };
     // SAFETY: see `with_plan`.
     unsafe {
-        with_plan(cache, layer, entries, n_entries, options, |plan| {
+        with_plan(cache, layer, entries, n_entries, options, |plan, inputs| {
+            let used = partials_len.min(plan.work_items().saturating_mul(plan.partial_len()));
+            let reads = [Span::of(partials, used), inputs[0], inputs[1]];
+            // SAFETY: `plan` borrows the handle `cache` shared, as `check_disjoint` needs.
+            if let Err(e) = check_disjoint(cache, &reads, &[Span::of(out, len)]) {
+                return e;
+            }
+            // SAFETY: non-NULL; the caller gives arrays of at least these lengths, `out`
+            // writable; valid as slices, not overlapping each other, the handle or the arena
+            // (checked).
+            let (partials, out) = (
+                core::slice::from_raw_parts(partials, used),
+                core::slice::from_raw_parts_mut(out, len),
+            );
             status(plan.merge(partials, out))
         })
     }

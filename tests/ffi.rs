@@ -721,9 +721,89 @@ fn overlapping_buffers_are_refused() {
                 KvcStatus::Ok
             );
         }
+        // Each item written into the rest of one array (the pattern of threads sharing it):
+        // only the plan's partial length is used, so the calls do not overlap.
+        let mut again = vec![0.0f32; items * partial_len];
+        for item in 0..items {
+            let rest = again.len() - item * partial_len;
+            assert_eq!(
+                kvc_attention_run_item(
+                    c,
+                    0,
+                    &entry,
+                    1,
+                    null(),
+                    item,
+                    qp,
+                    len,
+                    again.as_mut_ptr().add(item * partial_len),
+                    rest,
+                    scratch_at,
+                    item_scratch
+                ),
+                KvcStatus::Ok
+            );
+        }
+        assert_eq!(again[..], partials[..items * partial_len]);
+        // Entries and options are inputs too: not inside what a call writes.
+        let opts = KvcAttentionOptions {
+            splits: 1,
+            query_tile: 8,
+            scale: 0.0,
+        };
+        let mut words = [0usize; 8];
+        let w = words.as_mut_ptr();
+        w.cast::<KvcBatchEntry>().write_unaligned(entry);
+        assert_eq!(
+            kvc_attention_plan(
+                c,
+                0,
+                w.cast(),
+                1,
+                null(),
+                w,
+                &mut partial_len,
+                &mut item_scratch
+            ),
+            KvcStatus::BadShape
+        );
+        let o = scratch_at.cast::<KvcAttentionOptions>();
+        o.write_unaligned(opts);
+        assert_eq!(
+            kvc_attention_run_item(
+                c,
+                0,
+                &entry,
+                1,
+                o,
+                0,
+                qp,
+                len,
+                pp,
+                partial_len,
+                scratch_at,
+                item_scratch
+            ),
+            KvcStatus::BadShape
+        );
         let mut merged = vec![0.0f32; len];
+        let m = merged.as_mut_ptr();
+        m.cast::<KvcBatchEntry>().write_unaligned(entry);
+        assert_eq!(
+            kvc_attention_merge(c, 0, m.cast(), 1, null(), pp, items * partial_len, m, len),
+            KvcStatus::BadShape
+        );
         assert_eq!(
             kvc_attention_merge(c, 0, &entry, 1, null(), pp, items * partial_len, pp, len),
+            KvcStatus::BadShape
+        );
+        // Misaligned or impossibly long buffers are refused before any slice is made.
+        assert_eq!(
+            kvc_read(cache, seq, 0, 0, p.cast::<u8>().add(1).cast(), p.add(20), 0),
+            KvcStatus::BadShape
+        );
+        assert_eq!(
+            kvc_write(cache, seq, 0, 0, k.as_ptr(), v.as_ptr(), usize::MAX / 4),
             KvcStatus::BadShape
         );
         assert_eq!(
@@ -744,5 +824,24 @@ fn overlapping_buffers_are_refused() {
         assert_eq!(kvc_fork(cache, seq, &mut fork), KvcStatus::Ok);
         assert_eq!(kvc_stats_get(cache, &mut stats), KvcStatus::Ok);
         assert_eq!((stats.sequences, stats.tokens), (2, 4));
+    }
+}
+
+/// `kvc_arena_bytes` reads its spec before it writes `*out`, so the two may share memory; a
+/// misaligned `out` is refused.
+#[test]
+fn arena_bytes_reads_the_spec_before_writing() {
+    unsafe {
+        let mut want = 0usize;
+        assert_eq!(kvc_arena_bytes(&spec(), 3, &mut want), KvcStatus::Ok);
+        #[repr(C, align(8))]
+        struct Both(KvcSpec);
+        let mut both = Both(spec());
+        let p = (&mut both as *mut Both).cast::<usize>();
+        assert_eq!(kvc_arena_bytes(p.cast(), 3, p), KvcStatus::Ok);
+        assert_eq!(p.read(), want);
+        let mut words = [0usize; 2];
+        let odd = words.as_mut_ptr().cast::<u8>().add(1).cast::<usize>();
+        assert_eq!(kvc_arena_bytes(&spec(), 3, odd), KvcStatus::BadShape);
     }
 }

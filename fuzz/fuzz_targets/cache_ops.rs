@@ -49,9 +49,11 @@ impl Fuzz<'_> {
         Ok(())
     }
 
-    fn replay_eviction(&mut self, index: usize, old_len: usize) {
+    /// What the cache's window drops when sequence `index` grows from `old_len` by `n` tokens
+    /// (nothing when `n == 0`: reserving nothing changes nothing).
+    fn replay_eviction(&mut self, index: usize, old_len: usize, n: usize) {
         let window = self.spec.window;
-        if window != 0 && old_len + 1 > window {
+        if n > 0 && window != 0 && old_len + 1 > window {
             let end = (old_len + 1 - window) / self.spec.block_tokens;
             let seq = &mut self.seqs[index];
             seq.evict_end = seq.evict_end.max(end);
@@ -131,7 +133,7 @@ fuzz_target!(|data: &[u8]| {
                 match fuzz.cache.reserve(id, n) {
                     Ok(range) => {
                         assert_eq!(range, old_len..old_len + n);
-                        fuzz.replay_eviction(index, old_len);
+                        fuzz.replay_eviction(index, old_len, n);
                         for position in range {
                             fuzz.next_tag += 1;
                             let tag = fuzz.next_tag;
@@ -195,7 +197,7 @@ fuzz_target!(|data: &[u8]| {
                 let lens: Vec<usize> = fuzz.seqs.iter().map(|s| s.tags.len()).collect();
                 if fuzz.cache.reserve_batch(&requests).is_ok() {
                     for (index, &(id, n)) in requests.iter().enumerate().take(fuzz.seqs.len()) {
-                        fuzz.replay_eviction(index, lens[index]);
+                        fuzz.replay_eviction(index, lens[index], n);
                         for _ in 0..n {
                             fuzz.next_tag += 1;
                             let tag = fuzz.next_tag;

@@ -1,8 +1,9 @@
 //! Bytes → calls through the C ABI: a spec of raw `u32` fields (mostly small, sometimes
 //! anything), then operations with NULL or valid pointers, lengths at or below the buffers'
-//! real sizes, any sequence id, layer, position and option values. Every call must return a
-//! status (a panic here would be an abort in C), and a mutating call that fails must leave the
-//! cache's accounting unchanged.
+//! real sizes, any sequence id, layer, position and option values, and now and then buffers
+//! that overlap each other, the handle or the arena (which must be refused with
+//! `KVC_BAD_SHAPE`). Every call must return a status (a panic here would be an abort in C),
+//! and a mutating call that fails must leave the cache's accounting unchanged.
 #![no_main]
 
 use kvcache::ffi::*;
@@ -48,16 +49,11 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut arena = vec![0u8; arena_len + bytes.below_u32(64) as usize];
     let mut handle = vec![0u64; kvc_cache_size().div_ceil(8) + 1];
+    let (arena_ptr, arena_bytes) = (arena.as_mut_ptr(), arena.len());
+    let handle_ptr = handle.as_mut_ptr();
     let mut cache: *mut KvcCache = core::ptr::null_mut();
     let status = unsafe {
-        kvc_cache_init(
-            handle.as_mut_ptr().cast(),
-            handle.len() * 8,
-            &spec,
-            arena.as_mut_ptr(),
-            arena.len(),
-            &mut cache,
-        )
+        kvc_cache_init(handle_ptr.cast(), handle.len() * 8, &spec, arena_ptr, arena_bytes, &mut cache)
     };
     if status as u32 != 0 {
         return;
@@ -70,7 +66,7 @@ fuzz_target!(|data: &[u8]| {
     while !bytes.done() {
         let before = stats(cache);
         let seq = ids[bytes.below_u32(ids.len() as u32) as usize];
-        let (status, mutating) = match bytes.below_u32(9) {
+        let (status, mutating) = match bytes.below_u32(10) {
             0 => {
                 let mut id = 0u64;
                 let p: *mut u64 = if bytes.null() { core::ptr::null_mut() } else { &mut id };
@@ -127,6 +123,30 @@ fuzz_target!(|data: &[u8]| {
                 }
                 (s, false)
             }
+            8 => {
+                // Overlapping buffers: refused before anything is read or written.
+                let len = 1 + bytes.below_u32(64) as usize;
+                let base = out.as_mut_ptr();
+                let in_arena = arena_ptr.wrapping_add(bytes.below_u32(arena_bytes as u32) as usize).cast::<f32>();
+                let (k, v) = match bytes.below_u32(4) {
+                    0 => (base, base),
+                    1 => (base, base.wrapping_add(bytes.below_u32(len as u32) as usize)),
+                    2 => (in_arena, base),
+                    _ => (base, handle_ptr.cast::<f32>()),
+                };
+                let s = unsafe { kvc_read(cache, seq, bytes.word(), bytes.word(), k, v, len) };
+                assert_eq!(s as u32, 11, "overlapping read buffers accepted");
+                let entries = [KvcBatchEntry { seq, first_position: 0, tokens: 1 }];
+                let q = floats.as_mut_ptr();
+                let (o, sc) = match bytes.below_u32(3) {
+                    0 => (q, scratch.as_mut_ptr()),
+                    1 => (base, base.wrapping_add(bytes.below_u32(len as u32) as usize)),
+                    _ => (base, in_arena),
+                };
+                let s = unsafe { kvc_attention(cache, 0, entries.as_ptr(), 1, q, o, len, sc, len) };
+                assert_eq!(s as u32, 11, "overlapping attention buffers accepted");
+                (s, false)
+            }
             _ => {
                 let entries = [KvcBatchEntry { seq, first_position: bytes.word(), tokens: bytes.word() }];
                 let opts = KvcAttentionOptions {
@@ -138,8 +158,9 @@ fuzz_target!(|data: &[u8]| {
                 let s = unsafe {
                     kvc_attention_plan(cache, 0, entries.as_ptr(), 1, &opts, &mut items, &mut partial_len, &mut item_scratch)
                 };
-                if s as u32 == 0 && items.saturating_mul(partial_len) <= 1 << 16 && item_scratch <= 1 << 16 {
-                    let len = (entries[0].tokens as usize * (spec.q_heads * spec.head_dim) as usize).min(2048);
+                // Queries of the batch's real length (at most 2048 floats here).
+                let len = entries[0].tokens as usize * (spec.q_heads * spec.head_dim) as usize;
+                if s as u32 == 0 && items.saturating_mul(partial_len) <= 1 << 16 && item_scratch <= 1 << 16 && len <= 2048 {
                     let mut partials = vec![0.0f32; items * partial_len];
                     for i in (0..items).rev() {
                         let r = unsafe {
