@@ -289,3 +289,43 @@ fn json_string(s: &str) -> (String, &str) {
     }
     (out, "")
 }
+
+/// Text for the round-trip property: words, numbers, whitespace runs, punctuation, contractions,
+/// any Unicode (controls included) and special-token text, mixed.
+fn text() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    let piece = prop_oneof![
+        "[A-Za-z]{1,12}",
+        "[0-9]{1,9}",
+        "[ \t\n\r]{1,6}",
+        "[!-/:-@\\[-`{-~]{1,4}",
+        "'(s|t|re|ve|m|ll|d|S|T)",
+        "\\PC{1,6}",
+        any::<String>(),
+        Just("<|im_start|>".to_string()),
+        Just("<|im_end|>".to_string()),
+        Just("<|endoftext|>".to_string()),
+    ];
+    proptest::collection::vec(piece, 0..12).prop_map(|pieces| pieces.concat())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 1000, ..Default::default() })]
+
+    /// Byte-level BPE loses nothing: any text encodes to ids in the vocabulary that decode,
+    /// at once or streamed token by token, to the same text; the pre-tokenizer's pieces tile
+    /// the text.
+    #[test]
+    fn any_text_round_trips_through_the_real_vocabulary(s in text()) {
+        let Some(t) = real() else { return Ok(()) };
+        let pieces = pre_tokenize(&s, t.pre_tokenizer());
+        proptest::prop_assert_eq!(pieces.concat(), s.clone());
+        let ids = t.encode(&s);
+        proptest::prop_assert!(ids.iter().all(|&i| (i as usize) < t.vocab_size()));
+        proptest::prop_assert_eq!(t.decode_all(&ids), s.clone());
+        let mut d = StreamDecoder::new();
+        let streamed: String =
+            ids.iter().map(|&i| d.push_token(t, i)).collect::<String>() + &d.finish();
+        proptest::prop_assert_eq!(streamed, s);
+    }
+}
