@@ -669,3 +669,72 @@ fn quantizing_on_the_pool_equals_serial() {
         assert!(oa.iter().zip(&ob).all(|(p, q)| p.to_bits() == q.to_bits()));
     }
 }
+
+/// A task that panics with a payload whose own `Drop` panics must not kill a worker while it is
+/// registered on the job (the caller would wait for it forever): the call panics, returns, and
+/// the pool keeps working.
+#[test]
+fn thread_pool_survives_a_panic_payload_that_panics_when_dropped() {
+    struct Bomb;
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            panic!("payload dropped");
+        }
+    }
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let pool = ThreadPool::new(3);
+        let caller = std::thread::current().id();
+        for _ in 0..2 {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.run(&|i, _| {
+                    if i == 0 {
+                        // The caller runs index 0 first: the workers take the others meanwhile.
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    } else if std::thread::current().id() != caller {
+                        std::panic::panic_any(Bomb);
+                    }
+                })
+            }));
+            assert!(r.is_err());
+            // The task may have run on this thread: then the payload is ours to not drop.
+            std::mem::forget(r);
+        }
+        let count = AtomicUsize::new(0);
+        pool.run(&|_, _| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        done.send(count.load(Ordering::Relaxed)).unwrap();
+    });
+    let count = finished
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the pool hung");
+    assert_eq!(count, 3);
+}
+
+/// Sizes derived from absurd shapes are refused, not overflowed (even with no tokens).
+#[test]
+fn absurd_shapes_are_refused_without_overflow() {
+    let mut qa = QuantizedActivations::new();
+    assert_eq!(
+        quantize_activations(&[], 1 << 60, &mut qa),
+        Err(QuantError::SizeOverflow)
+    );
+    assert_eq!(
+        quantize_activations(&[], usize::MAX / 32 * 32, &mut qa),
+        Err(QuantError::SizeOverflow)
+    );
+    let pool = ThreadPool::new(2);
+    if let Ok(w) = WeightMatrix::new(WeightType::Q8_0, 0, 1 << 60, &[]) {
+        let mut out = Vec::new();
+        let r = matmul_any(&w, &[], 0, &mut qa, &mut out, &pool);
+        assert!(r.is_err() || out.is_empty());
+    }
+    quantize_activations(&[0.5; 32], 32, &mut qa).unwrap();
+    let huge = WeightMatrix::new(WeightType::F32, usize::MAX, 0, &[]);
+    if let Ok(w) = huge {
+        quantize_activations(&[], 32, &mut qa).unwrap();
+        let r = matmul_many([&w, &w], &qa, [&mut [], &mut []], &pool);
+        assert!(r.is_err(), "{r:?}");
+    }
+}

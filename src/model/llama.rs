@@ -317,7 +317,7 @@ fn norm_weights(gguf: &Gguf, name: &str, len: usize) -> Result<Vec<f32>, ModelEr
     let view = gguf
         .tensor(name)
         .ok_or_else(|| err(format!("missing tensor `{name}`")))?;
-    if view.ggml_type != GgmlType::F32 || view.data.len() != len * 4 {
+    if view.ggml_type != GgmlType::F32 || len.checked_mul(4) != Some(view.data.len()) {
         return Err(err(format!("tensor `{name}` must be {len} f32 values")));
     }
     Ok(view

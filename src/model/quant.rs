@@ -634,9 +634,22 @@ fn quantize_activations_on(
     }
     let tokens = x.len() / cols;
     let nblocks = x.len() / QK;
-    let stride = cols.div_ceil(QK * GROUP) * QK * GROUP;
+    // Checked even for no tokens: a huge `cols` must not overflow the chunk sizes below.
+    let overflow = QuantError::SizeOverflow;
+    let stride = cols
+        .div_ceil(QK * GROUP)
+        .checked_mul(QK * GROUP)
+        .ok_or(overflow)?;
     let groups = stride / (QK * GROUP);
-    let n = tokens.checked_mul(stride).ok_or(QuantError::SizeOverflow)?;
+    let n = tokens.checked_mul(stride).ok_or(overflow)?;
+    let per_token = (stride, 2 * (cols / QK), groups * 2 * GROUP);
+    let chunk = |elements: usize| elements.checked_mul(ACT_CHUNK).ok_or(overflow);
+    let chunk_sizes = (
+        chunk(cols)?,
+        chunk(per_token.0)?,
+        chunk(per_token.1)?,
+        chunk(per_token.2)?,
+    );
     out.q.clear();
     out.q.resize(n, 0);
     out.ds.resize(2 * nblocks, 0.0);
@@ -646,12 +659,11 @@ fn quantize_activations_on(
     out.cols = cols;
     out.stride = stride;
     let token = Avx2Token::get(backend);
-    let per_token = (stride, 2 * (cols / QK), groups * 2 * GROUP);
     let chunks = x
-        .chunks(cols * ACT_CHUNK)
-        .zip(out.q.chunks_mut(per_token.0 * ACT_CHUNK))
-        .zip(out.ds.chunks_mut(per_token.1 * ACT_CHUNK))
-        .zip(out.g.chunks_mut(per_token.2 * ACT_CHUNK))
+        .chunks(chunk_sizes.0)
+        .zip(out.q.chunks_mut(chunk_sizes.1))
+        .zip(out.ds.chunks_mut(chunk_sizes.2))
+        .zip(out.g.chunks_mut(chunk_sizes.3))
         .map(|(((x, q), ds), g)| Mutex::new((x, q, ds, g)));
     match pool {
         Some(pool) if tokens >= 2 * ACT_CHUNK && pool.threads() > 1 => {
@@ -831,7 +843,10 @@ pub fn matmul_many<const N: usize>(
     let backend = Avx2Token::get(Backend::detect());
     let kernels = ws.map(|w| kernel_quantized(w.ty, backend));
     let shared = outs.map(SharedOut::new);
-    let total: usize = ws.iter().map(|w| w.rows).sum();
+    let total = ws
+        .iter()
+        .try_fold(0usize, |sum, w| sum.checked_add(w.rows))
+        .ok_or(QuantError::SizeOverflow)?;
     if x.tokens > 0 && total > 0 {
         pool.run_tasks(tasks_for(pool, total), &|i, n| {
             let (start, end) = row_range(total, i, n);

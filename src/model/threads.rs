@@ -280,8 +280,13 @@ fn worker(shared: Arc<Shared>) {
             // throughout. The `'static` lifetime is never observed beyond that window.
             let job: Job<'static> = unsafe { *ptr };
             // After a panic the task that panicked is over: keep helping with the rest.
-            while panic::catch_unwind(AssertUnwindSafe(|| drain(&shared, job, tasks))).is_err() {
+            while let Err(payload) =
+                panic::catch_unwind(AssertUnwindSafe(|| drain(&shared, job, tasks)))
+            {
                 shared.panicked.store(true, Ordering::Relaxed);
+                // Dropping the payload runs foreign code that may panic again, which would end
+                // this worker before it leaves `active` and hang the caller: leak it instead.
+                std::mem::forget(payload);
             }
         }
         shared.active.fetch_sub(1, Ordering::SeqCst);
