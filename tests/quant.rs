@@ -738,3 +738,68 @@ fn absurd_shapes_are_refused_without_overflow() {
         assert!(r.is_err(), "{r:?}");
     }
 }
+
+/// Non-finite activations: both backends quantize them the same way, bitwise, and a NaN
+/// anywhere in a block makes the block's scale, and so every dot product with it, NaN (never a
+/// silent 0 in one backend and garbage in the other).
+#[test]
+fn non_finite_activations_quantize_alike_and_propagate() {
+    let mut rng = Rng(5);
+    let cols = 96;
+    let specials = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        -0.0,
+        0.0,
+    ];
+    let mut x = rng.vec(6 * cols, 3.0);
+    // Token t: a special value at a few places (token 5 all NaN in its first block).
+    for (t, &v) in specials.iter().enumerate() {
+        for &c in &[0, 7, 40, 95] {
+            x[t * cols + c] = v;
+        }
+    }
+    x[5 * cols..5 * cols + 32].fill(f32::NAN);
+    let (mut a, mut b) = (QuantizedActivations::new(), QuantizedActivations::new());
+    quantize_activations_with(Backend::Scalar, &x, cols, &mut a).unwrap();
+    quantize_activations_with(Backend::Avx2, &x, cols, &mut b).unwrap();
+    for t in 0..6 {
+        assert_eq!(a.quants(t), b.quants(t), "token {t}");
+        let (sa, sb) = (a.scales(t).unwrap(), b.scales(t).unwrap());
+        assert!(
+            sa.iter().zip(sb).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "token {t}: {sa:?} vs {sb:?}"
+        );
+    }
+    let pool = ThreadPool::new(1);
+    let data = weights(&mut rng, WeightType::Q4_1, 5, cols);
+    let w = WeightMatrix::new(WeightType::Q4_1, 5, cols, &data).unwrap();
+    let (mut oa, mut ob) = (vec![0f32; 6 * 5], vec![0f32; 6 * 5]);
+    matmul_with(Backend::Scalar, &w, &a, &mut oa, &pool).unwrap();
+    matmul_with(Backend::Avx2, &w, &b, &mut ob, &pool).unwrap();
+    for r in 0..5 {
+        // Tokens 0 and 5 hold NaN: their outputs are NaN on both backends.
+        assert!(oa[r].is_nan() && ob[r].is_nan(), "row {r}");
+        assert!(oa[5 * 5 + r].is_nan() && ob[5 * 5 + r].is_nan(), "row {r}");
+    }
+    // Both backends agree on which outputs are NaN, and closely on token 4 (signed zeros).
+    for i in 0..6 * 5 {
+        assert_eq!(
+            oa[i].is_nan(),
+            ob[i].is_nan(),
+            "{i}: {} vs {}",
+            oa[i],
+            ob[i]
+        );
+    }
+    for i in 4 * 5..5 * 5 {
+        assert!(
+            (oa[i] - ob[i]).abs() <= 1e-4 * oa[i].abs().max(1.0),
+            "{i}: {} vs {}",
+            oa[i],
+            ob[i]
+        );
+    }
+}

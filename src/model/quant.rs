@@ -1232,13 +1232,22 @@ impl FKernel {
 mod scalar {
     use super::{f16_at, WeightType, QK};
 
-    /// Quantizes one block; returns `(d, Σq)` (`d` at f32 precision).
+    /// Quantizes one block; returns `(d, Σq)` (`d` at f32 precision). A NaN anywhere in the
+    /// block makes `d` NaN (so every dot product with the block is NaN, not a silent 0); a
+    /// value whose scaled form is NaN (`NaN`, or `±inf` times `1/inf`) quantizes to 0.
     pub(super) fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, i32) {
-        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let amax = x.iter().fold(0f32, |a, v| {
+            if a.is_nan() || v.is_nan() {
+                f32::NAN
+            } else {
+                a.max(v.abs())
+            }
+        });
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (qi, &v) in q.iter_mut().zip(x) {
+            // `as` maps NaN to 0.
             let r = (v * id).round_ties_even() as i32;
             *qi = r as i8;
             sum += r;
@@ -1695,13 +1704,22 @@ mod avx2 {
         let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         let m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        let amax = _mm_cvtss_f32(m);
+        // `vmaxps` drops a NaN or keeps it depending on the operand order: look for one.
+        let unordered = |a: __m256| _mm256_cmp_ps::<_CMP_UNORD_Q>(a, a);
+        let any_nan = _mm256_movemask_ps(_mm256_or_ps(
+            _mm256_or_ps(unordered(v[0]), unordered(v[1])),
+            _mm256_or_ps(unordered(v[2]), unordered(v[3])),
+        )) != 0;
+        let amax = if any_nan { f32::NAN } else { _mm_cvtss_f32(m) };
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let idv = _mm256_set1_ps(id);
         const R: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        // NaN products convert to i32::MIN here; the scalar twin's `as` gives 0: mask them.
         let i: [__m256i; 4] = core::array::from_fn(|k| {
-            _mm256_cvtps_epi32(_mm256_round_ps::<R>(_mm256_mul_ps(v[k], idv)))
+            let scaled = _mm256_mul_ps(v[k], idv);
+            let valid = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(scaled, scaled));
+            _mm256_and_si256(valid, _mm256_cvtps_epi32(_mm256_round_ps::<R>(scaled)))
         });
         let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
         // packs work per 128-bit lane; the permute restores element order.
