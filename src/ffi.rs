@@ -7,10 +7,10 @@
 //!
 //! Every entry point checks its pointers (NULL gives `KVC_NULL_POINTER`) and lengths before it
 //! touches anything, and returns a status; a failed call changes nothing. No path here can
-//! panic: all indexing goes through checked Rust APIs. A buffer a call writes must not overlap
-//! any other buffer of the call, and no buffer may overlap the handle or the arena (Rust
-//! references must not alias): both are checked by address, and break the call with
-//! `KVC_BAD_SHAPE`.
+//! panic: all indexing goes through checked Rust APIs. Before any buffer becomes a slice, its
+//! address is checked: aligned for its type, at most `isize::MAX` bytes, not overlapping a
+//! buffer the call writes (Rust references must not alias) and not inside the handle or the
+//! arena; a call that breaks one gets `KVC_BAD_SHAPE`.
 #![allow(clippy::missing_safety_doc)]
 
 use core::ffi::c_char;
