@@ -3,7 +3,7 @@
 //! The cache never allocates: it lives in one byte slice the caller hands over (a `static`
 //! buffer, a stack array, memory-mapped SRAM, or under the `alloc` feature a [`HeapArena`]
 //! obtained through the crate's own [`ArenaAllocator`] trait). The slice may have any
-//! alignment; [`carve`] aligns the start to [`SEGMENT_ALIGN`] and splits the rest into the block
+//! alignment; `carve` aligns the start to [`SEGMENT_ALIGN`] and splits the rest into the block
 //! data region and the `u32` metadata words.
 //!
 //! ```text

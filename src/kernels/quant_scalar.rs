@@ -190,7 +190,7 @@ fn prepared_dot(format: KvFormat, row: &[u8], head_dim: usize, query: &[u8]) -> 
 }
 
 /// See [`super::dot_rows_prepared`]: `scores[h][r]` = the integer dot product of prepared
-/// query `h` with stored row `r` (see [`prepared_dot`] for the exact arithmetic).
+/// query `h` with stored row `r` (see `prepared_dot` below for the exact arithmetic).
 pub fn dot_rows_prepared(
     format: KvFormat,
     rows: &[u8],
