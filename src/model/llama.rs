@@ -461,8 +461,7 @@ impl<'m> Runner<'m> {
         all: bool,
     ) -> Result<(), ModelError> {
         let config = *self.model.config();
-        let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
-        let rows = if all { total } else { steps.len() };
+        let (_, rows) = token_counts(steps, all);
         if logits.len() != rows * config.vocab {
             return Err(err("logits buffer has the wrong length"));
         }
@@ -507,8 +506,7 @@ impl<'m> Runner<'m> {
         all: bool,
     ) -> Result<(), ModelError> {
         let config = *self.model.config();
-        let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
-        let rows = if all { total } else { steps.len() };
+        let (total, rows) = token_counts(steps, all);
         let max_position = steps
             .iter()
             .zip(starts)
@@ -675,6 +673,12 @@ impl<'m> Runner<'m> {
         b.last = last;
         result
     }
+}
+
+/// `(new tokens in all steps, rows of logits)`: a row per new token with `all`, else per step.
+fn token_counts(steps: &[Step<'_>], all: bool) -> (usize, usize) {
+    let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
+    (total, if all { total } else { steps.len() })
 }
 
 /// Key splits so that each thread has work even for one sequence: none when the batch already
