@@ -74,6 +74,23 @@ typedef struct kvc_stats {
     uint64_t sequences, blocks_total, blocks_free, bytes_used, tokens, waste_slots;
 } kvc_stats;
 
+/* Where rows live in the block storage (kvc_block_storage): inside a block, segment
+ * (layer, K, head) starts at layer*layer_bytes + head*k_segment_bytes, segment (layer, V, head)
+ * at layer*layer_bytes + kv_heads*k_segment_bytes + head*v_segment_bytes, and slot s of a
+ * segment at s*row_bytes from its start. Row bytes are the formats' (README, "Memory format"). */
+typedef struct kvc_layout {
+    uint64_t block_bytes;     /* one physical block, every layer */
+    uint64_t layer_bytes;     /* one layer's part of a block */
+    uint64_t k_row_bytes;     /* one stored key row, scales included */
+    uint64_t v_row_bytes;
+    uint64_t k_segment_bytes; /* block_tokens key rows, padded to 64 */
+    uint64_t v_segment_bytes;
+    uint64_t blocks;          /* physical blocks in the pool */
+} kvc_layout;
+
+/* Page-table entry of a block the sliding window evicted. */
+#define KVC_NO_BLOCK 0xFFFFFFFFu
+
 typedef struct kvc_cache kvc_cache; /* opaque */
 
 size_t kvc_cache_size(void);
@@ -125,6 +142,18 @@ kvc_status kvc_attention_merge(const kvc_cache *cache, uint32_t layer,
                                const kvc_batch_entry *entries, size_t n_entries,
                                const kvc_attention_opts *opts, const float *partials,
                                size_t partials_len, float *out, size_t len);
+/* Reading the cache from elsewhere (a GPU kernel over a device copy of the blocks, say):
+ * the layout, the block storage (blocks * block_bytes bytes inside the arena, block b at
+ * b * block_bytes, 64-byte aligned; readable while no call changes the cache) and a sequence's
+ * page table (entry i = physical block of positions i*block_tokens.., KVC_NO_BLOCK if evicted;
+ * ceil(len / block_tokens) entries, written to *out_entries; out NULL with cap 0 asks only for
+ * the count; too small a cap gives KVC_BAD_SHAPE). Float and int8 rows are self-contained;
+ * int4 rows also need state kept outside the blocks (see README). */
+kvc_status kvc_layout_get(const kvc_cache *cache, kvc_layout *out);
+kvc_status kvc_block_storage(const kvc_cache *cache, const uint8_t **out_data, size_t *out_len);
+kvc_status kvc_seq_len(const kvc_cache *cache, uint64_t seq, uint32_t *out_len);
+kvc_status kvc_page_table(const kvc_cache *cache, uint64_t seq, uint32_t *out, size_t cap,
+                          size_t *out_entries);
 /* Copies a NUL-terminated message into buf (len bytes); returns its full length. */
 size_t kvc_status_message(uint32_t status, char *buf, size_t len);
 

@@ -31,8 +31,8 @@ use crate::pool::{BlockId, BlockPool};
 use crate::spec::{CacheSpec, Kind, Layout, SEQ_WORDS};
 
 /// Page-table entry of a logical block that holds no physical block (evicted by the window,
-/// or past the sequence's end).
-const NO_BLOCK: u32 = u32::MAX;
+/// or past the sequence's end); [`KvCache::page_table`] shows it for evicted blocks.
+pub const NO_BLOCK: u32 = u32::MAX;
 
 // Words of a sequence-table entry.
 const GENERATION: usize = 0;
@@ -883,6 +883,24 @@ impl<'a> KvCache<'a> {
             self.read_row(seq, layer, Kind::V, head, position, v_row)?;
         }
         Ok(())
+    }
+
+    /// The block storage: `capacity_blocks() × block_bytes` bytes, physical block `b` at byte
+    /// `b × block_bytes`, 64-byte aligned, laid out as [`Layout::row_offset`] says. With
+    /// [`Self::page_table`] it is all a kernel elsewhere (a GPU copy of these bytes, say) needs
+    /// to read float and int8 rows; int4 rows also need [`Self::key_offsets`] and the exact
+    /// first rows the cache keeps outside the blocks (see [`crate::quant`]).
+    pub fn block_storage(&self) -> &[u8] {
+        self.data
+    }
+
+    /// The page table of `seq`: entry `i` is the physical block holding positions
+    /// `i·block_tokens ..`, or [`NO_BLOCK`] where the sliding window evicted it;
+    /// `ceil(len / block_tokens)` entries. Slots of the last block past `len` hold stale bytes.
+    pub fn page_table(&self, seq: SeqId) -> Result<&[u32], Error> {
+        let slot = self.slot_of(seq)?;
+        let blocks = self.blocks_for(self.len_of(slot));
+        Ok(&self.table(slot)[..blocks])
     }
 
     /// Logical block `logical` of `seq`: its bytes and how many of its slots hold tokens.

@@ -22,7 +22,7 @@ use crate::attention::{
 use crate::cache::KvCache;
 use crate::error::Error;
 use crate::format::KvFormat;
-use crate::spec::{CacheSpec, Layout};
+use crate::spec::{CacheSpec, Kind, Layout};
 use crate::SeqId;
 
 /// Status codes; numbers are never reused.
@@ -155,6 +155,32 @@ pub struct KvcStats {
     /// Unused slots in used blocks.
     pub waste_slots: u64,
 }
+
+/// Where rows live in the block storage (`kvc_block_storage`), as `kvcache::Layout` gives
+/// it: segment (layer, K, head) starts at `layer·layer_bytes + head·k_segment_bytes` inside a
+/// block, segment (layer, V, head) at `layer·layer_bytes + kv_heads·k_segment_bytes +
+/// head·v_segment_bytes`, and slot `s` of a segment at `s·row_bytes` from its start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KvcLayout {
+    /// Bytes of one physical block (every layer).
+    pub block_bytes: u64,
+    /// Bytes of one layer's part of a block.
+    pub layer_bytes: u64,
+    /// Bytes of one stored key row (scales included).
+    pub k_row_bytes: u64,
+    /// Bytes of one stored value row (scales included).
+    pub v_row_bytes: u64,
+    /// Bytes of one key segment: `block_tokens` rows, padded to 64.
+    pub k_segment_bytes: u64,
+    /// Bytes of one value segment.
+    pub v_segment_bytes: u64,
+    /// Physical blocks in the pool.
+    pub blocks: u64,
+}
+
+/// Page-table entry of a block the sliding window evicted (`kvcache::cache::NO_BLOCK`).
+pub const KVC_NO_BLOCK: u32 = crate::cache::NO_BLOCK;
 
 /// The opaque handle: a cache whose arena the caller keeps alive.
 pub type KvcCache = KvCache<'static>;
@@ -572,6 +598,147 @@ pub unsafe extern "C" fn kvc_stats_get(cache: *mut KvcCache, out: *mut KvcStats)
                 tokens: s.tokens as u64,
                 waste_slots: s.waste_slots as u64,
             };
+            KvcStatus::Ok
+        })
+    }
+}
+
+/// Runs `f` on the cache behind `cache` shared, or returns `KVC_NULL_POINTER`.
+unsafe fn with_cache_ref(
+    cache: *const KvcCache,
+    f: impl FnOnce(&KvcCache) -> KvcStatus,
+) -> KvcStatus {
+    // SAFETY: NULL is checked; a non-NULL handle comes from `kvc_cache_init`, and no call
+    // mutates it meanwhile (the header's rule).
+    match unsafe { cache.as_ref() } {
+        Some(cache) => f(cache),
+        None => KvcStatus::NullPointer,
+    }
+}
+
+/// Writes the block layout (sizes and strides of rows, segments and blocks) to `*out`.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_layout_get(cache: *const KvcCache, out: *mut KvcLayout) -> KvcStatus {
+    if cache.is_null() || out.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &[Span::of(out, 1)]) } {
+        return e;
+    }
+    // SAFETY: see `with_cache_ref`; `out` is non-NULL, aligned and outside the handle and the
+    // arena (checked).
+    unsafe {
+        with_cache_ref(cache, |c| {
+            let layout = c.layout();
+            out.write(KvcLayout {
+                block_bytes: layout.block_bytes() as u64,
+                layer_bytes: layout.layer_bytes() as u64,
+                k_row_bytes: layout.row_bytes(Kind::K) as u64,
+                v_row_bytes: layout.row_bytes(Kind::V) as u64,
+                k_segment_bytes: layout.segment_bytes(Kind::K) as u64,
+                v_segment_bytes: layout.segment_bytes(Kind::V) as u64,
+                blocks: c.capacity_blocks() as u64,
+            });
+            KvcStatus::Ok
+        })
+    }
+}
+
+/// Writes to `*out_data` and `*out_len` the address and length of the block storage: `blocks ×
+/// block_bytes` bytes inside the arena, block `b` at `b × block_bytes`, 64-byte aligned. The
+/// caller may read them (to copy them to a GPU, say) while no call changes the cache.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_block_storage(
+    cache: *const KvcCache,
+    out_data: *mut *const u8,
+    out_len: *mut usize,
+) -> KvcStatus {
+    if cache.is_null() || out_data.is_null() || out_len.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    let writes = [Span::of(out_data, 1), Span::of(out_len, 1)];
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &writes) } {
+        return e;
+    }
+    // SAFETY: see `with_cache_ref`; both outputs are non-NULL, aligned, disjoint and outside
+    // the handle and the arena (checked).
+    unsafe {
+        with_cache_ref(cache, |c| {
+            let storage = c.block_storage();
+            out_data.write(storage.as_ptr());
+            out_len.write(storage.len());
+            KvcStatus::Ok
+        })
+    }
+}
+
+/// Writes the length of `seq` in tokens to `*out_len`.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_seq_len(
+    cache: *const KvcCache,
+    seq: u64,
+    out_len: *mut u32,
+) -> KvcStatus {
+    if cache.is_null() || out_len.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &[Span::of(out_len, 1)]) } {
+        return e;
+    }
+    // SAFETY: see `with_cache_ref`; `out_len` is non-NULL, aligned and outside the handle and
+    // the arena (checked). Lengths fit in u32 (`max_seq_tokens` does).
+    unsafe {
+        with_cache_ref(cache, |c| match c.len(SeqId::from_raw(seq)) {
+            Ok(len) => {
+                out_len.write(len as u32);
+                KvcStatus::Ok
+            }
+            Err(e) => e.into(),
+        })
+    }
+}
+
+/// Copies the page table of `seq` into `out` (`cap` entries of room): entry `i` is the
+/// physical block of positions `i·block_tokens ..`, `KVC_NO_BLOCK` where the window evicted
+/// it; `*out_entries` receives the count, `ceil(len / block_tokens)`. With `out` NULL and
+/// `cap` 0 only the count is written; too little room gives `KVC_BAD_SHAPE`.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_page_table(
+    cache: *const KvcCache,
+    seq: u64,
+    out: *mut u32,
+    cap: usize,
+    out_entries: *mut usize,
+) -> KvcStatus {
+    if cache.is_null() || out_entries.is_null() || (out.is_null() && cap != 0) {
+        return KvcStatus::NullPointer;
+    }
+    let writes = [
+        Span::of(out, if out.is_null() { 0 } else { cap }),
+        Span::of(out_entries, 1),
+    ];
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &writes) } {
+        return e;
+    }
+    // SAFETY: see `with_cache_ref`; `out` (when not NULL) has `cap` writable entries, and it
+    // and `out_entries` are aligned, disjoint and outside the handle and the arena (checked).
+    unsafe {
+        with_cache_ref(cache, |c| {
+            let table = match c.page_table(SeqId::from_raw(seq)) {
+                Ok(table) => table,
+                Err(e) => return e.into(),
+            };
+            if !out.is_null() {
+                if table.len() > cap {
+                    return KvcStatus::BadShape;
+                }
+                core::slice::from_raw_parts_mut(out, table.len()).copy_from_slice(table);
+            }
+            out_entries.write(table.len());
             KvcStatus::Ok
         })
     }

@@ -845,3 +845,233 @@ fn arena_bytes_reads_the_spec_before_writing() {
         assert_eq!(kvc_arena_bytes(&spec(), 3, odd), KvcStatus::BadShape);
     }
 }
+
+/// Decodes element `d` of a stored row by the formats' documented byte layout (README,
+/// "Memory format"): f32 and f16 little-endian, int8 `q · scale` with one bfloat16 scale per
+/// 32 elements after the elements.
+fn decode_element(format: u32, row: &[u8], head_dim: usize, d: usize) -> f32 {
+    match format {
+        0 => f32::from_le_bytes(row[4 * d..4 * d + 4].try_into().unwrap()),
+        1 => kvcache::half::f16_to_f32(u16::from_le_bytes([row[2 * d], row[2 * d + 1]])),
+        3 => {
+            let at = head_dim + 2 * (d / 32);
+            let scale = f32::from_bits(u32::from(u16::from_le_bytes([row[at], row[at + 1]])) << 16);
+            f32::from(row[d] as i8) * scale
+        }
+        _ => unreachable!("format {format} is not used here"),
+    }
+}
+
+/// The block storage, the layout and the page tables locate every stored row: decoding the
+/// bytes there gives bitwise what `kvc_read` gives, for forked (shared and copied) blocks, a
+/// truncated sequence and blocks the window evicted (`KVC_NO_BLOCK`, and `kvc_read` says
+/// `KVC_EVICTED`). Bad arguments get a status and write nothing.
+#[test]
+fn block_storage_and_page_tables_locate_every_row() {
+    let (kv_heads, head_dim, block_tokens) = (2usize, 40usize, 4usize);
+    for (k_format, v_format) in [(1u32, 3u32), (3, 0)] {
+        let spec = KvcSpec {
+            layers: 2,
+            q_heads: 4,
+            kv_heads: kv_heads as u32,
+            head_dim: head_dim as u32,
+            block_tokens: block_tokens as u32,
+            k_format,
+            v_format,
+            max_seqs: 3,
+            max_seq_tokens: 64,
+            window: 12,
+            sink_tokens: 2,
+        };
+        unsafe {
+            let mut bytes = 0usize;
+            assert_eq!(kvc_arena_bytes(&spec, 40, &mut bytes), KvcStatus::Ok);
+            let mut arena = vec![0u8; bytes];
+            let mut handle = Box::new(Handle([0; 1024]));
+            let mut cache: *mut KvcCache = null_mut();
+            let h = handle.0.as_mut_ptr();
+            assert_eq!(
+                kvc_cache_init(h, 1024, &spec, arena.as_mut_ptr(), bytes, &mut cache),
+                KvcStatus::Ok
+            );
+            let mut seed = 11u64;
+            let row = kv_heads * head_dim;
+            let write = |seq: u64, first: u32, n: u32, seed: &mut u64| {
+                for layer in 0..2 {
+                    let k = values(seed, n as usize * row);
+                    let v = values(seed, n as usize * row);
+                    let status =
+                        kvc_write(cache, seq, layer, first, k.as_ptr(), v.as_ptr(), k.len());
+                    assert_eq!(status, KvcStatus::Ok);
+                }
+            };
+            let (mut a, mut b, mut c) = (0u64, 0u64, 0u64);
+            let mut first = 0u32;
+            assert_eq!(kvc_add_sequence(cache, &mut a), KvcStatus::Ok);
+            assert_eq!(kvc_reserve(cache, a, 30, &mut first), KvcStatus::Ok);
+            write(a, first, 30, &mut seed);
+            assert_eq!(kvc_fork(cache, a, &mut b), KvcStatus::Ok);
+            assert_eq!(kvc_reserve(cache, b, 3, &mut first), KvcStatus::Ok);
+            write(b, first, 3, &mut seed);
+            assert_eq!(kvc_add_sequence(cache, &mut c), KvcStatus::Ok);
+            assert_eq!(kvc_reserve(cache, c, 7, &mut first), KvcStatus::Ok);
+            write(c, first, 7, &mut seed);
+            assert_eq!(kvc_truncate(cache, c, 5), KvcStatus::Ok);
+
+            let mut layout = KvcLayout::default();
+            assert_eq!(kvc_layout_get(cache, &mut layout), KvcStatus::Ok);
+            let (mut data, mut len) = (null::<u8>(), 0usize);
+            assert_eq!(kvc_block_storage(cache, &mut data, &mut len), KvcStatus::Ok);
+            assert_eq!(len as u64, layout.blocks * layout.block_bytes);
+            assert_eq!(data as usize % 64, 0);
+            let arena_range = arena.as_ptr() as usize..arena.as_ptr() as usize + bytes;
+            assert!(arena_range.contains(&(data as usize)));
+            assert!(data as usize + len <= arena_range.end);
+            let storage = std::slice::from_raw_parts(data, len);
+
+            let mut evicted_blocks = 0;
+            for (seq, expected_len) in [(a, 30u32), (b, 33), (c, 5)] {
+                let mut seq_len = 0u32;
+                assert_eq!(kvc_seq_len(cache, seq, &mut seq_len), KvcStatus::Ok);
+                assert_eq!(seq_len, expected_len);
+                let mut entries = 0usize;
+                assert_eq!(
+                    kvc_page_table(cache, seq, null_mut(), 0, &mut entries),
+                    KvcStatus::Ok
+                );
+                assert_eq!(entries, (seq_len as usize).div_ceil(block_tokens));
+                let mut table = vec![7u32; entries + 2];
+                assert_eq!(
+                    kvc_page_table(cache, seq, table.as_mut_ptr(), table.len(), &mut entries),
+                    KvcStatus::Ok
+                );
+                assert_eq!(table[entries..], [7, 7], "only the entries are written");
+                let mut k = vec![0f32; row];
+                let mut v = vec![0f32; row];
+                for position in 0..seq_len {
+                    let block = table[position as usize / block_tokens];
+                    let slot = position as usize % block_tokens;
+                    for layer in 0..2u32 {
+                        let status = kvc_read(
+                            cache,
+                            seq,
+                            layer,
+                            position,
+                            k.as_mut_ptr(),
+                            v.as_mut_ptr(),
+                            row,
+                        );
+                        if block == KVC_NO_BLOCK {
+                            assert_eq!(status, KvcStatus::Evicted);
+                            continue;
+                        }
+                        assert_eq!(status, KvcStatus::Ok);
+                        assert!(u64::from(block) < layout.blocks);
+                        let base = block as usize * layout.block_bytes as usize
+                            + layer as usize * layout.layer_bytes as usize;
+                        for head in 0..kv_heads {
+                            let k_at = base
+                                + head * layout.k_segment_bytes as usize
+                                + slot * layout.k_row_bytes as usize;
+                            let v_at = base
+                                + kv_heads * layout.k_segment_bytes as usize
+                                + head * layout.v_segment_bytes as usize
+                                + slot * layout.v_row_bytes as usize;
+                            let k_row = &storage[k_at..k_at + layout.k_row_bytes as usize];
+                            let v_row = &storage[v_at..v_at + layout.v_row_bytes as usize];
+                            for d in 0..head_dim {
+                                let got_k = decode_element(k_format, k_row, head_dim, d);
+                                let got_v = decode_element(v_format, v_row, head_dim, d);
+                                assert_eq!(got_k.to_bits(), k[head * head_dim + d].to_bits());
+                                assert_eq!(got_v.to_bits(), v[head * head_dim + d].to_bits());
+                            }
+                        }
+                    }
+                }
+                evicted_blocks += table[..entries]
+                    .iter()
+                    .filter(|&&e| e == KVC_NO_BLOCK)
+                    .count();
+                // The fork's full blocks are its parent's (unless its window evicted them, as
+                // its 3 new tokens did: the parent, prefilled at once, still has them).
+                if seq == b {
+                    let mut parent = vec![0u32; 8];
+                    let mut n = 0usize;
+                    assert_eq!(
+                        kvc_page_table(cache, a, parent.as_mut_ptr(), 8, &mut n),
+                        KvcStatus::Ok
+                    );
+                    for (mine, theirs) in table[..7].iter().zip(&parent[..7]) {
+                        assert!(
+                            *mine == *theirs || *mine == KVC_NO_BLOCK,
+                            "full blocks shared"
+                        );
+                    }
+                    assert_ne!(table[7], parent[7], "the partly filled tail was copied");
+                }
+            }
+            assert!(evicted_blocks > 0, "the window evicted blocks");
+
+            // Bad arguments: a status, nothing written.
+            let mut small = [9u32; 2];
+            let mut entries = 99usize;
+            assert_eq!(
+                kvc_page_table(cache, a, small.as_mut_ptr(), 2, &mut entries),
+                KvcStatus::BadShape
+            );
+            assert_eq!((small, entries), ([9, 9], 99));
+            assert_eq!(
+                kvc_page_table(cache, a, null_mut(), 2, &mut entries),
+                KvcStatus::NullPointer
+            );
+            assert_eq!(
+                kvc_page_table(cache, a, small.as_mut_ptr(), 2, null_mut()),
+                KvcStatus::NullPointer
+            );
+            assert_eq!(
+                kvc_page_table(null(), a, small.as_mut_ptr(), 2, &mut entries),
+                KvcStatus::NullPointer
+            );
+            assert_eq!(
+                kvc_page_table(cache, a ^ 1 << 40, null_mut(), 0, &mut entries),
+                KvcStatus::UnknownSequence
+            );
+            let in_arena = arena.as_mut_ptr().add(64).cast::<u32>();
+            assert_eq!(
+                kvc_page_table(cache, a, in_arena, 16, &mut entries),
+                KvcStatus::BadShape
+            );
+            let mut both = [0u64; 2];
+            let cell = both.as_mut_ptr().cast::<usize>();
+            assert_eq!(
+                kvc_page_table(cache, a, cell.cast::<u32>(), 16, cell.add(1)),
+                KvcStatus::BadShape,
+                "entries overlapping the count"
+            );
+            assert_eq!(entries, 99);
+            assert_eq!(kvc_layout_get(cache, null_mut()), KvcStatus::NullPointer);
+            assert_eq!(kvc_layout_get(null(), &mut layout), KvcStatus::NullPointer);
+            assert_eq!(
+                kvc_block_storage(cache, &mut data, null_mut()),
+                KvcStatus::NullPointer
+            );
+            let aliased = both.as_mut_ptr();
+            assert_eq!(
+                kvc_block_storage(cache, aliased.cast::<*const u8>(), aliased.cast::<usize>()),
+                KvcStatus::BadShape
+            );
+            let mut seq_len = 5u32;
+            assert_eq!(
+                kvc_seq_len(cache, a ^ 1 << 40, &mut seq_len),
+                KvcStatus::UnknownSequence
+            );
+            assert_eq!(kvc_seq_len(cache, a, null_mut()), KvcStatus::NullPointer);
+            assert_eq!(seq_len, 5);
+            assert_eq!(kvc_remove(cache, c), KvcStatus::Ok);
+            assert_eq!(
+                kvc_page_table(cache, c, null_mut(), 0, &mut entries),
+                KvcStatus::UnknownSequence
+            );
+        }
+    }
+}

@@ -4,6 +4,8 @@
 //! evictions replayed). A failed operation must change nothing.
 #![no_main]
 
+use kvcache::cache::NO_BLOCK;
+use kvcache::half::{bf16_to_f32, f16_to_f32};
 use kvcache::spec::Kind;
 use kvcache::{CacheSpec, Error, KvCache, KvFormat, Layout, SeqId};
 use libfuzzer_sys::fuzz_target;
@@ -60,6 +62,39 @@ impl Fuzz<'_> {
         }
     }
 
+    /// The public page tables and block storage say the same as `read_row`: one entry per
+    /// logical block, `NO_BLOCK` exactly where the window evicted, and each token's K row of
+    /// layer 0, head 0 decoded from the bytes at its physical block's documented offset.
+    fn verify_page_tables(&self) {
+        let layout = *self.cache.layout();
+        let storage = self.cache.block_storage();
+        assert_eq!(storage.len(), self.cache.capacity_blocks() * layout.block_bytes());
+        for seq in &self.seqs {
+            let table = self.cache.page_table(seq.id).expect("live sequence");
+            assert_eq!(table.len(), seq.tags.len().div_ceil(self.spec.block_tokens));
+            for (position, &tag) in seq.tags.iter().enumerate() {
+                let block = table[position / self.spec.block_tokens];
+                assert_eq!(block == NO_BLOCK, self.evicted(seq, position));
+                if block == NO_BLOCK {
+                    continue;
+                }
+                assert!((block as usize) < self.cache.capacity_blocks());
+                let slot = position % self.spec.block_tokens;
+                let at = block as usize * layout.block_bytes() + layout.row_offset(0, Kind::K, 0, slot);
+                let bytes = &storage[at..at + layout.row_bytes(Kind::K)];
+                let got = match self.spec.k_format {
+                    KvFormat::F32 => f32::from_le_bytes(bytes[..4].try_into().unwrap()),
+                    KvFormat::F16 => f16_to_f32(u16::from_le_bytes([bytes[0], bytes[1]])),
+                    _ => bf16_to_f32(u16::from_le_bytes([bytes[0], bytes[1]])),
+                };
+                assert_eq!(got, value(tag, 0, Kind::K, 0));
+            }
+        }
+        for &id in &self.removed {
+            assert_eq!(self.cache.page_table(id), Err(Error::UnknownSequence));
+        }
+    }
+
     fn verify(&mut self) {
         self.cache.check_invariants().expect("invariant");
         assert_eq!(self.cache.sequences(), self.seqs.len());
@@ -85,6 +120,7 @@ impl Fuzz<'_> {
                 }
             }
         }
+        self.verify_page_tables();
         for &id in &self.removed {
             assert_eq!(self.cache.len(id), Err(Error::UnknownSequence));
         }

@@ -66,7 +66,7 @@ fuzz_target!(|data: &[u8]| {
     while !bytes.done() {
         let before = stats(cache);
         let seq = ids[bytes.below_u32(ids.len() as u32) as usize];
-        let (status, mutating) = match bytes.below_u32(10) {
+        let (status, mutating) = match bytes.below_u32(11) {
             0 => {
                 let mut id = 0u64;
                 let p: *mut u64 = if bytes.null() { core::ptr::null_mut() } else { &mut id };
@@ -145,6 +145,39 @@ fuzz_target!(|data: &[u8]| {
                 };
                 let s = unsafe { kvc_attention(cache, 0, entries.as_ptr(), 1, q, o, len, sc, len) };
                 assert_eq!(s as u32, 11, "overlapping attention buffers accepted");
+                (s, false)
+            }
+            9 => {
+                // Reading the cache from elsewhere: a page table into a buffer that is NULL, too
+                // short, in the arena or fine; it must agree with the length and the layout.
+                let mut table = [0u32; 64];
+                let cap = bytes.below_u32(66) as usize;
+                let mut entries = usize::MAX;
+                let t: *mut u32 = match bytes.below_u32(4) {
+                    0 => core::ptr::null_mut(),
+                    1 => arena_ptr.wrapping_add(arena_bytes / 2 & !3).cast(),
+                    _ => table.as_mut_ptr(),
+                };
+                let cap = if t == table.as_mut_ptr() { cap.min(64) } else { cap };
+                let s = unsafe { kvc_page_table(cache, seq, t, cap, &mut entries) };
+                let (mut len, mut layout) = (0u32, KvcLayout::default());
+                let (mut data, mut data_len) = (core::ptr::null::<u8>(), 0usize);
+                unsafe {
+                    assert_eq!(kvc_layout_get(cache, &mut layout) as u32, 0);
+                    assert_eq!(kvc_block_storage(cache, &mut data, &mut data_len) as u32, 0);
+                }
+                assert_eq!(data_len as u64, layout.blocks * layout.block_bytes);
+                if s as u32 == 0 {
+                    assert_eq!(unsafe { kvc_seq_len(cache, seq, &mut len) } as u32, 0);
+                    assert_eq!(entries, (len as usize).div_ceil(spec.block_tokens as usize));
+                    if !t.is_null() {
+                        for &block in &table[..entries] {
+                            assert!(block == KVC_NO_BLOCK || u64::from(block) < layout.blocks);
+                        }
+                    }
+                } else {
+                    assert_eq!(entries, usize::MAX, "a failed page-table call wrote its count");
+                }
                 (s, false)
             }
             _ => {
