@@ -23,6 +23,41 @@ fn spec() -> KvcSpec {
 #[repr(C, align(64))]
 struct Handle([u8; 1024]);
 
+/// A cache built through the C ABI, with the arena and handle memory it lives in.
+struct CCache {
+    arena: Vec<u8>,
+    _handle: Box<Handle>,
+    cache: *mut KvcCache,
+}
+
+impl CCache {
+    fn new(spec: &KvcSpec, blocks: u32) -> CCache {
+        let mut bytes = 0usize;
+        // SAFETY: valid pointers; the arena and handle memory move into the result with their
+        // heap buffers unmoved, and outlive the handle's uses.
+        unsafe {
+            assert_eq!(kvc_arena_bytes(spec, blocks, &mut bytes), KvcStatus::Ok);
+            let mut arena = vec![0u8; bytes];
+            let mut handle = Box::new(Handle([0; 1024]));
+            let mut cache: *mut KvcCache = null_mut();
+            let status = kvc_cache_init(
+                handle.0.as_mut_ptr(),
+                1024,
+                spec,
+                arena.as_mut_ptr(),
+                bytes,
+                &mut cache,
+            );
+            assert_eq!(status, KvcStatus::Ok);
+            CCache {
+                arena,
+                _handle: handle,
+                cache,
+            }
+        }
+    }
+}
+
 #[test]
 fn every_entry_point_refuses_bad_input() {
     unsafe {
@@ -279,17 +314,9 @@ fn attention_work_items_from_c_threads_match() {
         window: 0,
         sink_tokens: 0,
     };
+    let c = CCache::new(&spec, 32);
+    let cache = c.cache;
     unsafe {
-        let mut bytes = 0usize;
-        assert_eq!(kvc_arena_bytes(&spec, 32, &mut bytes), KvcStatus::Ok);
-        let mut arena = vec![0u8; bytes];
-        let mut handle = Box::new(Handle([0; 1024]));
-        let mut cache: *mut KvcCache = null_mut();
-        let h = handle.0.as_mut_ptr();
-        assert_eq!(
-            kvc_cache_init(h, 1024, &spec, arena.as_mut_ptr(), bytes, &mut cache),
-            KvcStatus::Ok
-        );
         let mut seed = 7u64;
         let mut entries = Vec::new();
         for (len, first, tokens) in [(37u32, 36u32, 1u32), (5, 0, 5)] {
@@ -883,17 +910,9 @@ fn block_storage_and_page_tables_locate_every_row() {
             window: 12,
             sink_tokens: 2,
         };
+        let mut owner = CCache::new(&spec, 40);
+        let cache = owner.cache;
         unsafe {
-            let mut bytes = 0usize;
-            assert_eq!(kvc_arena_bytes(&spec, 40, &mut bytes), KvcStatus::Ok);
-            let mut arena = vec![0u8; bytes];
-            let mut handle = Box::new(Handle([0; 1024]));
-            let mut cache: *mut KvcCache = null_mut();
-            let h = handle.0.as_mut_ptr();
-            assert_eq!(
-                kvc_cache_init(h, 1024, &spec, arena.as_mut_ptr(), bytes, &mut cache),
-                KvcStatus::Ok
-            );
             let mut seed = 11u64;
             let row = kv_heads * head_dim;
             let write = |seq: u64, first: u32, n: u32, seed: &mut u64| {
@@ -924,7 +943,8 @@ fn block_storage_and_page_tables_locate_every_row() {
             assert_eq!(kvc_block_storage(cache, &mut data, &mut len), KvcStatus::Ok);
             assert_eq!(len as u64, layout.blocks * layout.block_bytes);
             assert_eq!(data as usize % 64, 0);
-            let arena_range = arena.as_ptr() as usize..arena.as_ptr() as usize + bytes;
+            let arena_range =
+                owner.arena.as_ptr() as usize..owner.arena.as_ptr() as usize + owner.arena.len();
             assert!(arena_range.contains(&(data as usize)));
             assert!(data as usize + len <= arena_range.end);
             let storage = std::slice::from_raw_parts(data, len);
@@ -1036,7 +1056,7 @@ fn block_storage_and_page_tables_locate_every_row() {
                 kvc_page_table(cache, a ^ 1 << 40, null_mut(), 0, &mut entries),
                 KvcStatus::UnknownSequence
             );
-            let in_arena = arena.as_mut_ptr().add(64).cast::<u32>();
+            let in_arena = owner.arena.as_mut_ptr().add(64).cast::<u32>();
             assert_eq!(
                 kvc_page_table(cache, a, in_arena, 16, &mut entries),
                 KvcStatus::BadShape

@@ -22,6 +22,13 @@ static alignas(64) uint8_t handle_memory[512];
         }                                                                    \
     } while (0)
 
+/* IEEE binary16 bits to float (normal, subnormal, zero; the demo stores no inf or NaN). */
+static float f16_to_f32(uint16_t h) {
+    float magnitude = (h >> 10 & 0x1f) == 0 ? ldexpf((float)(h & 0x3ff), -24)
+                                            : ldexpf((float)((h & 0x3ff) | 0x400), (h >> 10 & 0x1f) - 25);
+    return h & 0x8000 ? -magnitude : magnitude;
+}
+
 int main(void) {
     kvc_spec spec = {2, 4, 2, 8, 16, KVC_F16, KVC_F16, 4, 256, 0, 0};
     kvc_cache *cache = NULL;
@@ -58,6 +65,32 @@ int main(void) {
         if (fabsf(merged[i] - out[i]) > 1e-5f) { fprintf(stderr, "work items out[%d] = %f\n", i, merged[i]); return 1; }
     if (kvc_attention_run_item(cache, 0, &entry, 1, &opts, items, q, 32, partials, partial_len, scratch,
                                item_scratch_len) != KVC_BAD_INDEX) return 1;
+    /* Reading the cache in place, as a GPU kernel over a copy of the blocks would: the
+     * layout, the block bytes and the page table locate every key row; an f16 element is
+     * decoded by hand here and must equal what kvc_read gives. */
+    kvc_layout layout;
+    const uint8_t *blocks;
+    size_t blocks_len, entries;
+    uint32_t table[4], len;
+    CHECK(kvc_layout_get(cache, &layout));
+    CHECK(kvc_block_storage(cache, &blocks, &blocks_len));
+    CHECK(kvc_seq_len(cache, seq, &len));
+    CHECK(kvc_page_table(cache, seq, table, 4, &entries));
+    if (len != 5 || entries != 1 || blocks_len != layout.blocks * layout.block_bytes) return 1;
+    float k_row[16], v_row[16];
+    for (uint32_t pos = 0; pos < len; pos++) {
+        CHECK(kvc_read(cache, seq, 1, pos, k_row, v_row, 16));
+        for (uint32_t head = 0; head < 2; head++) {
+            const uint8_t *row = blocks + table[pos / 16] * layout.block_bytes + layout.layer_bytes
+                                 + head * layout.k_segment_bytes + (pos % 16) * layout.k_row_bytes;
+            for (int d = 0; d < 8; d++) {
+                if (f16_to_f32((uint16_t)(row[2 * d] | row[2 * d + 1] << 8)) != k_row[head * 8 + d]) {
+                    fprintf(stderr, "block bytes disagree with kvc_read at %u/%u/%d\n", pos, head, d);
+                    return 1;
+                }
+            }
+        }
+    }
     /* Bad input: errors, not crashes. */
     if (kvc_reserve(cache, seq + 99, 1, NULL) != KVC_UNKNOWN_SEQUENCE) return 1;
     if (kvc_truncate(cache, seq, 6) != KVC_BAD_POSITION) return 1;
