@@ -890,6 +890,29 @@ impl<'a> KvCache<'a> {
     /// [`Self::page_table`] it is all a kernel elsewhere (a GPU copy of these bytes, say) needs
     /// to read float and int8 rows; int4 rows also need [`Self::key_offsets`] and the exact
     /// first rows the cache keeps outside the blocks (see [`crate::quant`]).
+    ///
+    /// ```
+    /// use kvcache::spec::Kind;
+    /// use kvcache::{CacheSpec, KvCache, KvFormat, Layout};
+    ///
+    /// let mut spec = CacheSpec::new(2, 4, 2, 8); // layers, q heads, KV heads, head dim
+    /// spec.k_format = KvFormat::F32;
+    /// let layout = Layout::new(spec).unwrap();
+    /// let mut arena = vec![0u8; layout.arena_bytes(4).unwrap()];
+    /// let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    /// let seq = cache.add_sequence().unwrap();
+    /// cache.reserve(seq, 3).unwrap();
+    /// let keys: Vec<f32> = (0..3 * 2 * 8).map(|i| i as f32).collect();
+    /// cache.write_run(seq, 1, 0, &keys, &keys).unwrap();
+    ///
+    /// // Token 2's key for layer 1, KV head 1, element 5, read in place.
+    /// let (position, head, d) = (2, 1, 5);
+    /// let block = cache.page_table(seq).unwrap()[position / spec.block_tokens] as usize;
+    /// let slot = position % spec.block_tokens;
+    /// let at = block * layout.block_bytes() + layout.row_offset(1, Kind::K, head, slot) + 4 * d;
+    /// let bytes = &cache.block_storage()[at..at + 4];
+    /// assert_eq!(f32::from_le_bytes(bytes.try_into().unwrap()), keys[(position * 2 + head) * 8 + d]);
+    /// ```
     pub fn block_storage(&self) -> &[u8] {
         self.data
     }
