@@ -219,6 +219,7 @@ impl<'a> KvCache<'a> {
     /// Builds a cache of exactly `blocks` blocks; `arena` needs
     /// [`Layout::arena_bytes`]`(blocks)` bytes.
     pub fn with_blocks(spec: CacheSpec, blocks: usize, arena: &'a mut [u8]) -> Result<Self, Error> {
+        kernels::choose();
         let layout = Layout::new(spec)?;
         if blocks == 0 {
             return Err(Error::ZeroDimension("blocks"));

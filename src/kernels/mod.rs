@@ -22,8 +22,10 @@
 //! - otherwise, under the `std` feature, the CPU is asked once (`is_x86_feature_detected!`) and
 //!   the answer cached; without `std` the scalar kernels are used;
 //! - the cargo feature `force-scalar`, or (under `std`) the environment variable
-//!   `KVCACHE_FORCE_SCALAR` set to anything but `""` or `"0"` when the first kernel runs,
-//!   forces the scalar kernels.
+//!   `KVCACHE_FORCE_SCALAR` set to anything but `""` or `"0"` when the first cache is built
+//!   (or the first kernel runs, if that comes first), forces the scalar kernels. Reading the
+//!   variable allocates a copy of its value when it is set: the one allocation the cache ever
+//!   makes, once per process, during construction.
 //!
 //! [`active_isa`] says which set is in use.
 
@@ -84,6 +86,14 @@ fn simd() -> Option<avx2::Avx2> {
             isa
         }
     }
+}
+
+/// Makes the kernel choice now rather than at the first kernel call: under `std` that choice
+/// reads the environment, which allocates when `KVCACHE_FORCE_SCALAR` is set. Building a
+/// [`crate::KvCache`] calls it, so that nothing allocates after construction.
+pub(crate) fn choose() {
+    #[cfg(all(target_arch = "x86_64", not(feature = "force-scalar"), feature = "std"))]
+    let _ = simd();
 }
 
 /// The AVX2 token when the AVX2 kernels are to be used (without `std`: only when the target
