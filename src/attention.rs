@@ -613,6 +613,8 @@ pub fn attention(
 #[derive(Default)]
 pub struct AttentionWorkspace {
     threads: std::vec::Vec<std::sync::Mutex<ThreadBuffers>>,
+    /// Every item's partial state in item order, gathered from the threads for the merge.
+    partials: std::vec::Vec<f32>,
 }
 
 #[cfg(feature = "std")]
@@ -632,7 +634,10 @@ impl AttentionWorkspace {
         let threads = (0..threads.max(1))
             .map(|_| std::sync::Mutex::new(ThreadBuffers::default()))
             .collect();
-        AttentionWorkspace { threads }
+        AttentionWorkspace {
+            threads,
+            partials: std::vec::Vec::new(),
+        }
     }
 
     /// Runs every work item of `plan` and merges them into `out`. `execute` must call the
@@ -695,29 +700,43 @@ impl AttentionWorkspace {
             buffers.ran = true;
         };
         execute(&work);
+        // Every thread has returned: the buffers are reached without locking, and gathered
+        // into one array in item order (no allocation once the workspace is warm).
         let threads = used.load(std::sync::atomic::Ordering::Relaxed).max(1);
-        let guards: std::vec::Vec<_> = self.threads[..threads]
-            .iter()
-            .map(|cell| {
-                cell.lock()
-                    .map_err(|_| Error::BadIndex("poisoned thread buffer"))
-            })
-            .collect::<Result<_, _>>()?;
-        if let Some(error) = guards.iter().find_map(|g| g.result) {
-            return Err(error);
+        let cells = &mut self.threads[..threads];
+        for cell in cells.iter_mut() {
+            let buffers = cell
+                .get_mut()
+                .map_err(|_| Error::BadIndex("poisoned thread buffer"))?;
+            if let Some(error) = buffers.result {
+                return Err(error);
+            }
         }
         // An `execute` that skipped a thread index would leave its items unrun (and an earlier
         // call's partial states in place).
-        if guards.iter().any(|g| !g.ran) {
-            return Err(Error::IncompleteRun);
+        for cell in cells.iter_mut() {
+            if !cell.get_mut().is_ok_and(|buffers| buffers.ran) {
+                return Err(Error::IncompleteRun);
+            }
         }
+        // `work_items × partial_len` fits (checked by the plan).
+        let needed = plan.work_items() * partial_len;
+        let available = self.partials.len();
+        if needed > available && self.partials.try_reserve(needed - available).is_err() {
+            return Err(Error::ScratchTooSmall { needed, available });
+        }
+        self.partials.resize(needed, 0.0);
         let per_thread = plan.work_items().div_ceil(threads);
+        let chunk_len = (per_thread * partial_len).max(1);
+        for (chunk, cell) in self.partials.chunks_mut(chunk_len).zip(cells) {
+            let buffers = cell
+                .get_mut()
+                .map_err(|_| Error::BadIndex("poisoned thread buffer"))?;
+            chunk.copy_from_slice(&buffers.partials[..chunk.len()]);
+        }
+        let partials = &self.partials;
         plan.merge_with(
-            |item| {
-                let buffers = &guards[item / per_thread];
-                let at = item % per_thread * partial_len;
-                &buffers.partials[at..at + partial_len]
-            },
+            |item| &partials[item * partial_len..(item + 1) * partial_len],
             out,
         )
     }

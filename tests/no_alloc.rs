@@ -357,3 +357,68 @@ fn the_c_abi_allocates_nothing() {
     });
     assert_eq!(n, 0, "{n} allocations through the C ABI");
 }
+
+/// The model runner (std) reuses its buffers: once a step has sized them, a decode step
+/// allocates nothing on the calling thread. (Its rotary tables grow with the furthest position
+/// seen, so "warm" here means the sequence has been that far before: it is run to 30 tokens,
+/// truncated to 6, and 10 steps are watched.)
+#[test]
+fn a_warm_decode_step_allocates_nothing() {
+    use kvcache::model::gguf::Gguf;
+    use kvcache::model::llama::{Model, Runner, Step};
+    let gguf = Gguf::from_bytes(kvcache::model::synthetic::synthetic_gguf(3)).unwrap();
+    let model = Model::from_gguf(gguf).unwrap();
+    for threads in [1, 2] {
+        let spec = model.cache_spec(KvFormat::F16, 1, 64);
+        let mut arena = vec![0u8; Layout::new(spec).unwrap().arena_bytes(8).unwrap()];
+        let mut cache = KvCache::new(spec, &mut arena).unwrap();
+        let mut runner = Runner::new(&model, threads);
+        let vocab = model.config().vocab;
+        let mut logits = vec![0f32; vocab];
+        let seq = cache.add_sequence().unwrap();
+        let prompt = [1u32, 2, 3, 4, 5];
+        runner
+            .forward(
+                &mut cache,
+                &[Step {
+                    seq,
+                    tokens: &prompt,
+                }],
+                &mut logits,
+            )
+            .unwrap();
+        for token in 6..30u32 {
+            let tokens = [token];
+            runner
+                .forward(
+                    &mut cache,
+                    &[Step {
+                        seq,
+                        tokens: &tokens,
+                    }],
+                    &mut logits,
+                )
+                .unwrap();
+        }
+        cache.truncate(seq, 6).unwrap();
+        let n = allocations_during(|| {
+            for token in 7..17u32 {
+                let tokens = [token];
+                runner
+                    .forward(
+                        &mut cache,
+                        &[Step {
+                            seq,
+                            tokens: &tokens,
+                        }],
+                        &mut logits,
+                    )
+                    .unwrap();
+            }
+        });
+        assert_eq!(
+            n, 0,
+            "{threads} threads: {n} allocations in 10 decode steps"
+        );
+    }
+}

@@ -388,6 +388,19 @@ struct Buffers {
     quant: QuantizedActivations,
 }
 
+/// A forward call's bookkeeping, kept between calls so that a warm step allocates nothing.
+#[derive(Default)]
+struct BatchBuffers {
+    /// (sequence, new tokens) per step, as `reserve_batch` takes them.
+    requests: Vec<(SeqId, usize)>,
+    /// Each step's sequence length before the call.
+    starts: Vec<usize>,
+    /// The attention batch: each step's new tokens.
+    entries: Vec<BatchEntry>,
+    /// The position of every new token, in step order.
+    positions: Vec<usize>,
+}
+
 /// Runs the model over a cache: owns the thread pool and the working buffers.
 pub struct Runner<'m> {
     model: &'m Model,
@@ -395,6 +408,7 @@ pub struct Runner<'m> {
     workspace: AttentionWorkspace,
     rope: Rope,
     buffers: Buffers,
+    batch: BatchBuffers,
 }
 
 /// One sequence's part of a forward call.
@@ -416,6 +430,7 @@ impl<'m> Runner<'m> {
             workspace: AttentionWorkspace::new(threads),
             rope: Rope::new(&model.config),
             buffers: Buffers::default(),
+            batch: BatchBuffers::default(),
         }
     }
 
@@ -478,17 +493,21 @@ impl<'m> Runner<'m> {
                 config.vocab
             )));
         }
-        let requests: Vec<(SeqId, usize)> = steps.iter().map(|s| (s.seq, s.tokens.len())).collect();
-        let starts: Vec<usize> = steps
-            .iter()
-            .map(|s| cache.len(s.seq))
-            .collect::<Result<_, _>>()?;
-        cache.reserve_batch(&requests)?;
-        let result = self.forward_reserved(cache, steps, &starts, logits, all);
+        let batch = &mut self.batch;
+        batch.requests.clear();
+        batch
+            .requests
+            .extend(steps.iter().map(|s| (s.seq, s.tokens.len())));
+        batch.starts.clear();
+        for step in steps {
+            batch.starts.push(cache.len(step.seq)?);
+        }
+        cache.reserve_batch(&batch.requests)?;
+        let result = self.forward_reserved(cache, steps, logits, all);
         if result.is_err() {
             // Give the reservation back: each sequence ends where it did (the rows this call
             // wrote past that end are dropped with it).
-            for (step, &start) in steps.iter().zip(&starts) {
+            for (step, &start) in steps.iter().zip(&self.batch.starts) {
                 let _ = cache.truncate(step.seq, start);
             }
         }
@@ -496,37 +515,42 @@ impl<'m> Runner<'m> {
     }
 
     /// The forward pass of [`Runner::forward_with`] once the cache holds room for every step's
-    /// tokens (sequence `i` grew from `starts[i]`).
+    /// tokens (sequence `i` grew from `self.batch.starts[i]`).
     fn forward_reserved(
         &mut self,
         cache: &mut KvCache<'_>,
         steps: &[Step<'_>],
-        starts: &[usize],
         logits: &mut [f32],
         all: bool,
     ) -> Result<(), ModelError> {
+        let BatchBuffers {
+            starts,
+            entries,
+            positions,
+            ..
+        } = &mut self.batch;
         let config = *self.model.config();
         let (total, rows) = token_counts(steps, all);
         let max_position = steps
             .iter()
-            .zip(starts)
+            .zip(starts.iter())
             .map(|(s, &p)| p + s.tokens.len())
             .max()
             .unwrap_or(0);
         self.rope.ensure(max_position);
-        let entries: Vec<BatchEntry> = steps
-            .iter()
-            .zip(starts)
-            .map(|(s, &p)| BatchEntry {
-                seq: s.seq,
-                first_position: p,
-                tokens: s.tokens.len(),
-            })
-            .collect();
-        let positions: Vec<usize> = entries
-            .iter()
-            .flat_map(|e| e.first_position..e.first_position + e.tokens)
-            .collect();
+        entries.clear();
+        entries.extend(steps.iter().zip(starts.iter()).map(|(s, &p)| BatchEntry {
+            seq: s.seq,
+            first_position: p,
+            tokens: s.tokens.len(),
+        }));
+        positions.clear();
+        positions.extend(
+            entries
+                .iter()
+                .flat_map(|e| e.first_position..e.first_position + e.tokens),
+        );
+        let (entries, positions) = (&*entries, &*positions);
 
         let (embed, kv, ffn) = (config.embed, config.kv_heads * config.head_dim, config.ffn);
         let b = &mut self.buffers;
@@ -575,7 +599,7 @@ impl<'m> Runner<'m> {
                     .apply(&mut b.k[t * kv..(t + 1) * kv], config.head_dim, position);
             }
             let mut offset = 0;
-            for entry in &entries {
+            for entry in entries {
                 let rows = offset * kv..(offset + entry.tokens) * kv;
                 cache.write_run(
                     entry.seq,
@@ -587,7 +611,7 @@ impl<'m> Runner<'m> {
                 offset += entry.tokens;
             }
             let splits = attention_splits(
-                &entries,
+                entries,
                 config.kv_heads,
                 self.pool.threads(),
                 cache.spec().block_tokens,
@@ -595,7 +619,7 @@ impl<'m> Runner<'m> {
             let plan = AttentionPlan::new(
                 cache,
                 layer_index,
-                &entries,
+                entries,
                 &AttentionOptions { splits, ..options },
             )?;
             let pool = &self.pool;
@@ -723,13 +747,14 @@ fn project_many<const N: usize>(
         .iter()
         .all(|w| w.ty.is_quantized() && w.cols == weights[0].cols)
     {
-        let matrices = weights
-            .iter()
-            .map(|w| model.matrix(w))
-            .collect::<Result<Vec<_>, _>>()?;
+        // (An array, not a Vec: a warm decode step allocates nothing.)
+        let mut matrices = [model.matrix(weights[0])?; N];
+        for (slot, weight) in matrices.iter_mut().zip(weights).skip(1) {
+            *slot = model.matrix(weight)?;
+        }
         let cols = weights[0].cols;
         quantize_activations_pool(&x[..tokens * cols], cols, quant, pool)?;
-        let refs: [&WeightMatrix; N] = core::array::from_fn(|i| &matrices[i]);
+        let refs: [&WeightMatrix; N] = matrices.each_ref();
         let mut index = 0;
         let outs = outs.map(|out| {
             let rows = weights[index].rows;
