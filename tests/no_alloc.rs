@@ -376,44 +376,20 @@ fn a_warm_decode_step_allocates_nothing() {
         let vocab = model.config().vocab;
         let mut logits = vec![0f32; vocab];
         let seq = cache.add_sequence().unwrap();
-        let prompt = [1u32, 2, 3, 4, 5];
-        runner
-            .forward(
-                &mut cache,
-                &[Step {
-                    seq,
-                    tokens: &prompt,
-                }],
-                &mut logits,
-            )
-            .unwrap();
+        let forward =
+            |runner: &mut Runner, cache: &mut KvCache, tokens: &[u32], logits: &mut [f32]| {
+                runner
+                    .forward(cache, &[Step { seq, tokens }], logits)
+                    .unwrap()
+            };
+        forward(&mut runner, &mut cache, &[1, 2, 3, 4, 5], &mut logits);
         for token in 6..30u32 {
-            let tokens = [token];
-            runner
-                .forward(
-                    &mut cache,
-                    &[Step {
-                        seq,
-                        tokens: &tokens,
-                    }],
-                    &mut logits,
-                )
-                .unwrap();
+            forward(&mut runner, &mut cache, &[token], &mut logits);
         }
         cache.truncate(seq, 6).unwrap();
         let n = allocations_during(|| {
             for token in 7..17u32 {
-                let tokens = [token];
-                runner
-                    .forward(
-                        &mut cache,
-                        &[Step {
-                            seq,
-                            tokens: &tokens,
-                        }],
-                        &mut logits,
-                    )
-                    .unwrap();
+                forward(&mut runner, &mut cache, &[token], &mut logits);
             }
         });
         assert_eq!(
