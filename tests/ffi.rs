@@ -23,10 +23,12 @@ fn spec() -> KvcSpec {
 #[repr(C, align(64))]
 struct Handle([u8; 1024]);
 
-/// A cache built through the C ABI, with the arena and handle memory it lives in.
+/// A cache built through the C ABI, with the arena and handle memory it lives in (both in
+/// `Vec`s: moving one keeps the pointers into its buffer valid, where moving a `Box` would not
+/// under Rust's aliasing rules).
 struct CCache {
     arena: Vec<u8>,
-    _handle: Box<Handle>,
+    _handle: Vec<Handle>,
     cache: *mut KvcCache,
 }
 
@@ -38,10 +40,11 @@ impl CCache {
         unsafe {
             assert_eq!(kvc_arena_bytes(spec, blocks, &mut bytes), KvcStatus::Ok);
             let mut arena = vec![0u8; bytes];
-            let mut handle = Box::new(Handle([0; 1024]));
+            let mut handle = Vec::with_capacity(1);
+            handle.push(Handle([0; 1024]));
             let mut cache: *mut KvcCache = null_mut();
             let status = kvc_cache_init(
-                handle.0.as_mut_ptr(),
+                handle.as_mut_ptr().cast(),
                 1024,
                 spec,
                 arena.as_mut_ptr(),
