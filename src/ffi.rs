@@ -224,7 +224,11 @@ struct Span {
 
 impl Span {
     fn of<T>(ptr: *const T, count: usize) -> Span {
-        let start = ptr as usize;
+        Span::at::<T>(ptr as usize, count)
+    }
+
+    /// The span of `count` values of `T` from address `start` (no pointer needed).
+    fn at<T>(start: usize, count: usize) -> Span {
         let bytes = count.checked_mul(size_of::<T>());
         let end = bytes.and_then(|b| start.checked_add(b));
         Span {
@@ -262,7 +266,7 @@ unsafe fn check_disjoint(
     let (arena_start, arena_len) = unsafe { (*cache).arena_span() };
     let owned = [
         Span::of(cache, 1),
-        Span::of(arena_start as *const u8, arena_len),
+        Span::at::<u8>(arena_start, arena_len),
     ];
     if reads.iter().chain(writes).any(|span| !span.valid) {
         return Err(KvcStatus::BadShape);
