@@ -264,10 +264,7 @@ unsafe fn check_disjoint(
 ) -> Result<(), KvcStatus> {
     // SAFETY: the function's contract; only read here, before any `&mut` to it exists.
     let (arena_start, arena_len) = unsafe { (*cache).arena_span() };
-    let owned = [
-        Span::of(cache, 1),
-        Span::at::<u8>(arena_start, arena_len),
-    ];
+    let owned = [Span::of(cache, 1), Span::at::<u8>(arena_start, arena_len)];
     if reads.iter().chain(writes).any(|span| !span.valid) {
         return Err(KvcStatus::BadShape);
     }

@@ -543,6 +543,7 @@ proptest! {
                     if let Some(&id) = removed.last() {
                         prop_assert_eq!(cache.reserve(id, 1), Err(Error::UnknownSequence));
                         prop_assert_eq!(cache.truncate(id, 0), Err(Error::UnknownSequence));
+                        prop_assert_eq!(cache.page_table(id), Err(Error::UnknownSequence));
                         prop_assert_eq!(write_token(&mut cache, id, 0, 0), Err(Error::UnknownSequence));
                     }
                 }
@@ -554,6 +555,10 @@ proptest! {
                 prop_assert_eq!(cache.len(*id).unwrap(), tokens.len());
                 let stats = cache.seq_stats(*id).unwrap();
                 prop_assert_eq!(stats.blocks, tokens.len().div_ceil(block_tokens));
+                // The public page table: one physical block per logical one (no window here).
+                let table = cache.page_table(*id).unwrap();
+                prop_assert_eq!(table.len(), stats.blocks);
+                prop_assert!(table.iter().all(|&b| (b as usize) < cache.capacity_blocks()));
                 for (position, &tag) in tokens.iter().enumerate() {
                     assert_token(&cache, *id, position, tag);
                 }
