@@ -286,6 +286,74 @@ fn cli(args: &[&str]) -> (i32, String) {
     (output.status.code().unwrap_or(-1), stderr)
 }
 
+/// Output to a reader that is gone (`kvcache memory | head`) or to a full disk ends the
+/// process without a panic: status 141 (as SIGPIPE would) or 1 with a message. `--help` and
+/// `-h` print the usage with any command, and every option the usage shows is accepted.
+#[test]
+fn closed_stdout_help_and_the_usage_text() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(env!("CARGO_BIN_EXE_kvcache"))
+        .args(["memory"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.code(), Some(141), "{stderr}");
+    if let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") {
+        let output = Command::new(env!("CARGO_BIN_EXE_kvcache"))
+            .args(["memory"])
+            .stdout(full)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("cannot write to stdout"), "{stderr}");
+    }
+    for args in [
+        &["--help"][..],
+        &["bench", "attention", "--help"],
+        &["generate", "-h"],
+        &["help"],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_kvcache"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains("usage:"),
+            "{args:?}"
+        );
+    }
+    // Options the usage text shows for the commands that run without a model.
+    for args in [
+        &["memory", "--shape", "llama3-8b", "--batch", "2"][..],
+        &[
+            "bench",
+            "attention",
+            "--shape",
+            "smollm2",
+            "--ctx",
+            "64",
+            "--batch",
+            "1",
+            "--steps",
+            "1",
+            "--kv",
+            "int4",
+            "--block-tokens",
+            "8",
+            "--threads",
+            "1",
+        ],
+    ] {
+        let (code, err) = cli(args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn bad_input_gets_a_clear_message_and_a_nonzero_exit() {
     let dir = std::env::temp_dir().join(format!("kvcache-bad-input-{}", std::process::id()));

@@ -180,37 +180,37 @@ pub fn attention(args: &Args) -> Result<(), String> {
     let read_gbps = step_bytes / read / 1e9;
     // Two FMAs (4 flops) per stored element and query head: one for q·k, one for p·v.
     let flops = 4.0 * (batch * ctx * spec.layers * spec.q_heads * spec.head_dim) as f64;
-    println!("attention decode step: shape {shape_name}, kv {format}, ctx {ctx}, batch {batch}, threads {threads}, splits {splits}, isa {}", kernels::active_isa());
-    println!("  {:<28} {:>10} {:>10} {:>10}", "", "ms", "GB/s", "GFLOP/s");
-    println!(
+    outln!("attention decode step: shape {shape_name}, kv {format}, ctx {ctx}, batch {batch}, threads {threads}, splits {splits}, isa {}", kernels::active_isa());
+    outln!("  {:<28} {:>10} {:>10} {:>10}", "", "ms", "GB/s", "GFLOP/s");
+    outln!(
         "  {:<28} {:>10.3} {:>10.2} {:>10.1}",
         "decode step (all layers)",
         step * 1e3,
         gbps,
         flops / step / 1e9
     );
-    println!(
+    outln!(
         "  {:<28} {:>10.3} {:>10.2} {:>10}",
         "plain read of same bytes",
         read * 1e3,
         read_gbps,
         "-"
     );
-    println!(
+    outln!(
         "  {:<28} {:>10.3} {:>10} {:>10.1}",
         "its FMAs alone (registers)",
         fma * 1e3,
         "-",
         flops / fma / 1e9
     );
-    println!(
+    outln!(
         "  K+V bytes per step: {:.1} MB, steps measured: {steps} (fastest {:.3} ms), {:.1} thread-ns per token and KV head, out[0] = {:.6}",
         step_bytes / 1e6,
         best_step * 1e3,
         ns_per_token_head,
         out[0]
     );
-    println!(
+    outln!(
         "{{\"shape\":\"{shape_name}\",\"kv\":\"{format}\",\"ctx\":{ctx},\"batch\":{batch},\"threads\":{threads},\"splits\":{splits},\"isa\":\"{}\",\"ms_per_step\":{:.4},\"gbps\":{:.3},\"read_ms\":{:.4},\"read_gbps\":{:.3},\"gflops\":{:.2},\"roofline_ratio\":{:.3},\"fma_ms\":{:.4},\"compute_ratio\":{:.3},\"best_ms\":{:.4},\"ns_per_token_head\":{:.2}}}",
         kernels::active_isa(),
         step * 1e3,

@@ -22,7 +22,7 @@ fn synthetic_model_demo() -> Result<(), String> {
         Gguf::from_bytes(crate::model::synthetic::synthetic_gguf(7)).map_err(|e| e.to_string())?;
     let model = Model::from_gguf(gguf).map_err(|e| e.to_string())?;
     let config = *model.config();
-    println!(
+    outln!(
         "synthetic model: {} layers, width {}, {} query heads on {} KV heads, vocab {} (random weights)",
         config.layers, config.embed, config.heads, config.kv_heads, config.vocab
     );
@@ -78,20 +78,20 @@ fn synthetic_model_demo() -> Result<(), String> {
     };
     let (cached, cached_time, bytes) = run(false)?;
     let (recomputed, recompute_time, _) = run(true)?;
-    println!(
+    outln!(
         "  prompt: {} tokens; generated {steps} tokens greedily",
         prompt.len()
     );
-    println!(
+    outln!(
         "  with the cache:    {:>8.2} ms, KV cache {bytes} bytes",
         cached_time * 1e3
     );
-    println!(
+    outln!(
         "  recomputing all:   {:>8.2} ms ({:.1}x slower)",
         recompute_time * 1e3,
         recompute_time / cached_time
     );
-    println!(
+    outln!(
         "  same tokens: {}",
         if cached == recomputed { "yes" } else { "NO" }
     );
@@ -111,7 +111,7 @@ fn paging_demo() -> Result<(), String> {
     let mut arena = HeapArena::new(layout.arena_bytes(64).map_err(|e| e.to_string())?)
         .map_err(|e| e.to_string())?;
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
-    println!(
+    outln!(
         "cache: {} blocks of {} bytes ({} tokens each), {:.0} bytes per token",
         cache.capacity_blocks(),
         layout.block_bytes(),
@@ -190,13 +190,13 @@ fn paging_demo() -> Result<(), String> {
     }
     print_stats("after removing every sequence", &cache);
     cache.check_invariants().map_err(|e| e.to_string())?;
-    println!("invariants hold");
+    outln!("invariants hold");
     Ok(())
 }
 
 fn print_stats(label: &str, cache: &KvCache<'_>) {
     let stats = cache.stats();
-    println!(
+    outln!(
         "{label}:\n  sequences {}, tokens {}, blocks used {}/{} ({} bytes), unused slots {}",
         stats.sequences,
         stats.tokens,
@@ -212,29 +212,29 @@ pub fn memory(args: &Args) -> Result<(), String> {
     let (name, spec) = super::shape(args)?;
     let batch: usize = args.value("batch", 1)?;
     args.reject_unknown()?;
-    println!("KV cache footprint, shape {name} ({} layers, {} query heads, {} KV heads, head dim {}), batch {batch}", spec.layers, spec.q_heads, spec.kv_heads, spec.head_dim);
-    print!("{:>8}", "context");
+    outln!("KV cache footprint, shape {name} ({} layers, {} query heads, {} KV heads, head dim {}), batch {batch}", spec.layers, spec.q_heads, spec.kv_heads, spec.head_dim);
+    out!("{:>8}", "context");
     for format in KvFormat::ALL {
-        print!(" {:>14}", format.name());
+        out!(" {:>14}", format.name());
     }
-    println!();
+    outln!();
     for context in [512usize, 2048, 8192, 32768, 131072] {
-        print!("{context:>8}");
+        out!("{context:>8}");
         for format in KvFormat::ALL {
             let mut s = spec;
             s.k_format = format;
             s.v_format = format;
             let fp = footprint(s, context, batch).map_err(|e| e.to_string())?;
-            print!(" {:>11.1} MB", fp.arena_bytes as f64 / 1e6);
+            out!(" {:>11.1} MB", fp.arena_bytes as f64 / 1e6);
         }
-        println!();
+        outln!();
     }
     for format in KvFormat::ALL {
         let mut s = spec;
         s.k_format = format;
         s.v_format = format;
         let fp = footprint(s, 1, 1).map_err(|e| e.to_string())?;
-        println!(
+        outln!(
             "bytes per token, {:>5}: {:.0}",
             format.name(),
             fp.bytes_per_token

@@ -1,6 +1,5 @@
 //! `kvcache generate`, `kvcache ppl` and `kvcache bench decode`: the model runner at work.
 
-use std::io::Write;
 use std::time::Instant;
 
 use super::args::Args;
@@ -153,7 +152,6 @@ pub fn generate(args: &Args) -> Result<(), String> {
         .flatten()
         .collect();
     let start = Instant::now();
-    let mut stdout = std::io::stdout();
     let mut all = prompt_ids.clone();
     loop {
         let token = sampler.sample(&logits);
@@ -162,8 +160,7 @@ pub fn generate(args: &Args) -> Result<(), String> {
         if stop.contains(&token) {
             break;
         }
-        let _ = write!(stdout, "{}", stream.push_token(tokenizer, token));
-        let _ = stdout.flush();
+        out!("{}", stream.push_token(tokenizer, token));
         if generated.len() == n {
             break;
         }
@@ -178,10 +175,10 @@ pub fn generate(args: &Args) -> Result<(), String> {
         )?;
     }
     let decode = start.elapsed().as_secs_f64();
-    println!("{}", stream.finish());
+    outln!("{}", stream.finish());
     if show_ids {
-        println!("prompt ids: {}", join(&prompt_ids));
-        println!("generated ids: {}", join(&generated));
+        outln!("prompt ids: {}", join(&prompt_ids));
+        outln!("generated ids: {}", join(&generated));
     }
     let stats = cache.stats();
     eprintln!(
@@ -304,11 +301,11 @@ pub fn ppl(args: &Args) -> Result<(), String> {
             count += 1;
         }
         cache.remove(seq).map_err(|e| e.to_string())?;
-        println!("[{}] {:.4}", c + 1, (nll / count as f64).exp());
+        outln!("[{}] {:.4}", c + 1, (nll / count as f64).exp());
     }
     let ppl = (nll / count as f64).exp();
-    println!("perplexity: {ppl:.4} over {chunks} windows of {ctx} tokens ({count} scored), kv {format}/{v_format}, {:.1} s", start.elapsed().as_secs_f64());
-    println!("{{\"ppl\":{ppl:.5},\"ctx\":{ctx},\"chunks\":{chunks},\"kv\":\"{format}\",\"kv_v\":\"{v_format}\",\"scored\":{count}}}");
+    outln!("perplexity: {ppl:.4} over {chunks} windows of {ctx} tokens ({count} scored), kv {format}/{v_format}, {:.1} s", start.elapsed().as_secs_f64());
+    outln!("{{\"ppl\":{ppl:.5},\"ctx\":{ctx},\"chunks\":{chunks},\"kv\":\"{format}\",\"kv_v\":\"{v_format}\",\"scored\":{count}}}");
     Ok(())
 }
 
@@ -378,9 +375,9 @@ pub fn bench_decode(args: &Args) -> Result<(), String> {
     let decode = start.elapsed().as_secs_f64();
     let tok_per_s = n as f64 / decode;
     let prefill_tok_per_s = context.len() as f64 / prefill;
-    println!("decode after {depth} tokens of context: {n} tokens in {decode:.3} s = {tok_per_s:.2} tok/s{} (kv {format}, threads {threads})", if no_cache { " without the cache" } else { "" });
-    println!("prefill: {} tokens in {prefill:.3} s = {prefill_tok_per_s:.1} tok/s; KV cache {} bytes in use", context.len(), cache.stats().bytes_used);
-    println!(
+    outln!("decode after {depth} tokens of context: {n} tokens in {decode:.3} s = {tok_per_s:.2} tok/s{} (kv {format}, threads {threads})", if no_cache { " without the cache" } else { "" });
+    outln!("prefill: {} tokens in {prefill:.3} s = {prefill_tok_per_s:.1} tok/s; KV cache {} bytes in use", context.len(), cache.stats().bytes_used);
+    outln!(
         "{{\"depth\":{depth},\"kv\":\"{format}\",\"threads\":{threads},\"n\":{n},\"no_cache\":{no_cache},\"tok_per_s\":{tok_per_s:.3},\"prefill_tok_per_s\":{prefill_tok_per_s:.2}}}"
     );
     Ok(())

@@ -1,5 +1,23 @@
 //! The `kvcache` command-line tool (`std` only): argument parsing and the commands.
 
+/// `print!` to stdout that ends the process once stdout is closed (`kvcache memory | head`),
+/// where `print!` would panic.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!` likewise.
+macro_rules! outln {
+    () => {
+        $crate::cli::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 pub mod args;
 pub mod bench;
 pub mod demo;
@@ -11,16 +29,42 @@ const USAGE: &str = "\
 kvcache: a paged KV cache for transformer inference
 
 usage:
-  kvcache generate --model PATH --prompt TEXT -n N [--kv FORMAT] [--threads T]
-                   [--temp X --top-k K --top-p P --seed S] [--chat] [--ids] [--no-cache]
-  kvcache ppl --model PATH --file TEXT [--ctx 512] [--kv FORMAT] [--chunks N]
-  kvcache bench decode --model PATH --depth D [-n 64] [--kv FORMAT] [--threads T] [--no-cache]
-  kvcache                              the main job: SmolLM2 answers a question (demo without it)
-  kvcache demo                         run a built-in synthetic model through the cache
-  kvcache memory [--shape S] [--kv F]  cache bytes by context, batch and format
-  kvcache bench attention [--shape smollm2|llama3-8b] [--ctx N] [--batch B]
-                          [--kv f32|f16|bf16] [--threads T] [--steps S]
+  kvcache                    the main job: SmolLM2 answers a question (the demo without it)
+  kvcache generate --prompt TEXT [-n 64] [--chat] [--ids] [--no-cache] [--temp X]
+                   [--top-k K] [--top-p P] [--seed S] [--ctx 8192] [--chunk 256]
+  kvcache ppl --file TEXT [--ctx 512] [--chunks N] [--chars N]
+  kvcache bench decode [--depth 0] [-n 64] [--chunk 512] [--no-cache]
+  kvcache bench attention [--shape smollm2|llama3-8b] [--ctx 2048] [--batch 1] [--steps S]
+  kvcache demo               the built-in synthetic model through the cache
+  kvcache memory [--shape smollm2|llama3-8b] [--batch 1]
+                             cache bytes by context length and format
+
+options of generate, ppl and the benches:
+  --kv FORMAT       key and value storage: f32, f16 (default), bf16, int8, int4
+  --kv-v FORMAT     value storage when it differs from the keys' (not bench attention)
+  --block-tokens N  token slots per block (default 16)
+  --threads T       threads (default: every core)
+  --model PATH      the GGUF file (default $KVCACHE_MODEL, else
+                    models/SmolLM2-135M-Instruct.Q4_1.gguf; not bench attention)
+  --help, -h        this text, with any command
 ";
+
+/// Writes to stdout and flushes. A reader that stopped early (`| head`) ends the process
+/// quietly with status 141, as SIGPIPE would; any other write error ends it with a message.
+pub(crate) fn write_stdout(args: core::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("kvcache: cannot write to stdout: {e}");
+        }
+        std::process::exit(if e.kind() == std::io::ErrorKind::BrokenPipe {
+            141
+        } else {
+            1
+        });
+    }
+}
 
 /// Runs the CLI on `args` (without the program name); returns the process exit code.
 pub fn main(args: Vec<String>) -> i32 {
@@ -34,6 +78,11 @@ pub fn main(args: Vec<String>) -> i32 {
 }
 
 fn run(args: Vec<String>) -> Result<(), String> {
+    if args.iter().any(|a| a == "--help" || a == "-h") || args.first().is_some_and(|a| a == "help")
+    {
+        out!("{USAGE}");
+        return Ok(());
+    }
     let args = Args::parse(args)?;
     match (args.positional(0), args.positional(1)) {
         (Some("demo"), _) => demo::demo(&args),
@@ -42,10 +91,6 @@ fn run(args: Vec<String>) -> Result<(), String> {
         (Some("bench"), Some("decode")) => generate::bench_decode(&args),
         (Some("generate"), _) => generate::generate(&args),
         (Some("ppl"), _) => generate::ppl(&args),
-        (None, _) if args.flag("help") => {
-            print!("{USAGE}");
-            Ok(())
-        }
         (None, _) => main_job(&args),
         (Some(other), _) => Err(format!("unknown command `{other}`\n{USAGE}")),
     }
@@ -69,7 +114,7 @@ fn main_job(args: &Args) -> Result<(), String> {
         let args = Args::parse(words.iter().map(|w| w.to_string()))?;
         generate::generate(&args)
     } else {
-        println!("(no model at {path}: run .ci/fetch-model to get SmolLM2-135M; running the built-in demo)\n");
+        outln!("(no model at {path}: run .ci/fetch-model to get SmolLM2-135M; running the built-in demo)\n");
         demo::demo(&Args::default())
     }
 }
