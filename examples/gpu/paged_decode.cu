@@ -2,19 +2,21 @@
  *
  * The cache is built and filled on the host through the C ABI (include/kvcache.h). Its block
  * storage is copied to the GPU as it is, byte for byte, with each sequence's page table
- * (kvc_block_storage, kvc_layout_get, kvc_page_table); two kernels then run FlashDecoding-style
- * split-K attention over those blocks, the same decomposition as the CPU's work items
- * (README, "Attention, and how it maps to a GPU"):
+ * (kvc_block_storage, kvc_layout_get, kvc_page_table); one kernel per layer then runs
+ * FlashDecoding-style split-K attention over those blocks, the same decomposition as the
+ * CPU's work items (README, "Attention, and how it maps to a GPU"):
  *
- *   split_kernel  one thread block per (key split, KV head, sequence). Each of its 4 warps
- *                 takes one 16-token block at a time: it copies the block's key and value
- *                 segments (one layer, one KV head) to shared memory with coalesced loads, a
- *                 pair of lanes per token dots the key row (f16 or int8, dequantized in
- *                 registers) with the GQA group's queries, the warp folds the scores into a
- *                 running max / sum per query head (online softmax), and each lane accumulates
- *                 two dimensions of the weighted value rows. The warps' states merge through
- *                 shared memory into one partial state (m, l, acc) per query head and split.
- *   merge_kernel  one thread block per (sequence, query head): merges the splits' states.
+ *   decode_kernel  one thread block per (key split, KV head, sequence). Each of its 4 warps
+ *                  walks its share of the split's 16-token blocks with a double buffer: while
+ *                  it computes one block, the next block's key and value segments (one layer,
+ *                  one KV head) are already being copied to shared memory (cp.async,
+ *                  coalesced). Per block, a pair of lanes per token dots the key row (f16 or
+ *                  int8, converted in registers) with the GQA group's queries, the warp folds
+ *                  the scores into a running max per query head (online softmax, in base 2),
+ *                  and each lane accumulates two dimensions of the weighted value rows. The
+ *                  warps' states merge through shared memory into one partial state (m, l,
+ *                  acc) per query head and split; the last split to finish for a (sequence,
+ *                  KV head) merges all of them into the output.
  *
  * What it checks: against an f64 oracle on the values read back through kvc_read, and against
  * the CPU's kvc_attention, for f16 and int8 keys and values, GQA groups of 1 to 4, ragged
@@ -25,7 +27,8 @@
  * Limits of this example: head_dim 64, block_tokens 16, f16 or int8 rows (int4 rows need the
  * state kept outside the blocks), one query token per sequence (decode).
  *
- * Build and run (on a machine with nvcc and a GPU; the static library built beforehand):
+ * Build and run (on a machine with nvcc and a GPU of compute capability 8.0 or later, for
+ * cp.async; the static library built beforehand):
  *   cargo rustc --release --lib --crate-type staticlib
  *   nvcc -O3 -std=c++17 -arch=native -Iinclude examples/gpu/paged_decode.cu \
  *        target/release/libkvcache.a -lpthread -ldl -lm -o paged_decode && ./paged_decode
@@ -73,7 +76,13 @@ constexpr int BLOCK_TOKENS = 16;
 #define KVC_GPU_WARPS 4
 #endif
 constexpr int WARPS = KVC_GPU_WARPS; /* warps per thread block */
+#ifndef KVC_GPU_STAGES
+#define KVC_GPU_STAGES 2
+#endif
+constexpr int STAGES = KVC_GPU_STAGES; /* blocks per warp in flight or in use: 2 = double buffering */
+constexpr int MAX_SPLITS = 256;        /* key splits per (sequence, KV head) */
 constexpr unsigned FULL = 0xffffffffu;
+constexpr float LOG2E = 1.4426950408889634f;
 
 /* Byte strides of the block format, from kvc_layout_get. */
 struct DeviceLayout {
@@ -90,93 +99,99 @@ struct DeviceBatch {
     const float *queries;
     int q_heads;
     uint32_t window, sink;
-    float scale;
+    float scale; /* 1 / sqrt(HEAD_DIM) */
+};
+
+/* Per split and query head, a partial softmax state: the running max m and sum l (both in
+ * log2 units: scores are scaled by log2(e) so that exp2f, one instruction, does the softmax)
+ * and acc[HEAD_DIM], the weighted sum of value rows. Index of (sequence b, query head h, split
+ * s): (b * q_heads + h) * splits + s; ml holds {m, l} pairs, acc HEAD_DIM floats each. */
+struct PartialStates {
+    float *ml, *acc;
+    unsigned *arrivals; /* per (sequence, KV head): splits done so far in this launch */
+    float *out;         /* [sequences][q_heads][HEAD_DIM], the merged result */
 };
 
 __device__ inline float bf16_at(const uint8_t *p) {
-    uint32_t bits = (uint32_t)p[0] | ((uint32_t)p[1] << 8);
-    return __uint_as_float(bits << 16);
+    return __uint_as_float((uint32_t)*reinterpret_cast<const uint16_t *>(p) << 16);
 }
 
-/* Elements [32*half, 32*half + 32) of a key row into k[32]. */
-template <int F>
-__device__ inline void key_half(const uint8_t *row, int half, float *k) {
-    if (F == KVC_F16) {
-        const uint4 *p = reinterpret_cast<const uint4 *>(row + half * 64);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            uint4 u = p[i];
-            const __half2 *h = reinterpret_cast<const __half2 *>(&u);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                float2 f = __half22float2(h[j]);
-                k[8 * i + 2 * j] = f.x;
-                k[8 * i + 2 * j + 1] = f.y;
-            }
-        }
-    } else { /* int8: 64 bytes, then one bf16 scale per 32 elements; rows are 4-byte aligned */
-        const uint32_t *p = reinterpret_cast<const uint32_t *>(row + half * 32);
-        float s = bf16_at(row + HEAD_DIM + 2 * half);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            uint32_t w = p[i];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) k[4 * i + j] = (float)(int8_t)(w >> (8 * j)) * s;
-        }
-    }
+/* Four int8 (one 32-bit word) to floats, exactly, without the slow int-to-float unit: each
+ * byte, offset to unsigned, becomes the low mantissa byte of 2^23, which is then subtracted. */
+__device__ inline float4 int8x4_to_float4(uint32_t word) {
+    const uint32_t biased = word ^ 0x80808080u;
+    const float base = 8388608.f + 128.f; /* 2^23 + the offset */
+    return make_float4(__uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7440)) - base,
+                       __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7441)) - base,
+                       __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7442)) - base,
+                       __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7443)) - base);
 }
 
-/* A block's 16 rows of one segment, moved from global to shared memory with coalesced loads:
- * the warp reads the segment as consecutive words (lane L takes words L, L + 32, ...). PAD
- * (for keys) widens f16 rows from 128 to 144 bytes in shared memory, so that the
- * row-per-lane-pair reads of the scores hit distinct banks; int8 rows keep their 68 bytes. */
+/* 16 bytes global -> shared, asynchronously and bypassing L1 (cp.async, sm_80 and later). */
+__device__ inline void copy16_async(void *shared, const void *global) {
+    const unsigned to = (unsigned)__cvta_generic_to_shared(shared);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(to), "l"(global) : "memory");
+}
+__device__ inline void copies_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+/* Waits until at most N of this thread's committed copy groups are still in flight. */
+template <int N>
+__device__ inline void copies_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/* One segment of a block (its 16 rows of one layer and KV head, keys or values) as it lies in
+ * the cache, and as this kernel keeps it in shared memory. PAD widens f16 key rows from 128
+ * to 144 bytes there, so that the row-per-lane-pair reads of the scores hit distinct banks. */
 template <int F, bool PAD>
-struct Stage {
-    static constexpr int ROW_BYTES = F == KVC_F16 ? 2 * HEAD_DIM : HEAD_DIM + 4;
-    static constexpr int ROW = F == KVC_F16 && PAD ? 2 * HEAD_DIM + 16 : ROW_BYTES;
-    static constexpr int BYTES = BLOCK_TOKENS * ROW;
-    static constexpr int WORDS = BLOCK_TOKENS * ROW_BYTES / 4; /* 32-bit words of the segment */
-    static constexpr int UNIT = F == KVC_F16 ? 4 : 1;          /* words per load */
-    static constexpr int WORDS_PER_LANE = (WORDS + 32 - 1) / 32;
+struct Segment {
+    static constexpr int ROW_BYTES = F == KVC_F16 ? 2 * HEAD_DIM : HEAD_DIM + 4; /* + 2 bf16 scales */
+    static constexpr int CHUNKS = BLOCK_TOKENS * ROW_BYTES / 16; /* 16-byte units: 128 or 68 */
+    static constexpr int ROW = F == KVC_F16 && PAD ? ROW_BYTES + 16 : ROW_BYTES; /* in shared */
+    static constexpr int STAGE_BYTES = BLOCK_TOKENS * ROW;
 
-    __device__ static void load(const uint8_t *segment, int lane, uint32_t *words) {
-        if (UNIT == 4) {
-            const uint4 *src = reinterpret_cast<const uint4 *>(segment);
+    /* Starts copying the segment at `from` (16-byte aligned) to `stage`; lane L copies units
+     * L, L + 32, ...: consecutive lanes read consecutive bytes. */
+    __device__ static void copy(uint8_t *stage, const uint8_t *from, int lane) {
 #pragma unroll
-            for (int i = 0; i < WORDS_PER_LANE / 4; ++i) {
-                const uint4 u = src[lane + 32 * i];
-                words[4 * i] = u.x;
-                words[4 * i + 1] = u.y;
-                words[4 * i + 2] = u.z;
-                words[4 * i + 3] = u.w;
-            }
-        } else {
-            const uint32_t *src = reinterpret_cast<const uint32_t *>(segment);
-#pragma unroll
-            for (int i = 0; i < WORDS_PER_LANE; ++i) {
-                const int j = lane + 32 * i;
-                words[i] = j < WORDS ? src[j] : 0u;
-            }
-        }
-    }
-
-    __device__ static void store(uint8_t *stage, int lane, const uint32_t *words) {
-        if (UNIT == 4) {
-#pragma unroll
-            for (int i = 0; i < WORDS_PER_LANE / 4; ++i) {
-                const int j = lane + 32 * i; /* 16-byte unit j: row j / 8, column j % 8 */
-                *reinterpret_cast<uint4 *>(stage + (j / 8) * ROW + (j % 8) * 16) =
-                    make_uint4(words[4 * i], words[4 * i + 1], words[4 * i + 2], words[4 * i + 3]);
-            }
-        } else {
-#pragma unroll
-            for (int i = 0; i < WORDS_PER_LANE; ++i) {
-                const int j = lane + 32 * i;
-                if (j < WORDS) reinterpret_cast<uint32_t *>(stage)[j] = words[i];
-            }
+        for (int j = lane; j < CHUNKS; j += 32) {
+            const int row = j * 16 / ROW_BYTES, column = j * 16 % ROW_BYTES;
+            copy16_async(stage + (ROW == ROW_BYTES ? j * 16 : row * ROW + column), from + j * 16);
         }
     }
 };
+
+/* This lane's half (32 elements) of a key row, dotted with the same half of the GQA group's
+ * queries: dot[h] = sum_i q[h][half][i] * key[32 * half + i]. */
+template <int F, int G>
+__device__ inline void key_half_dot(const uint8_t *row, int half, const float (*q)[2][36],
+                                    float *dot) {
+    float even[G], odd[G];
+#pragma unroll
+    for (int h = 0; h < G; ++h) even[h] = odd[h] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) { /* elements 4i .. 4i + 3 of the half */
+        float4 k;
+        if (F == KVC_F16) {
+            const uint2 u = reinterpret_cast<const uint2 *>(row + half * 64)[i];
+            const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&u.x));
+            const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&u.y));
+            k = make_float4(a.x, a.y, b.x, b.y);
+        } else { /* the integers; the group's scale is applied to the sum */
+            k = int8x4_to_float4(reinterpret_cast<const uint32_t *>(row + half * 32)[i]);
+        }
+#pragma unroll
+        for (int h = 0; h < G; ++h) {
+            const float4 qv = *reinterpret_cast<const float4 *>(&q[h][half][4 * i]);
+            even[h] = fmaf(qv.x, k.x, even[h]);
+            odd[h] = fmaf(qv.y, k.y, odd[h]);
+            even[h] = fmaf(qv.z, k.z, even[h]);
+            odd[h] = fmaf(qv.w, k.w, odd[h]);
+        }
+    }
+    const float scale = F == KVC_F16 ? 1.f : bf16_at(row + HEAD_DIM + 2 * half);
+#pragma unroll
+    for (int h = 0; h < G; ++h) dot[h] = (even[h] + odd[h]) * scale;
+}
 
 /* Elements 2*lane and 2*lane + 1 of a value row. */
 template <int F>
@@ -184,11 +199,12 @@ __device__ inline float2 value_pair(const uint8_t *row, int lane) {
     if (F == KVC_F16) {
         return __half22float2(*reinterpret_cast<const __half2 *>(row + 4 * lane));
     } else {
-        const uint16_t w = *reinterpret_cast<const uint16_t *>(row + 2 * lane);
+        const uint32_t w = *reinterpret_cast<const uint16_t *>(row + 2 * lane);
+        const float4 f = int8x4_to_float4(w); /* the two upper lanes are unused */
         /* Both bf16 scales in one load (rows are 4-byte aligned): low half for lanes 0-15. */
         const uint32_t scales = *reinterpret_cast<const uint32_t *>(row + HEAD_DIM);
         const float s = __uint_as_float(lane < 16 ? scales << 16 : scales & 0xffff0000u);
-        return make_float2((float)(int8_t)(w & 0xff) * s, (float)(int8_t)(w >> 8) * s);
+        return make_float2(f.x * s, f.y * s);
     }
 }
 
@@ -204,13 +220,31 @@ __device__ inline float warp_sum(float x) {
     return x;
 }
 
-/* Partial states: ml[((b * q_heads + head) * splits + split) * 2 + {0: m, 1: l}], acc the same
- * index times HEAD_DIM. G = query heads per KV head. */
+/* The first logical block at or after `lb` (stepping by WARPS) that the page table holds, or
+ * `end` if none: a window may have evicted some. */
+__device__ inline int next_held(const uint32_t *table, int lb, int end) {
+    while (lb < end && table[lb] == KVC_NO_BLOCK) lb += WARPS;
+    return lb < end ? lb : end;
+}
+
+/* One thread block per (key split, KV head, sequence); G = query heads per KV head.
+ *
+ * Each warp walks its share of the split's blocks (warp w takes blocks w, w + WARPS, ...),
+ * double-buffered: the next block's key and value segments are copied to shared memory
+ * (cp.async) while the current one is computed, so a warp always has a block's loads in
+ * flight. Per block: a pair of lanes per token dots the key row with the group's queries; the
+ * warp takes each query head's max (4 shuffles: the pair already agrees); every lane keeps a
+ * running sum of its own tokens' weights (summed over the warp once, at the end); the weights
+ * go to shared memory, and each lane accumulates two dimensions of the weighted value rows.
+ * The warps' states merge through shared memory into the split's partial state. The last
+ * split to finish for a (sequence, KV head), counted with an atomic, merges all the splits'
+ * states into the output: no second kernel. */
 template <int KF, int VF, int G>
 __global__ void __launch_bounds__(WARPS * 32)
-    split_kernel(const uint8_t *__restrict__ storage, DeviceLayout lay, int layer,
-                 DeviceBatch batch, int blocks_per_split, int splits, float *__restrict__ ml,
-                 float *__restrict__ acc_out) {
+    decode_kernel(const uint8_t *__restrict__ storage, DeviceLayout lay, int layer,
+                  DeviceBatch batch, int blocks_per_split, int splits, PartialStates states) {
+    using Keys = Segment<KF, true>;
+    using Values = Segment<VF, false>;
     const int split = blockIdx.x, kv_head = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t len = batch.lens[b];
@@ -219,19 +253,42 @@ __global__ void __launch_bounds__(WARPS * 32)
     const int begin = split * blocks_per_split;
     const int end = min(blocks, begin + blocks_per_split);
 
-    __shared__ float q[G][2][33]; /* halves padded apart: no bank conflict */
+    __shared__ __align__(16) float q[G][2][36]; /* halves 144 bytes apart: distinct banks */
+    /* Dynamic shared memory: per warp, STAGES key segments then STAGES value segments. */
+    extern __shared__ __align__(16) uint8_t stage_memory[];
+    uint8_t *const k_stages = stage_memory + warp * STAGES * (Keys::STAGE_BYTES + Values::STAGE_BYTES);
+    uint8_t *const v_stages = k_stages + STAGES * Keys::STAGE_BYTES;
+    __shared__ __align__(16) float weights[WARPS][G][BLOCK_TOKENS];
     __shared__ float red_m[WARPS][G], red_l[WARPS][G];
     __shared__ float red_acc[WARPS][G][HEAD_DIM];
-    __shared__ __align__(16) uint8_t k_stage[WARPS][Stage<KF, true>::BYTES];
-    __shared__ __align__(16) uint8_t v_stage[WARPS][Stage<VF, false>::BYTES];
+    __shared__ bool merges;
+
+    const uint32_t *table = batch.tables + (size_t)b * batch.table_stride;
+    const uint64_t k_off = layer * lay.layer_bytes + kv_head * lay.k_seg;
+    const uint64_t v_off = layer * lay.layer_bytes + lay.kv_heads * lay.k_seg + kv_head * lay.v_seg;
+    /* `lb`: the next block to compute; `ahead`: the next block to copy in. Copies of the first
+     * STAGES - 1 blocks go out before anything else; one copy group per block. */
+    int lb = next_held(table, begin + warp, end), ahead = lb;
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (ahead < end) {
+            const uint8_t *block = storage + (uint64_t)table[ahead] * lay.block_bytes;
+            Keys::copy(k_stages + st * Keys::STAGE_BYTES, block + k_off, lane);
+            Values::copy(v_stages + st * Values::STAGE_BYTES, block + v_off, lane);
+            ahead = next_held(table, ahead + WARPS, end);
+        }
+        copies_commit();
+    }
+    int stage = 0;
+
     for (int i = threadIdx.x; i < G * HEAD_DIM; i += blockDim.x) {
-        int h = i / HEAD_DIM, d = i % HEAD_DIM;
-        size_t at = ((size_t)b * batch.q_heads + (size_t)kv_head * G + h) * HEAD_DIM + d;
-        q[h][d / 32][d % 32] = batch.queries[at] * batch.scale;
+        const int h = i / HEAD_DIM, d = i % HEAD_DIM;
+        const size_t at = ((size_t)b * batch.q_heads + (size_t)kv_head * G + h) * HEAD_DIM + d;
+        q[h][d / 32][d % 32] = batch.queries[at] * (batch.scale * LOG2E);
     }
     __syncthreads();
 
-    float m[G], l[G], acc[G][2];
+    float m[G], l[G], acc[G][2]; /* l: this lane's tokens only */
 #pragma unroll
     for (int h = 0; h < G; ++h) {
         m[h] = -INFINITY;
@@ -239,71 +296,72 @@ __global__ void __launch_bounds__(WARPS * 32)
         acc[h][0] = acc[h][1] = 0.f;
     }
     const int t = lane / 2, half = lane % 2;
-    const uint32_t *table = batch.tables + (size_t)b * batch.table_stride;
-    const uint64_t k_off = layer * lay.layer_bytes + kv_head * lay.k_seg;
-    const uint64_t v_off =
-        layer * lay.layer_bytes + lay.kv_heads * lay.k_seg + kv_head * lay.v_seg;
-    /* The staging assumes segments of exactly 16 unpadded rows (f16 and int8 at head_dim 64). */
 
-    for (int lb = begin + warp; lb < end; lb += WARPS) {
-        const uint32_t phys = table[lb];
-        if (phys == KVC_NO_BLOCK) continue; /* evicted by the window: no visible key */
-        const uint8_t *block = storage + (uint64_t)phys * lay.block_bytes;
+    while (lb < end) {
+        if (ahead < end) { /* into the stage the previous iteration finished with */
+            const int st = (stage + STAGES - 1) % STAGES;
+            const uint8_t *block = storage + (uint64_t)table[ahead] * lay.block_bytes;
+            Keys::copy(k_stages + st * Keys::STAGE_BYTES, block + k_off, lane);
+            Values::copy(v_stages + st * Values::STAGE_BYTES, block + v_off, lane);
+            ahead = next_held(table, ahead + WARPS, end);
+        }
+        copies_commit();
+        copies_wait<STAGES - 1>(); /* this block's copies (older than the newest groups) landed */
+        __syncwarp();              /* ... every lane's */
+
         const uint32_t pos = (uint32_t)lb * BLOCK_TOKENS + t;
-        const bool visible = pos <= query_pos &&
-                             (batch.window == 0 || query_pos - pos < batch.window ||
-                              pos < batch.sink);
-        /* Both segments of the block (its 16 key rows and 16 value rows) into this warp's
-         * shared buffers, every load issued before any is used: one memory round trip per
-         * block, coalesced. Slots past the sequence's end come along; they are never used. */
-        uint32_t key_words[Stage<KF, true>::WORDS_PER_LANE];
-        uint32_t value_words[Stage<VF, false>::WORDS_PER_LANE];
-        Stage<KF, true>::load(block + k_off, lane, key_words);
-        Stage<VF, false>::load(block + v_off, lane, value_words);
-        __syncwarp(); /* the previous block's reads of the buffers are done */
-        Stage<KF, true>::store(k_stage[warp], lane, key_words);
-        Stage<VF, false>::store(v_stage[warp], lane, value_words);
-        __syncwarp();
+        const bool visible = pos <= query_pos && (batch.window == 0 ||
+                                                  query_pos - pos < batch.window || pos < batch.sink);
         const int tokens = min(BLOCK_TOKENS, (int)(len - (uint32_t)lb * BLOCK_TOKENS));
-        float k[32];
-        key_half<KF>(k_stage[warp] + t * Stage<KF, true>::ROW, half, k);
-        float p[G];
+        float score[G]; /* this lane's half of each dot product */
+        key_half_dot<KF, G>(k_stages + stage * Keys::STAGE_BYTES + t * Keys::ROW, half, q, score);
 #pragma unroll
         for (int h = 0; h < G; ++h) {
-            float s = 0.f;
+            float x = score[h] + __shfl_xor_sync(FULL, score[h], 1);
+            x = visible ? x : -INFINITY; /* select: slots past len hold stale bytes */
+            float block_max = x;
 #pragma unroll
-            for (int i = 0; i < 32; ++i) s = fmaf(q[h][half][i], k[i], s);
-            s += __shfl_xor_sync(FULL, s, 1);
-            s = visible ? s : -INFINITY; /* select: slots past len hold stale bytes */
-            const float block_max = warp_max(s);
+            for (int o = 16; o >= 2; o /= 2) block_max = fmaxf(block_max, __shfl_xor_sync(FULL, block_max, o));
             const float new_m = fmaxf(m[h], block_max);
-            const float alpha = m[h] == -INFINITY ? 0.f : expf(m[h] - new_m);
-            p[h] = visible ? expf(s - new_m) : 0.f;
-            l[h] = l[h] * alpha + warp_sum(half == 0 ? p[h] : 0.f);
+            const float alpha = m[h] == new_m ? 1.f : exp2f(m[h] - new_m); /* 0 from -inf */
+            const float p = visible ? exp2f(x - new_m) : 0.f;
+            l[h] = l[h] * alpha + (half == 0 ? p : 0.f);
             acc[h][0] *= alpha;
             acc[h][1] *= alpha;
             m[h] = new_m;
+            if (half == 0) weights[warp][h][t] = p;
         }
-        /* Slots past `tokens` are skipped (p = 0 there, and their bytes are stale). */
+        __syncwarp();
+        const uint8_t *v_rows = v_stages + stage * Values::STAGE_BYTES;
 #pragma unroll
-        for (int tt = 0; tt < BLOCK_TOKENS; ++tt) {
-            const float2 v = tt < tokens
-                                 ? value_pair<VF>(v_stage[warp] + tt * Stage<VF, false>::ROW, lane)
-                                 : make_float2(0.f, 0.f);
+        for (int tt = 0; tt < BLOCK_TOKENS; tt += 4) {
+            float4 w[G];
 #pragma unroll
-            for (int h = 0; h < G; ++h) {
-                const float w = __shfl_sync(FULL, p[h], 2 * tt);
-                acc[h][0] = fmaf(w, v.x, acc[h][0]);
-                acc[h][1] = fmaf(w, v.y, acc[h][1]);
+            for (int h = 0; h < G; ++h) w[h] = *reinterpret_cast<const float4 *>(&weights[warp][h][tt]);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                if (tt + u >= tokens) break; /* stale bytes past the end: never read */
+                const float2 v = value_pair<VF>(v_rows + (tt + u) * Values::ROW, lane);
+#pragma unroll
+                for (int h = 0; h < G; ++h) {
+                    const float wu = u == 0 ? w[h].x : u == 1 ? w[h].y : u == 2 ? w[h].z : w[h].w;
+                    acc[h][0] = fmaf(wu, v.x, acc[h][0]);
+                    acc[h][1] = fmaf(wu, v.y, acc[h][1]);
+                }
             }
         }
+        __syncwarp(); /* every lane is done with this stage before it is refilled */
+        lb = next_held(table, lb + WARPS, end);
+        stage = (stage + 1) % STAGES;
     }
+    copies_wait<0>();
 
 #pragma unroll
     for (int h = 0; h < G; ++h) {
+        const float sum = warp_sum(l[h]);
         if (lane == 0) {
             red_m[warp][h] = m[h];
-            red_l[warp][h] = l[h];
+            red_l[warp][h] = sum;
         }
         red_acc[warp][h][2 * lane] = acc[h][0];
         red_acc[warp][h][2 * lane + 1] = acc[h][1];
@@ -316,59 +374,59 @@ __global__ void __launch_bounds__(WARPS * 32)
         float sum = 0.f, weighted = 0.f;
         for (int w = 0; w < WARPS; ++w) {
             if (red_m[w][h] == -INFINITY) continue;
-            const float f = expf(red_m[w][h] - big);
+            const float f = exp2f(red_m[w][h] - big);
             sum += red_l[w][h] * f;
             weighted += red_acc[w][h][d] * f;
         }
         const size_t at = ((size_t)b * batch.q_heads + (size_t)kv_head * G + h) * splits + split;
-        acc_out[at * HEAD_DIM + d] = weighted;
+        states.acc[at * HEAD_DIM + d] = weighted;
         if (d == 0) {
-            ml[2 * at] = big;
-            ml[2 * at + 1] = sum;
+            states.ml[2 * at] = big;
+            states.ml[2 * at + 1] = sum;
         }
     }
-}
 
-/* One thread block per (sequence, query head), MERGE_GROUPS x HEAD_DIM threads: group g folds
- * splits g, g + MERGE_GROUPS, ... (their loads in flight together), then group 0 folds the
- * groups. */
-constexpr int MERGE_GROUPS = 4;
-
-__global__ void __launch_bounds__(MERGE_GROUPS * HEAD_DIM)
-    merge_kernel(const float *__restrict__ ml, const float *__restrict__ acc, int splits,
-                 float *__restrict__ out) {
-    const size_t row = blockIdx.x;
-    const int d = threadIdx.x % HEAD_DIM, g = threadIdx.x / HEAD_DIM;
-    float m = -INFINITY, l = 0.f, a = 0.f;
-#pragma unroll 4
-    for (int s = g; s < splits; s += MERGE_GROUPS) {
-        const size_t at = row * splits + s;
-        const float ms = ml[2 * at], ls = ml[2 * at + 1], as = acc[at * HEAD_DIM + d];
-        if (ms == -INFINITY) continue; /* a split with no visible key */
-        const float new_m = fmaxf(m, ms);
-        const float f_old = m == -INFINITY ? 0.f : expf(m - new_m), f_new = expf(ms - new_m);
-        l = l * f_old + ls * f_new;
-        a = a * f_old + as * f_new;
-        m = new_m;
-    }
-    __shared__ float group_m[MERGE_GROUPS], group_l[MERGE_GROUPS], group_a[MERGE_GROUPS][HEAD_DIM];
-    if (d == 0) {
-        group_m[g] = m;
-        group_l[g] = l;
-    }
-    group_a[g][d] = a;
+    /* The last split of this (sequence, KV head) to get here merges them all. */
+    __threadfence(); /* this split's state is visible GPU-wide before it is counted */
     __syncthreads();
-    if (g != 0) return;
-    float big = -INFINITY;
-    for (int k = 0; k < MERGE_GROUPS; ++k) big = fmaxf(big, group_m[k]);
-    float sum = 0.f, weighted = 0.f;
-    for (int k = 0; k < MERGE_GROUPS; ++k) {
-        if (group_m[k] == -INFINITY) continue;
-        const float f = expf(group_m[k] - big);
-        sum += group_l[k] * f;
-        weighted += group_a[k][d] * f;
+    if (threadIdx.x == 0) {
+        unsigned *arrived = states.arrivals + (size_t)b * gridDim.y + kv_head;
+        merges = atomicAdd(arrived, 1u) == (unsigned)splits - 1;
+        if (merges) *arrived = 0; /* ready for the next launch */
     }
-    out[row * HEAD_DIM + d] = sum > 0.f ? weighted / sum : 0.f;
+    __syncthreads();
+    if (!merges) return;
+    __threadfence();
+    /* Warp h takes query head h (G <= WARPS): the largest of the splits' maxima, each split's
+     * factor 2^(m_s - max) into shared memory, and the factored sum of their l. */
+    __shared__ float factors[G][MAX_SPLITS], total_l[G];
+    if (warp < G) {
+        const size_t row = (size_t)b * batch.q_heads + (size_t)kv_head * G + warp;
+        const float *ml = states.ml + 2 * row * splits;
+        float big = -INFINITY;
+        for (int sp = lane; sp < splits; sp += 32) big = fmaxf(big, __ldcg(ml + 2 * sp));
+        big = warp_max(big);
+        float sum = 0.f;
+        for (int sp = lane; sp < splits; sp += 32) {
+            const float ms = __ldcg(ml + 2 * sp);
+            const float f = ms == -INFINITY ? 0.f : exp2f(ms - big); /* no visible key: 0 */
+            factors[warp][sp] = f;
+            sum = fmaf(__ldcg(ml + 2 * sp + 1), f, sum);
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) total_l[warp] = sum;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * HEAD_DIM; i += blockDim.x) {
+        const int h = i / HEAD_DIM, d = i % HEAD_DIM;
+        const size_t row = (size_t)b * batch.q_heads + (size_t)kv_head * G + h;
+        const float *acc_in = states.acc + row * splits * HEAD_DIM + d;
+        float weighted = 0.f;
+#pragma unroll 8
+        for (int sp = 0; sp < splits; ++sp)
+            weighted = fmaf(__ldcg(acc_in + (size_t)sp * HEAD_DIM), factors[h][sp], weighted);
+        states.out[row * HEAD_DIM + d] = total_l[h] > 0.f ? weighted / total_l[h] : 0.f;
+    }
 }
 
 /* The memory floor: every 16-byte word of `words` read once. */
@@ -382,30 +440,52 @@ __global__ void read_floor(const uint4 *__restrict__ words, size_t n, unsigned *
     if (x == 0x9e3779b9u) sink[0] = x; /* keeps the loads */
 }
 
+/* Dynamic shared memory of one thread block: the warps' staged segments. */
 template <int KF, int VF>
-static void launch_split_formats(cudaStream_t stream, int group, dim3 grid, const uint8_t *storage,
-                                 const DeviceLayout &lay, int layer, const DeviceBatch &batch,
-                                 int bps, int splits, float *ml, float *acc) {
+constexpr int stage_bytes() {
+    return WARPS * STAGES * (Segment<KF, true>::STAGE_BYTES + Segment<VF, false>::STAGE_BYTES);
+}
+
+template <int KF, int VF, int G>
+static void launch_group(cudaStream_t stream, dim3 grid, const uint8_t *storage,
+                         const DeviceLayout &lay, int layer, const DeviceBatch &batch, int bps,
+                         int splits, const PartialStates &states) {
+    static_assert(G <= WARPS, "the merge takes one warp per query head");
+    static bool sized = false; /* above 48 KiB, dynamic shared memory must be asked for */
+    if (!sized) {
+        CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<KF, VF, G>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        stage_bytes<KF, VF>()));
+        sized = true;
+    }
+    decode_kernel<KF, VF, G><<<grid, WARPS * 32, stage_bytes<KF, VF>(), stream>>>(
+        storage, lay, layer, batch, bps, splits, states);
+}
+
+template <int KF, int VF>
+static void launch_formats(cudaStream_t stream, int group, dim3 grid, const uint8_t *storage,
+                           const DeviceLayout &lay, int layer, const DeviceBatch &batch, int bps,
+                           int splits, const PartialStates &states) {
     switch (group) {
-    case 1: split_kernel<KF, VF, 1><<<grid, WARPS * 32, 0, stream>>>(storage, lay, layer, batch, bps, splits, ml, acc); break;
-    case 2: split_kernel<KF, VF, 2><<<grid, WARPS * 32, 0, stream>>>(storage, lay, layer, batch, bps, splits, ml, acc); break;
-    case 3: split_kernel<KF, VF, 3><<<grid, WARPS * 32, 0, stream>>>(storage, lay, layer, batch, bps, splits, ml, acc); break;
-    case 4: split_kernel<KF, VF, 4><<<grid, WARPS * 32, 0, stream>>>(storage, lay, layer, batch, bps, splits, ml, acc); break;
+    case 1: launch_group<KF, VF, 1>(stream, grid, storage, lay, layer, batch, bps, splits, states); break;
+    case 2: launch_group<KF, VF, 2>(stream, grid, storage, lay, layer, batch, bps, splits, states); break;
+    case 3: launch_group<KF, VF, 3>(stream, grid, storage, lay, layer, batch, bps, splits, states); break;
+    case 4: launch_group<KF, VF, 4>(stream, grid, storage, lay, layer, batch, bps, splits, states); break;
     default: fprintf(stderr, "GQA group %d not instantiated\n", group); exit(1);
     }
 }
 
-static void launch_split(cudaStream_t stream, int kf, int vf, int group, dim3 grid, const uint8_t *storage,
-                         const DeviceLayout &lay, int layer, const DeviceBatch &batch, int bps,
-                         int splits, float *ml, float *acc) {
+static void launch_decode(cudaStream_t stream, int kf, int vf, int group, dim3 grid,
+                          const uint8_t *storage, const DeviceLayout &lay, int layer,
+                          const DeviceBatch &batch, int bps, int splits, const PartialStates &states) {
     if (kf == KVC_F16 && vf == KVC_F16)
-        launch_split_formats<KVC_F16, KVC_F16>(stream, group, grid, storage, lay, layer, batch, bps, splits, ml, acc);
+        launch_formats<KVC_F16, KVC_F16>(stream, group, grid, storage, lay, layer, batch, bps, splits, states);
     else if (kf == KVC_F16 && vf == KVC_INT8)
-        launch_split_formats<KVC_F16, KVC_INT8>(stream, group, grid, storage, lay, layer, batch, bps, splits, ml, acc);
+        launch_formats<KVC_F16, KVC_INT8>(stream, group, grid, storage, lay, layer, batch, bps, splits, states);
     else if (kf == KVC_INT8 && vf == KVC_F16)
-        launch_split_formats<KVC_INT8, KVC_F16>(stream, group, grid, storage, lay, layer, batch, bps, splits, ml, acc);
+        launch_formats<KVC_INT8, KVC_F16>(stream, group, grid, storage, lay, layer, batch, bps, splits, states);
     else if (kf == KVC_INT8 && vf == KVC_INT8)
-        launch_split_formats<KVC_INT8, KVC_INT8>(stream, group, grid, storage, lay, layer, batch, bps, splits, ml, acc);
+        launch_formats<KVC_INT8, KVC_INT8>(stream, group, grid, storage, lay, layer, batch, bps, splits, states);
     else {
         fprintf(stderr, "formats %d/%d not supported by this example\n", kf, vf);
         exit(1);
@@ -455,6 +535,12 @@ struct HostCache {
         }
         KVC_CHECK(kvc_cache_init(handle, handle_len, &spec, arena, bytes, &cache));
         KVC_CHECK(kvc_layout_get(cache, &layout));
+        /* The kernel copies segments in 16-byte units (cp.async). */
+        if ((layout.block_bytes | layout.layer_bytes | layout.k_segment_bytes |
+             layout.v_segment_bytes) % 16 != 0) {
+            fprintf(stderr, "this example needs 16-byte aligned segments\n");
+            exit(1);
+        }
     }
     ~HostCache() {
         if (device_storage) cudaFree(device_storage);
@@ -495,6 +581,7 @@ struct GpuBatch {
     cudaStream_t stream = nullptr; /* blocking: the default stream's copies wait for it */
     uint32_t *tables = nullptr, *lens = nullptr;
     float *queries = nullptr, *ml = nullptr, *acc = nullptr, *out = nullptr;
+    unsigned *arrivals = nullptr;
     DeviceBatch view{};
 
     GpuBatch(const HostCache &c, const std::vector<uint64_t> &seqs, const std::vector<float> &q,
@@ -515,11 +602,17 @@ struct GpuBatch {
             KVC_CHECK(kvc_page_table(c.cache, seqs[i], tables_host.data() + i * stride, stride,
                                      &entries));
         }
-        /* Enough thread blocks to fill the GPU about 4 times over. */
+        /* Splits: about `fill` thread blocks per multiprocessor, each warp taking at least
+         * two blocks (so that its double buffering overlaps something), at most MAX_SPLITS.
+         * KVC_GPU_FILL and KVC_GPU_MIN_BLOCKS override the two for experiments. */
+        const char *fill_env = getenv("KVC_GPU_FILL"), *min_env = getenv("KVC_GPU_MIN_BLOCKS");
+        const int fill = fill_env ? std::max(1, atoi(fill_env)) : 4;
+        const int min_per_split = WARPS * (min_env ? std::max(1, atoi(min_env)) : 2);
         const int blocks = (int)stride;
         const int per_split_level = n * (int)c.spec.kv_heads;
-        splits = std::max(1, std::min(blocks, (4 * sm_count + per_split_level - 1) / per_split_level));
-        blocks_per_split = (blocks + splits - 1) / splits;
+        splits = std::max(1, std::min(blocks, (fill * sm_count + per_split_level - 1) / per_split_level));
+        blocks_per_split = std::max(std::min(min_per_split, blocks), (blocks + splits - 1) / splits);
+        blocks_per_split = std::max(blocks_per_split, (blocks + MAX_SPLITS - 1) / MAX_SPLITS);
         splits = (blocks + blocks_per_split - 1) / blocks_per_split;
 
         const size_t rows = (size_t)n * q_heads;
@@ -530,6 +623,8 @@ struct GpuBatch {
         CUDA_CHECK(cudaMalloc(&ml, rows * splits * 2 * 4));
         CUDA_CHECK(cudaMalloc(&acc, rows * splits * HEAD_DIM * 4));
         CUDA_CHECK(cudaMalloc(&out, rows * HEAD_DIM * 4));
+        CUDA_CHECK(cudaMalloc(&arrivals, (size_t)n * c.spec.kv_heads * 4));
+        CUDA_CHECK(cudaMemset(arrivals, 0, (size_t)n * c.spec.kv_heads * 4));
         CUDA_CHECK(cudaMemcpy(tables, tables_host.data(), tables_host.size() * 4, cudaMemcpyHostToDevice));
         CUDA_CHECK(cudaMemcpy(lens, lens_host.data(), n * 4, cudaMemcpyHostToDevice));
         CUDA_CHECK(cudaMemcpy(queries, q.data(), rows * HEAD_DIM * 4, cudaMemcpyHostToDevice));
@@ -544,15 +639,15 @@ struct GpuBatch {
         cudaFree(ml);
         cudaFree(acc);
         cudaFree(out);
+        cudaFree(arrivals);
     }
 
     void run_layer(const HostCache &c, int layer) const {
         const int group = (int)(c.spec.q_heads / c.spec.kv_heads);
         dim3 grid(splits, c.spec.kv_heads, n);
-        launch_split(stream, (int)c.spec.k_format, (int)c.spec.v_format, group, grid,
-                     c.device_storage, c.device_layout(), layer, view, blocks_per_split, splits,
-                     ml, acc);
-        merge_kernel<<<n * q_heads, MERGE_GROUPS * HEAD_DIM, 0, stream>>>(ml, acc, splits, out);
+        launch_decode(stream, (int)c.spec.k_format, (int)c.spec.v_format, group, grid,
+                      c.device_storage, c.device_layout(), layer, view, blocks_per_split, splits,
+                      PartialStates{ml, acc, arrivals, out});
     }
 
     std::vector<float> output() const {
