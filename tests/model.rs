@@ -406,6 +406,18 @@ fn bad_input_gets_a_clear_message_and_a_nonzero_exit() {
     assert!(code != 0 && err.contains("empty"), "{err}");
     let (code, err) = cli(&["generate", "--prompt", "hi", "--bogus", "1"]);
     assert!(code != 0 && err.contains("unknown option"), "{err}");
+    for temp in ["-1", "nan", "inf"] {
+        let (code, err) = cli(&["generate", "--model", "x", "--prompt", "hi", "--temp", temp]);
+        assert!(code != 0 && err.contains("--temp"), "{temp}: {err}");
+    }
+    for top_p in ["2", "-0.5", "nan"] {
+        let (code, err) = cli(&[
+            "generate", "--model", "x", "--prompt", "hi", "--top-p", top_p,
+        ]);
+        assert!(code != 0 && err.contains("--top-p"), "{top_p}: {err}");
+    }
+    let (code, err) = cli(&["memory", "--batch", "0"]);
+    assert!(code != 0 && err.contains("--batch"), "{err}");
     if model_path().is_some() {
         let model = model_path().unwrap();
         let long = "word ".repeat(200);

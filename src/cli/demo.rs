@@ -212,6 +212,9 @@ pub fn memory(args: &Args) -> Result<(), String> {
     let (name, spec) = super::shape(args)?;
     let batch: usize = args.value("batch", 1)?;
     args.reject_unknown()?;
+    if batch == 0 {
+        return Err("--batch must be at least 1".into());
+    }
     outln!("KV cache footprint, shape {name} ({} layers, {} query heads, {} KV heads, head dim {}), batch {batch}", spec.layers, spec.q_heads, spec.kv_heads, spec.head_dim);
     out!("{:>8}", "context");
     for format in KvFormat::ALL {

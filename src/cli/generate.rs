@@ -85,6 +85,14 @@ pub fn generate(args: &Args) -> Result<(), String> {
         top_p: args.value("top-p", 1.0)?,
         seed: args.value("seed", 0)?,
     };
+    // The sampler defines every value (a negative or NaN temperature is greedy, a top-p above
+    // 1 keeps everything), but on the command line such values are typing mistakes.
+    if !(config.temperature.is_finite() && config.temperature >= 0.0) {
+        return Err("--temp must be a finite number, 0 or more (0 is greedy)".into());
+    }
+    if !(0.0..=1.0).contains(&config.top_p) {
+        return Err("--top-p must be between 0 and 1".into());
+    }
     let chat = args.flag("chat");
     let show_ids = args.flag("ids");
     let no_cache = args.flag("no-cache");
