@@ -39,7 +39,8 @@ typedef enum kvc_status {
     KVC_BAD_SHAPE = 11, /* wrong length, or a buffer overlapping one it must not */
     KVC_DUPLICATE_SEQUENCE = 12,
     KVC_SCRATCH_TOO_SMALL = 13,
-    KVC_NON_FINITE = 14
+    KVC_NON_FINITE = 14,
+    KVC_BAD_SNAPSHOT = 15 /* kvc_seq_import: not a snapshot this cache can restore */
 } kvc_status;
 
 /* Storage formats for kvc_spec.k_format / v_format. */
@@ -157,6 +158,15 @@ kvc_status kvc_seq_len(const kvc_cache *cache, uint64_t seq, uint32_t *out_len);
 kvc_status kvc_page_table(const kvc_cache *cache, uint64_t seq, uint32_t *out, size_t cap,
                           size_t *out_entries);
 /* Copies a NUL-terminated message into buf (len bytes); returns its full length. */
+/* Saving and restoring one sequence (for example a system prompt kept in flash): the stored
+ * rows, bit for bit, and the int4 state, with a checksum. kvc_seq_export with out NULL and
+ * cap 0 gives the byte count; too small a cap gives KVC_BAD_SHAPE and writes nothing; a
+ * sequence the window has thinned gives KVC_EVICTED. kvc_seq_import restores the bytes as a
+ * new sequence into any cache of the same layers, KV heads, head dim and formats (block size,
+ * pool and window may differ); bytes that are not such a snapshot give KVC_BAD_SNAPSHOT. */
+kvc_status kvc_seq_export(const kvc_cache *cache, uint64_t seq, uint8_t *out, size_t cap,
+                          size_t *out_len);
+kvc_status kvc_seq_import(kvc_cache *cache, const uint8_t *bytes, size_t len, uint64_t *out_seq);
 size_t kvc_status_message(uint32_t status, char *buf, size_t len);
 
 #ifdef __cplusplus

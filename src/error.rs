@@ -77,6 +77,9 @@ pub enum Error {
     /// A threaded attention run returned before every thread index had run its work items
     /// (the `execute` given to `AttentionWorkspace::run` broke its contract).
     IncompleteRun,
+    /// Bytes given to [`crate::KvCache::import_sequence`] are not a snapshot this cache can
+    /// restore (what is wrong with them).
+    BadSnapshot(&'static str),
 }
 
 impl fmt::Display for Error {
@@ -128,6 +131,7 @@ impl fmt::Display for Error {
             Error::IncompleteRun => {
                 f.write_str("attention returned before every thread ran its work items")
             }
+            Error::BadSnapshot(what) => write!(f, "not a valid sequence snapshot: {what}"),
         }
     }
 }

@@ -59,6 +59,8 @@ pub enum KvcStatus {
     ScratchTooSmall = 13,
     /// NaN or infinity where the format cannot hold it.
     NonFinite = 14,
+    /// Bytes that are not a sequence snapshot this cache can restore.
+    BadSnapshot = 15,
 }
 
 impl From<Error> for KvcStatus {
@@ -81,6 +83,7 @@ impl From<Error> for KvcStatus {
             Error::DuplicateSequence => KvcStatus::DuplicateSequence,
             Error::ScratchTooSmall { .. } => KvcStatus::ScratchTooSmall,
             Error::NonFinite => KvcStatus::NonFinite,
+            Error::BadSnapshot(_) => KvcStatus::BadSnapshot,
         }
     }
 }
@@ -745,6 +748,89 @@ pub unsafe extern "C" fn kvc_page_table(
     }
 }
 
+/// Saves sequence `seq` (its stored rows and int4 state) into `out` (`cap` bytes of room);
+/// `*out_len` receives the byte count. With `out` NULL and `cap` 0 only the count is written;
+/// too little room gives `KVC_BAD_SHAPE` and writes nothing. A sequence the window has thinned
+/// gives `KVC_EVICTED`. Restore it with `kvc_seq_import`.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_seq_export(
+    cache: *const KvcCache,
+    seq: u64,
+    out: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> KvcStatus {
+    if cache.is_null() || out_len.is_null() || (out.is_null() && cap != 0) {
+        return KvcStatus::NullPointer;
+    }
+    let writes = [
+        Span::of(out, if out.is_null() { 0 } else { cap }),
+        Span::of(out_len, 1),
+    ];
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &writes) } {
+        return e;
+    }
+    // SAFETY: see `with_cache_ref`; `out` (when not NULL) has `cap` writable bytes, and it and
+    // `out_len` are disjoint and outside the handle and the arena (checked).
+    unsafe {
+        with_cache_ref(cache, |c| {
+            let seq = SeqId::from_raw(seq);
+            let needed = match c.exported_len(seq) {
+                Ok(n) => n,
+                Err(e) => return e.into(),
+            };
+            if !out.is_null() {
+                if needed > cap {
+                    return KvcStatus::BadShape;
+                }
+                let out = core::slice::from_raw_parts_mut(out, cap);
+                if let Err(e) = c.export_sequence(seq, out) {
+                    return e.into();
+                }
+            }
+            out_len.write(needed);
+            KvcStatus::Ok
+        })
+    }
+}
+
+/// Restores a sequence saved by `kvc_seq_export` (`len` bytes at `bytes`, from a cache of the
+/// same geometry and formats) as a new sequence; `*out_seq` receives its id. Bytes that are
+/// not such a snapshot (wrong magic, geometry or length, a checksum mismatch) give
+/// `KVC_BAD_SNAPSHOT`; like every error, it changes nothing.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_seq_import(
+    cache: *mut KvcCache,
+    bytes: *const u8,
+    len: usize,
+    out_seq: *mut u64,
+) -> KvcStatus {
+    if cache.is_null() || bytes.is_null() || out_seq.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) =
+        unsafe { check_disjoint(cache, &[Span::of(bytes, len)], &[Span::of(out_seq, 1)]) }
+    {
+        return e;
+    }
+    // SAFETY: non-NULL checked; the caller gives `len` readable bytes, outside the handle and
+    // the arena (checked).
+    let bytes = unsafe { core::slice::from_raw_parts(bytes, len) };
+    // SAFETY: see `with_cache`; `out_seq` is non-NULL, aligned and outside the handle and the
+    // arena (checked).
+    unsafe {
+        with_cache(cache, |c| match c.import_sequence(bytes) {
+            Ok(id) => {
+                out_seq.write(id.to_raw());
+                KvcStatus::Ok
+            }
+            Err(e) => e.into(),
+        })
+    }
+}
+
 /// Floats of scratch `kvc_attention` needs (independent of context length).
 #[no_mangle]
 pub unsafe extern "C" fn kvc_attention_scratch_len(
@@ -1068,6 +1154,7 @@ pub unsafe extern "C" fn kvc_status_message(status: u32, buf: *mut c_char, len: 
         12 => b"sequence appears twice in one batch",
         13 => b"scratch buffer too small",
         14 => b"NaN or infinite value",
+        15 => b"not a valid sequence snapshot for this cache",
         _ => b"unknown status",
     };
     if !buf.is_null() && len > 0 {

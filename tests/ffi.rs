@@ -1098,3 +1098,147 @@ fn block_storage_and_page_tables_locate_every_row() {
         }
     }
 }
+
+/// `kvc_seq_export` / `kvc_seq_import`: the count-only call, too little room (nothing
+/// written), a round trip into a second cache (every `kvc_read` equal), and bad arguments or
+/// bytes (a status; the target cache unchanged).
+#[test]
+fn sequences_save_and_restore_through_the_c_abi() {
+    let mut spec = spec();
+    spec.k_format = 4; // int4 keys: their offsets and exact first row travel too
+    spec.v_format = 3;
+    spec.head_dim = 32;
+    let row = (spec.kv_heads * spec.head_dim) as usize;
+    let from = CCache::new(&spec, 16);
+    let to = CCache::new(&spec, 16);
+    unsafe {
+        let mut seed = 3u64;
+        let mut seq = 0u64;
+        let mut first = 0u32;
+        assert_eq!(kvc_add_sequence(from.cache, &mut seq), KvcStatus::Ok);
+        assert_eq!(kvc_reserve(from.cache, seq, 9, &mut first), KvcStatus::Ok);
+        for layer in 0..spec.layers {
+            let (k, v) = (values(&mut seed, 9 * row), values(&mut seed, 9 * row));
+            let status = kvc_write(from.cache, seq, layer, 0, k.as_ptr(), v.as_ptr(), k.len());
+            assert_eq!(status, KvcStatus::Ok);
+        }
+
+        let mut len = 0usize;
+        assert_eq!(
+            kvc_seq_export(from.cache, seq, null_mut(), 0, &mut len),
+            KvcStatus::Ok
+        );
+        assert!(len > 40);
+        let mut bytes = vec![0xAAu8; len];
+        let mut wrote = 0usize;
+        assert_eq!(
+            kvc_seq_export(from.cache, seq, bytes.as_mut_ptr(), len - 1, &mut wrote),
+            KvcStatus::BadShape
+        );
+        assert!(
+            bytes.iter().all(|&b| b == 0xAA) && wrote == 0,
+            "nothing written"
+        );
+        assert_eq!(
+            kvc_seq_export(from.cache, seq, null_mut(), 5, &mut wrote),
+            KvcStatus::NullPointer
+        );
+        assert_eq!(
+            kvc_seq_export(from.cache, seq, bytes.as_mut_ptr(), len, null_mut()),
+            KvcStatus::NullPointer
+        );
+        assert_eq!(
+            kvc_seq_export(from.cache, seq + 1, bytes.as_mut_ptr(), len, &mut wrote),
+            KvcStatus::UnknownSequence
+        );
+        assert_eq!(
+            kvc_seq_export(from.cache, seq, bytes.as_mut_ptr(), len, &mut wrote),
+            KvcStatus::Ok
+        );
+        assert_eq!(wrote, len);
+
+        let mut restored = 0u64;
+        assert_eq!(
+            kvc_seq_import(null_mut(), bytes.as_ptr(), len, &mut restored),
+            KvcStatus::NullPointer
+        );
+        assert_eq!(
+            kvc_seq_import(to.cache, null(), len, &mut restored),
+            KvcStatus::NullPointer
+        );
+        assert_eq!(
+            kvc_seq_import(to.cache, bytes.as_ptr(), len, null_mut()),
+            KvcStatus::NullPointer
+        );
+        assert_eq!(
+            kvc_seq_import(to.cache, bytes.as_ptr(), len - 1, &mut restored),
+            KvcStatus::BadSnapshot
+        );
+        let mut corrupted = bytes.clone();
+        corrupted[len / 2] ^= 4;
+        assert_eq!(
+            kvc_seq_import(to.cache, corrupted.as_ptr(), len, &mut restored),
+            KvcStatus::BadSnapshot
+        );
+        // Bytes inside the target's own arena are refused, as for every input buffer.
+        assert_eq!(
+            kvc_seq_import(to.cache, to.arena.as_ptr(), len, &mut restored),
+            KvcStatus::BadShape
+        );
+        let mut stats = KvcStats::default();
+        assert_eq!(kvc_stats_get(to.cache, &mut stats), KvcStatus::Ok);
+        assert_eq!(stats.sequences, 0, "refused imports changed nothing");
+
+        assert_eq!(
+            kvc_seq_import(to.cache, bytes.as_ptr(), len, &mut restored),
+            KvcStatus::Ok
+        );
+        let mut n = 0u32;
+        assert_eq!(kvc_seq_len(to.cache, restored, &mut n), KvcStatus::Ok);
+        assert_eq!(n, 9);
+        let (mut k1, mut v1, mut k2, mut v2) = (
+            vec![0.0f32; row],
+            vec![0.0f32; row],
+            vec![0.0f32; row],
+            vec![0.0f32; row],
+        );
+        for layer in 0..spec.layers {
+            for position in 0..9 {
+                let a = kvc_read(
+                    from.cache,
+                    seq,
+                    layer,
+                    position,
+                    k1.as_mut_ptr(),
+                    v1.as_mut_ptr(),
+                    row,
+                );
+                let b = kvc_read(
+                    to.cache,
+                    restored,
+                    layer,
+                    position,
+                    k2.as_mut_ptr(),
+                    v2.as_mut_ptr(),
+                    row,
+                );
+                assert_eq!((a, b), (KvcStatus::Ok, KvcStatus::Ok));
+                assert_eq!(
+                    (
+                        k1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        v1.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                    ),
+                    (
+                        k2.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        v2.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                    ),
+                    "layer {layer} position {position}"
+                );
+            }
+        }
+        let mut message = [0 as std::ffi::c_char; 64];
+        kvc_status_message(15, message.as_mut_ptr(), message.len());
+        let text = std::ffi::CStr::from_ptr(message.as_ptr()).to_str().unwrap();
+        assert!(text.contains("snapshot"), "{text}");
+    }
+}

@@ -127,6 +127,7 @@ fn the_core_allocates_nothing_after_construction() {
         // Buffers for the work-item API, sized generously up front.
         let mut partials = vec![0f32; 1 << 16];
         let mut scratch = vec![0f32; 1 << 16];
+        let mut snapshot = vec![0u8; 1 << 20];
         let mut cache = KvCache::new(spec, &mut arena).unwrap();
         assert!(attention_scratch_len(&cache, &options) <= scratch.len());
 
@@ -245,6 +246,18 @@ fn the_core_allocates_nothing_after_construction() {
             cache.truncate(a, 42).unwrap();
             cache.remove(b).unwrap();
             cache.remove(c).unwrap();
+            // Saving and restoring a sequence (refused once the window has thinned it).
+            match cache.export_sequence(a, &mut snapshot) {
+                Ok(n) => {
+                    let restored = cache.import_sequence(&snapshot[..n]).unwrap();
+                    cache.remove(restored).unwrap();
+                    assert!(matches!(
+                        cache.import_sequence(&snapshot[..n - 1]),
+                        Err(Error::BadSnapshot(_))
+                    ));
+                }
+                Err(e) => assert!(matches!(e, Error::Evicted { .. }), "{e}"),
+            }
             let d = cache.add_sequence().unwrap();
             cache.reserve(d, 96).unwrap();
             let e = cache.add_sequence().unwrap();
@@ -283,6 +296,7 @@ fn the_c_abi_allocates_nothing() {
     let mut arena = vec![0u8; bytes];
     let mut handle = vec![0u64; kvc_cache_size().div_ceil(8)];
     let kv = vec![0.25f32; 10 * 32];
+    let mut snapshot = vec![0u8; 1 << 16];
     let queries = vec![0.5f32; 64];
     let mut out = vec![0f32; 64];
     let mut k_out = vec![0f32; 32];
@@ -353,6 +367,26 @@ fn the_c_abi_allocates_nothing() {
             message.as_mut_ptr().cast(),
             message.len(),
         );
+        let (mut saved, mut restored) = (0usize, 0u64);
+        assert_eq!(
+            kvc_seq_export(
+                cache,
+                seq,
+                snapshot.as_mut_ptr(),
+                snapshot.len(),
+                &mut saved
+            ),
+            KvcStatus::Ok
+        );
+        assert_eq!(
+            kvc_seq_import(cache, snapshot.as_ptr(), saved, &mut restored),
+            KvcStatus::Ok
+        );
+        assert_eq!(
+            kvc_seq_import(cache, snapshot.as_ptr(), saved - 1, &mut restored),
+            KvcStatus::BadSnapshot
+        );
+        assert_eq!(kvc_remove(cache, restored), KvcStatus::Ok);
         assert_eq!(kvc_remove(cache, seq), KvcStatus::Ok);
     });
     assert_eq!(n, 0, "{n} allocations through the C ABI");

@@ -91,6 +91,23 @@ int main(void) {
             }
         }
     }
+    /* Saving the sequence (a prompt's cache, say, to keep in flash) and restoring it as a new
+     * sequence: attention over the restored copy gives the same output, bit for bit; damaged
+     * bytes are refused. */
+    static uint8_t saved[8192];
+    size_t saved_len;
+    uint64_t restored;
+    CHECK(kvc_seq_export(cache, seq, NULL, 0, &saved_len));
+    if (saved_len > sizeof saved) return 1;
+    CHECK(kvc_seq_export(cache, seq, saved, sizeof saved, &saved_len));
+    CHECK(kvc_seq_import(cache, saved, saved_len, &restored));
+    kvc_batch_entry again = {restored, 4, 1};
+    float out_restored[4 * 8];
+    CHECK(kvc_attention(cache, 0, &again, 1, q, out_restored, 32, scratch, scratch_len));
+    if (memcmp(out_restored, out, sizeof out) != 0) { fprintf(stderr, "restored attention differs\n"); return 1; }
+    CHECK(kvc_remove(cache, restored));
+    saved[saved_len / 2] ^= 1;
+    if (kvc_seq_import(cache, saved, saved_len, &restored) != KVC_BAD_SNAPSHOT) return 1;
     /* Bad input: errors, not crashes. */
     if (kvc_reserve(cache, seq + 99, 1, NULL) != KVC_UNKNOWN_SEQUENCE) return 1;
     if (kvc_truncate(cache, seq, 6) != KVC_BAD_POSITION) return 1;

@@ -1,7 +1,8 @@
 //! Decodes bytes into operations on a small cache (spec taken from the first bytes, windows
 //! included) and checks after every step: the structural invariants, and every stored row of
 //! every sequence against a plain model (a `Vec` of token tags per sequence, with the window's
-//! evictions replayed). A failed operation must change nothing.
+//! evictions replayed). A failed operation must change nothing. Sequences are also saved and
+//! restored (`export_sequence` / `import_sequence`), intact or damaged.
 #![no_main]
 
 use kvcache::cache::NO_BLOCK;
@@ -156,7 +157,7 @@ fuzz_target!(|data: &[u8]| {
     for pair in data[6..].chunks(2) {
         let (op, arg) = (pair[0], *pair.get(1).unwrap_or(&0) as usize);
         let pick = |n: usize| if n == 0 { 0 } else { arg % n };
-        match op % 8 {
+        match op % 9 {
             0 => match fuzz.cache.add_sequence() {
                 Ok(id) => fuzz.seqs.push(ModelSeq { id, tags: Vec::new(), evict_end: 0 }),
                 Err(e) => assert_eq!(e, Error::TooManySequences),
@@ -240,6 +241,35 @@ fuzz_target!(|data: &[u8]| {
                             let position = fuzz.seqs[index].tags.len();
                             fuzz.write_token(id, position, tag).expect("write after batch reserve");
                             fuzz.seqs[index].tags.push(tag);
+                        }
+                    }
+                }
+            }
+            8 if !fuzz.seqs.is_empty() => {
+                // Save a sequence and restore it as a new one, the bytes intact, one bit
+                // flipped, or cut short: only intact bytes may restore.
+                let source = pick(fuzz.seqs.len());
+                let (id, thinned) = (fuzz.seqs[source].id, fuzz.seqs[source].evict_end > fuzz.sink_blocks());
+                let len = fuzz.cache.exported_len(id).expect("live sequence");
+                let mut bytes = vec![0u8; len];
+                match fuzz.cache.export_sequence(id, &mut bytes) {
+                    Err(Error::Evicted { .. }) => assert!(thinned),
+                    Err(e) => panic!("export: {e}"),
+                    Ok(n) => {
+                        assert!(!thinned && n == len);
+                        let flip = arg & 0x40 != 0;
+                        if flip {
+                            bytes[(arg * 7919) % len] ^= 1 << (arg % 8);
+                        }
+                        let cut = if arg & 0x20 != 0 { arg % 3 + 1 } else { 0 };
+                        match fuzz.cache.import_sequence(&bytes[..len - cut]) {
+                            Ok(restored) => {
+                                assert!(!flip && cut == 0, "damaged bytes restored");
+                                let tags = fuzz.seqs[source].tags.clone();
+                                fuzz.seqs.push(ModelSeq { id: restored, tags, evict_end: 0 });
+                            }
+                            Err(Error::TooManySequences | Error::OutOfBlocks { .. }) => {}
+                            Err(e) => assert!(flip || cut > 0, "intact bytes refused: {e}"),
                         }
                     }
                 }

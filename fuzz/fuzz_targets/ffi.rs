@@ -19,6 +19,11 @@ fn stats(cache: *mut KvcCache) -> KvcStats {
     s
 }
 
+/// FNV-1a 64: the snapshot checksum, so that made-up snapshots get past it.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
 fn same(a: &KvcStats, b: &KvcStats) -> bool {
     (a.sequences, a.blocks_free, a.bytes_used, a.tokens, a.waste_slots)
         == (b.sequences, b.blocks_free, b.bytes_used, b.tokens, b.waste_slots)
@@ -66,7 +71,7 @@ fuzz_target!(|data: &[u8]| {
     while !bytes.done() {
         let before = stats(cache);
         let seq = ids[bytes.below_u32(ids.len() as u32) as usize];
-        let (status, mutating) = match bytes.below_u32(11) {
+        let (status, mutating) = match bytes.below_u32(12) {
             0 => {
                 let mut id = 0u64;
                 let p: *mut u64 = if bytes.null() { core::ptr::null_mut() } else { &mut id };
@@ -179,6 +184,56 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(entries, usize::MAX, "a failed page-table call wrote its count");
                 }
                 (s, false)
+            }
+            10 => {
+                // Saving and restoring: export into a buffer that is NULL, short, in the arena or
+                // fine; then import those bytes (maybe damaged), or made-up bytes under a valid
+                // header and checksum, or the arena itself.
+                let mut saved = vec![0u8; 1 << 14];
+                let cap = bytes.below(saved.len() + 1);
+                let mut len = usize::MAX;
+                let out: *mut u8 = match bytes.below_u32(4) {
+                    0 => core::ptr::null_mut(),
+                    1 => arena_ptr,
+                    _ => saved.as_mut_ptr(),
+                };
+                let s = unsafe { kvc_seq_export(cache, seq, out, if out.is_null() { 0 } else { cap }, &mut len) };
+                if s as u32 != 0 {
+                    assert_eq!(len, usize::MAX, "a failed export wrote its length");
+                }
+                let exported = s as u32 == 0 && out == saved.as_mut_ptr();
+                let mut made = Vec::new();
+                let (from, n): (*const u8, usize) = match bytes.below_u32(3) {
+                    0 if exported => {
+                        if bytes.null() {
+                            let at = bytes.below(len);
+                            saved[at] ^= 1 << bytes.below(8);
+                        }
+                        (saved.as_ptr(), len - bytes.below(2).min(len))
+                    }
+                    1 => {
+                        made.extend_from_slice(b"KVCSEQ01");
+                        for w in [spec.layers, spec.kv_heads, spec.head_dim, spec.k_format, spec.v_format, bytes.below_u32(4)] {
+                            made.extend_from_slice(&w.to_le_bytes());
+                        }
+                        made.extend_from_slice(&[0; 8]);
+                        for _ in 0..bytes.below(2048) {
+                            made.push(bytes.byte());
+                        }
+                        let sum = fnv1a(&made[40..]);
+                        made[32..40].copy_from_slice(&sum.to_le_bytes());
+                        (made.as_ptr(), made.len())
+                    }
+                    _ => (arena_ptr.cast_const(), bytes.below(arena_bytes + 1)),
+                };
+                let mut restored = u64::MAX;
+                let r = unsafe { kvc_seq_import(cache, from, n, &mut restored) };
+                if r as u32 == 0 {
+                    ids.push(restored);
+                } else {
+                    assert_eq!(restored, u64::MAX, "a failed import wrote an id");
+                }
+                (r, true)
             }
             _ => {
                 let entries = [KvcBatchEntry { seq, first_position: bytes.word(), tokens: bytes.word() }];
