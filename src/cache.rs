@@ -30,7 +30,7 @@ use crate::kernels;
 use crate::pool::{BlockId, BlockPool};
 use crate::spec::{CacheSpec, Kind, Layout, SEQ_WORDS};
 
-mod snapshot;
+pub mod snapshot;
 
 /// Page-table entry of a logical block that holds no physical block (evicted by the window,
 /// or past the sequence's end); [`KvCache::page_table`] shows it for evicted blocks.

@@ -55,7 +55,7 @@ impl KvCache<'_> {
     /// Saves `seq` (its rows and int4 state) into the start of `out`, which needs
     /// [`KvCache::exported_len`] bytes; returns the bytes written. Restore it with
     /// [`KvCache::import_sequence`], into this cache or another of the same geometry and
-    /// formats. See the module documentation for the layout.
+    /// formats. The layout is in [`crate::cache::snapshot`].
     pub fn export_sequence(&self, seq: SeqId, out: &mut [u8]) -> Result<usize, Error> {
         let slot = self.slot_of(seq)?;
         let spec = *self.spec();
