@@ -184,18 +184,25 @@ fn restored_sequences_read_attend_and_grow_like_the_original() {
     }
 }
 
-/// FNV-1a 64, written again here: the test's own reading of the documented layout.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
+/// The documented checksum, written again here from the layout's description: FNV-1a's step
+/// over little-endian 64-bit words in four interleaved lanes, folded with the length.
+fn checksum(bytes: &[u8]) -> u64 {
+    const PRIME: u64 = 0x100000001b3;
+    let mut lanes: Vec<u64> = (0..4).map(|i| 0xcbf29ce484222325 ^ i).collect();
+    for (i, word) in bytes.chunks(8).enumerate() {
+        let mut padded = [0u8; 8];
+        padded[..word.len()].copy_from_slice(word);
+        lanes[i % 4] = (lanes[i % 4] ^ u64::from_le_bytes(padded)).wrapping_mul(PRIME);
+    }
+    let mut h = (bytes.len() as u64).wrapping_mul(PRIME);
+    for lane in lanes {
+        h = (h ^ lane).wrapping_mul(PRIME);
     }
     h
 }
 
 fn reseal(bytes: &mut [u8]) {
-    let sum = fnv1a(&bytes[40..]);
+    let sum = checksum(&bytes[40..]);
     bytes[32..40].copy_from_slice(&sum.to_le_bytes());
 }
 

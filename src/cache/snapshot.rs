@@ -17,7 +17,7 @@
 //! | 0..8 | magic `KVCSEQ01` |
 //! | 8..28 | layers, KV heads, head dim, K format, V format (`u32` each; formats as `KvFormat as u32`) |
 //! | 28..32 | tokens (`u32`) |
-//! | 32..40 | FNV-1a 64 of every byte from 40 on |
+//! | 32..40 | checksum of every byte from 40 on (FNV-1a's step over 64-bit words in 4 lanes: see `checksum`) |
 //! | 40.. | rows: per layer, K then V, per KV head, the `tokens` stored rows in position order |
 //! | then | int4 keys only: per layer a word (1 once the layer's offsets are set), then `kv_heads × head_dim` key offsets, then as many exact first-key elements (`f32` bits) |
 //! | then | int4 values only: per layer, `kv_heads × head_dim` exact first-value elements |
@@ -33,11 +33,38 @@ const MAGIC: &[u8; 8] = b"KVCSEQ01";
 const HEADER: usize = 40;
 const SUM_AT: usize = 32;
 
-/// FNV-1a, 64 bits.
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
+const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The snapshot checksum: FNV-1a's step (xor, then multiply by its 64-bit prime) over the
+/// bytes as little-endian 64-bit words, word `i` into lane `i mod 4` of four lanes seeded
+/// `basis ^ lane` (the last word zero-padded); then, from `len · prime`, each lane in order
+/// folded in with the same step. Four lanes let the multiplies overlap (several GB/s where a
+/// byte at a time managed 0.5), and every step is a bijection of its lane, so any one changed
+/// word changes the sum.
 fn checksum(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    let mut lanes = [0u64, 1, 2, 3].map(|lane| FNV_BASIS ^ lane);
+    let mut words = bytes.chunks_exact(32);
+    for chunk in &mut words {
+        for (lane, word) in lanes.iter_mut().zip(chunk.chunks_exact(8)) {
+            let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
+            *lane = (*lane ^ word).wrapping_mul(FNV_PRIME);
+        }
+    }
+    for (lane, piece) in lanes.iter_mut().zip(words.remainder().chunks(8)) {
+        let mut word = [0u8; 8];
+        word[..piece.len()].copy_from_slice(piece);
+        *lane = (*lane ^ u64::from_le_bytes(word)).wrapping_mul(FNV_PRIME);
+    }
+    lanes
+        .iter()
+        .fold((bytes.len() as u64).wrapping_mul(FNV_PRIME), |h, &lane| {
+            (h ^ lane).wrapping_mul(FNV_PRIME)
+        })
+}
+
+fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    u64::from(le_u32(bytes, at)) | u64::from(le_u32(bytes, at + 4)) << 32
 }
 
 fn le_u32(bytes: &[u8], at: usize) -> u32 {
@@ -82,8 +109,8 @@ impl KvCache<'_> {
         for layer in 0..spec.layers {
             for kind in [Kind::K, Kind::V] {
                 for head in 0..spec.kv_heads {
-                    for position in 0..tokens {
-                        put(&self.data[self.row_range(slot, layer, kind, head, position)]);
+                    for logical in 0..self.blocks_for(tokens) {
+                        put(&self.data[self.row_run(slot, layer, kind, head, tokens, logical)]);
                     }
                 }
             }
@@ -147,7 +174,7 @@ impl KvCache<'_> {
             ));
         }
         let body = &bytes[HEADER..];
-        let sum = u64::from(le_u32(header, SUM_AT)) | u64::from(le_u32(header, SUM_AT + 4)) << 32;
+        let sum = le_u64(header, SUM_AT);
         if checksum(body) != sum {
             return Err(Error::BadSnapshot(
                 "checksum mismatch (corrupted or truncated)",
@@ -181,12 +208,12 @@ impl KvCache<'_> {
         let mut at = 0;
         for layer in 0..spec.layers {
             for kind in [Kind::K, Kind::V] {
-                let row_bytes = self.layout.row_bytes(kind);
                 for head in 0..spec.kv_heads {
-                    for position in 0..tokens {
-                        let range = self.row_range(slot, layer, kind, head, position);
-                        self.data[range].copy_from_slice(&rows[at..at + row_bytes]);
-                        at += row_bytes;
+                    for logical in 0..self.blocks_for(tokens) {
+                        let run = self.row_run(slot, layer, kind, head, tokens, logical);
+                        let len = run.len();
+                        self.data[run].copy_from_slice(&rows[at..at + len]);
+                        at += len;
                     }
                 }
             }
@@ -263,22 +290,23 @@ impl KvCache<'_> {
             .checked_add(self.state_words().checked_mul(4)?)
     }
 
-    /// Bytes of the stored row (`layer`, `kind`, `kv_head`, `position`) of a held position.
-    fn row_range(
+    /// The bytes, in `data`, of the rows (`layer`, `kind`, `kv_head`) that logical block
+    /// `logical` holds of positions `0..tokens` (all held): a block's rows of one segment lie
+    /// back to back, so a snapshot copies them as one run.
+    fn row_run(
         &self,
         slot: usize,
         layer: usize,
         kind: Kind,
         kv_head: usize,
-        position: usize,
+        tokens: usize,
+        logical: usize,
     ) -> core::ops::Range<usize> {
         let block_tokens = self.spec().block_tokens;
-        let block = self.table(slot)[position / block_tokens] as usize;
-        let start = block * self.layout.block_bytes()
-            + self
-                .layout
-                .row_offset(layer, kind, kv_head, position % block_tokens);
-        start..start + self.layout.row_bytes(kind)
+        let rows = (tokens - logical * block_tokens).min(block_tokens);
+        let start = self.table(slot)[logical] as usize * self.layout.block_bytes()
+            + self.layout.row_offset(layer, kind, kv_head, 0);
+        start..start + rows * self.layout.row_bytes(kind)
     }
 
     /// Quantized rows of a snapshot must carry finite scales and minima (rows the cache wrote
