@@ -598,3 +598,94 @@ fn compressed_caches_agree_with_f16_on_greedy_tokens() {
     assert!(rate(agree[0]) >= 0.9, "int8 agreement {}", rate(agree[0]));
     assert!(rate(agree[1]) >= 0.7, "int4 agreement {}", rate(agree[1]));
 }
+
+/// `(restored, prompt tokens)` from generate's "prompt cache: A of B prompt tokens restored".
+fn restored_of(note: &str) -> (usize, usize) {
+    let line = note
+        .lines()
+        .find(|l| l.starts_with("prompt cache: "))
+        .unwrap_or_else(|| panic!("no prompt-cache line in: {note}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    (words[2].parse().unwrap(), words[4].parse().unwrap())
+}
+
+/// `generate --prompt-cache FILE`: the first run computes the prompt and saves its cache, the
+/// next restores it (all but the last prompt token) and generates the same greedy tokens; a
+/// longer prompt with the same start restores the shared part; a damaged file or one from
+/// another prompt is not used, with a note, and changes no output.
+#[test]
+fn prompt_cache_restores_the_prompt_and_changes_no_output() {
+    let Some(model) = model_path() else { return };
+    let model = model.to_str().unwrap();
+    let dir = std::env::temp_dir().join(format!("kvcache-prompt-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |prompt: &str, kv: &str, cache: Option<&std::path::Path>| {
+        let mut args = vec![
+            "generate", "--model", model, "--prompt", prompt, "-n", "12", "--ids", "--kv", kv,
+        ];
+        let path;
+        if let Some(cache) = cache {
+            path = cache.to_str().unwrap().to_string();
+            args.extend(["--prompt-cache", path.as_str()]);
+        }
+        let output = Command::new(env!("CARGO_BIN_EXE_kvcache"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        assert!(
+            output.status.success() && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+        (String::from_utf8_lossy(&output.stdout).to_string(), stderr)
+    };
+    let prompt = "The three primary colours of light are red, green and";
+    for kv in ["f16", "int8", "int4"] {
+        let file = dir.join(format!("prompt-{kv}.bin"));
+        let _ = std::fs::remove_file(&file);
+        let (plain, _) = run(prompt, kv, None);
+        let (cold, note) = run(prompt, kv, Some(&file));
+        assert!(!note.contains("restored"), "{note}");
+        let (warm, note) = run(prompt, kv, Some(&file));
+        assert_eq!(cold, plain, "{kv}: saving changed the output");
+        assert_eq!(warm, plain, "{kv}: restoring changed the output");
+        let (restored, total) = restored_of(&note);
+        assert_eq!(
+            restored + 1,
+            total,
+            "{kv}: all but the last prompt token: {note}"
+        );
+        let longer = format!("{prompt} blue. The three primary colours of paint are");
+        let (_, note) = run(&longer, kv, Some(&file));
+        assert_eq!(
+            restored_of(&note).0,
+            total,
+            "{kv}: the saved prompt, whole: {note}"
+        );
+    }
+    // Not a usable prompt cache: damaged bytes, another prompt's, not a prompt cache at all.
+    let file = dir.join("prompt-f16.bin");
+    let (plain, _) = run(prompt, "f16", None);
+    run(prompt, "f16", Some(&file));
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let (out, note) = run(prompt, "f16", Some(&file));
+    assert_eq!(out, plain, "a damaged prompt cache");
+    assert!(
+        note.contains("not restored: not a valid sequence snapshot"),
+        "{note}"
+    );
+    assert!(!note.contains("restored, not recomputed"), "{note}");
+    let other = "Once upon a time";
+    let (other_plain, _) = run(other, "f16", None);
+    let (out, note) = run(other, "f16", Some(&file));
+    assert_eq!(out, other_plain, "another prompt's cache");
+    assert!(!note.contains("restored, not recomputed"), "{note}");
+    std::fs::write(&file, b"not a prompt cache").unwrap();
+    let (out, note) = run(prompt, "f16", Some(&file));
+    assert_eq!(out, plain);
+    assert!(note.contains("not a prompt cache of this model"), "{note}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -98,6 +98,7 @@ pub fn generate(args: &Args) -> Result<(), String> {
     let no_cache = args.flag("no-cache");
     let ctx: usize = args.value("ctx", 8192)?;
     let chunk: usize = args.value("chunk", 256)?;
+    let prompt_cache = args.string("prompt-cache").map(std::path::PathBuf::from);
     args.reject_unknown()?;
     if n == 0 {
         return Err("-n must be at least 1".into());
@@ -137,21 +138,33 @@ pub fn generate(args: &Args) -> Result<(), String> {
         prompt_ids.len() + n,
     )?;
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
-    let seq = cache.add_sequence().map_err(|e| e.to_string())?;
     let mut runner = Runner::new(&model, threads);
     let mut sampler = Sampler::new(config);
     let vocab = model.config().vocab;
     let mut logits = vec![0.0f32; vocab];
 
     let start = Instant::now();
+    let (seq, restored) = match &prompt_cache {
+        Some(path) => restore_prompt(&mut cache, path, &model, &prompt_ids),
+        None => (None, 0),
+    };
+    let seq = match seq {
+        Some(seq) => seq,
+        None => cache.add_sequence().map_err(|e| e.to_string())?,
+    };
     feed(
         &mut runner,
         &mut cache,
         seq,
-        &prompt_ids,
+        &prompt_ids[restored..],
         chunk,
         &mut logits,
     )?;
+    if let Some(path) = &prompt_cache {
+        if let Err(e) = save_prompt(&cache, seq, path, &model, &prompt_ids) {
+            eprintln!("kvcache: prompt cache not saved to {}: {e}", path.display());
+        }
+    }
     let prefill = start.elapsed().as_secs_f64();
     let mut generated = Vec::with_capacity(n);
     let mut stream = StreamDecoder::new();
@@ -189,6 +202,12 @@ pub fn generate(args: &Args) -> Result<(), String> {
         outln!("generated ids: {}", join(&generated));
     }
     let stats = cache.stats();
+    if restored > 0 {
+        eprintln!(
+            "prompt cache: {restored} of {} prompt tokens restored, not recomputed",
+            prompt_ids.len()
+        );
+    }
     eprintln!(
         "prompt: {} tokens in {:.3} s ({:.1} tok/s); generation: {} tokens in {:.3} s ({:.1} tok/s){}; KV cache: {} bytes in use ({} blocks, {format}), threads {threads}",
         prompt_ids.len(),
@@ -202,6 +221,115 @@ pub fn generate(args: &Args) -> Result<(), String> {
         stats.blocks_used,
     );
     Ok(())
+}
+
+/// `--prompt-cache` files: this magic, the model's vocabulary size and weight bytes (`u64`
+/// each: a file from another model is not used), the prompt's token count and ids (`u32`),
+/// then the prompt's sequence as `KvCache::export_sequence` saves it.
+const PROMPT_CACHE_MAGIC: &[u8; 8] = b"KVCPRMT1";
+
+/// The model's identity as a prompt-cache file records it.
+fn model_identity(model: &Model) -> [u64; 2] {
+    [model.config().vocab as u64, model.weight_bytes() as u64]
+}
+
+/// Restores the prompt's cache from `path` when the file holds a prefix of `prompt_ids` for
+/// this model: returns the restored sequence and how many of its tokens to keep (at most all
+/// but the last prompt token, whose logits the generation needs). Anything else (no file,
+/// another prompt or model, a damaged or unfitting snapshot) restores nothing and says why on
+/// stderr, except for a missing file.
+fn restore_prompt(
+    cache: &mut KvCache,
+    path: &std::path::Path,
+    model: &Model,
+    prompt_ids: &[u32],
+) -> (Option<SeqId>, usize) {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (None, 0),
+        Err(e) => {
+            eprintln!("kvcache: prompt cache {} not read: {e}", path.display());
+            return (None, 0);
+        }
+    };
+    let word = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+    };
+    let parsed = (|| {
+        if bytes.get(..8)? != PROMPT_CACHE_MAGIC || [word(8)?, word(16)?] != model_identity(model) {
+            return None;
+        }
+        let count = usize::try_from(word(24)?).ok()?;
+        let ids_end = count.checked_mul(4)?.checked_add(32)?;
+        let ids: Vec<u32> = bytes
+            .get(32..ids_end)?
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect();
+        Some((ids, &bytes[ids_end..]))
+    })();
+    let Some((ids, snapshot)) = parsed else {
+        eprintln!(
+            "kvcache: prompt cache {} is not a prompt cache of this model; computing the prompt",
+            path.display()
+        );
+        return (None, 0);
+    };
+    let shared = ids
+        .iter()
+        .zip(prompt_ids)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(prompt_ids.len() - 1);
+    if shared == 0 {
+        return (None, 0);
+    }
+    let seq = match cache.import_sequence(snapshot) {
+        Ok(seq) => seq,
+        Err(e) => {
+            eprintln!("kvcache: prompt cache {} not restored: {e}", path.display());
+            return (None, 0);
+        }
+    };
+    if cache.len(seq) != Ok(ids.len()) || cache.truncate(seq, shared).is_err() {
+        let _ = cache.remove(seq);
+        eprintln!(
+            "kvcache: prompt cache {} does not match its token list",
+            path.display()
+        );
+        return (None, 0);
+    }
+    (Some(seq), shared)
+}
+
+/// Saves `seq` (the whole prompt) and its token ids to `path` (see [`PROMPT_CACHE_MAGIC`]).
+fn save_prompt(
+    cache: &KvCache,
+    seq: SeqId,
+    path: &std::path::Path,
+    model: &Model,
+    prompt_ids: &[u32],
+) -> Result<(), String> {
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(PROMPT_CACHE_MAGIC);
+    for word in model_identity(model)
+        .into_iter()
+        .chain([prompt_ids.len() as u64])
+    {
+        bytes.extend_from_slice(&word.to_le_bytes());
+    }
+    for id in prompt_ids {
+        bytes.extend_from_slice(&id.to_le_bytes());
+    }
+    let start = bytes.len();
+    bytes.resize(
+        start + cache.exported_len(seq).map_err(|e| e.to_string())?,
+        0,
+    );
+    cache
+        .export_sequence(seq, &mut bytes[start..])
+        .map_err(|e| e.to_string())?;
+    std::fs::write(path, &bytes).map_err(|e| e.to_string())
 }
 
 /// Feeds `tokens` to `seq` in prefill chunks of `chunk`, leaving the last token's logits.

@@ -32,6 +32,8 @@ usage:
   kvcache                    the main job: SmolLM2 answers a question (the demo without it)
   kvcache generate --prompt TEXT [-n 64] [--chat] [--ids] [--no-cache] [--temp X]
                    [--top-k K] [--top-p P] [--seed S] [--ctx 8192] [--chunk 256]
+                   [--prompt-cache FILE]  restore the prompt's cache from FILE when it
+                   holds a prefix of this prompt; save it there after the prompt
   kvcache ppl --file TEXT [--ctx 512] [--chunks N] [--chars N]
   kvcache bench decode [--depth 0] [-n 64] [--chunk 512] [--no-cache]
   kvcache bench attention [--shape smollm2|llama3-8b] [--ctx 2048] [--batch 1] [--steps S]
