@@ -19,18 +19,6 @@ fn stats(cache: *mut KvcCache) -> KvcStats {
     s
 }
 
-/// The snapshot checksum (see `kvcache::cache::snapshot`), so that made-up snapshots get past it.
-fn checksum(bytes: &[u8]) -> u64 {
-    const PRIME: u64 = 0x100000001b3;
-    let mut lanes: Vec<u64> = (0..4).map(|i| 0xcbf29ce484222325 ^ i).collect();
-    for (i, word) in bytes.chunks(8).enumerate() {
-        let mut padded = [0u8; 8];
-        padded[..word.len()].copy_from_slice(word);
-        lanes[i % 4] = (lanes[i % 4] ^ u64::from_le_bytes(padded)).wrapping_mul(PRIME);
-    }
-    lanes.iter().fold((bytes.len() as u64).wrapping_mul(PRIME), |h, &l| (h ^ l).wrapping_mul(PRIME))
-}
-
 fn same(a: &KvcStats, b: &KvcStats) -> bool {
     (a.sequences, a.blocks_free, a.bytes_used, a.tokens, a.waste_slots)
         == (b.sequences, b.blocks_free, b.bytes_used, b.tokens, b.waste_slots)
@@ -227,7 +215,7 @@ fuzz_target!(|data: &[u8]| {
                         for _ in 0..bytes.below(2048) {
                             made.push(bytes.byte());
                         }
-                        let sum = checksum(&made[40..]);
+                        let sum = kvcache::cache::snapshot::checksum(&made[40..]);
                         made[32..40].copy_from_slice(&sum.to_le_bytes());
                         (made.as_ptr(), made.len())
                     }

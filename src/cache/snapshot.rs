@@ -41,8 +41,8 @@ const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 /// `basis ^ lane` (the last word zero-padded); then, from `len · prime`, each lane in order
 /// folded in with the same step. Four lanes let the multiplies overlap (several GB/s where a
 /// byte at a time managed 0.5), and every step is a bijection of its lane, so any one changed
-/// word changes the sum.
-fn checksum(bytes: &[u8]) -> u64 {
+/// word changes the sum. Public so that tools can check or seal snapshot bytes.
+pub fn checksum(bytes: &[u8]) -> u64 {
     let mut lanes = [0u64, 1, 2, 3].map(|lane| FNV_BASIS ^ lane);
     let mut words = bytes.chunks_exact(32);
     for chunk in &mut words {
