@@ -83,6 +83,29 @@ impl KvCache<'_> {
     /// [`KvCache::exported_len`] bytes; returns the bytes written. Restore it with
     /// [`KvCache::import_sequence`], into this cache or another of the same geometry and
     /// formats. The layout is in [`crate::cache::snapshot`].
+    ///
+    /// ```
+    /// use kvcache::{CacheSpec, KvCache, Layout};
+    ///
+    /// let spec = CacheSpec::new(2, 4, 2, 8); // layers, query heads, KV heads, head dim
+    /// let layout = Layout::new(spec).unwrap();
+    /// let mut arena = vec![0u8; layout.arena_bytes(8).unwrap()];
+    /// let mut cache = KvCache::with_blocks(spec, 8, &mut arena).unwrap();
+    /// let seq = cache.add_sequence().unwrap();
+    /// let first = cache.reserve(seq, 3).unwrap().start;
+    /// let kv = vec![0.5f32; 3 * 2 * 8]; // [tokens][kv_heads][head_dim]
+    /// for layer in 0..2 {
+    ///     cache.write_run(seq, layer, first, &kv, &kv).unwrap();
+    /// }
+    ///
+    /// // Save (to flash, a file...), then restore into another cache of the same geometry.
+    /// let mut saved = vec![0u8; cache.exported_len(seq).unwrap()];
+    /// cache.export_sequence(seq, &mut saved).unwrap();
+    /// let mut other_arena = vec![0u8; layout.arena_bytes(8).unwrap()];
+    /// let mut other = KvCache::with_blocks(spec, 8, &mut other_arena).unwrap();
+    /// let restored = other.import_sequence(&saved).unwrap();
+    /// assert_eq!(other.len(restored).unwrap(), 3);
+    /// ```
     pub fn export_sequence(&self, seq: SeqId, out: &mut [u8]) -> Result<usize, Error> {
         let slot = self.slot_of(seq)?;
         let spec = *self.spec();
