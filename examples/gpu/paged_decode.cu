@@ -603,13 +603,16 @@ struct GpuBatch {
                                      &entries));
         }
         /* Splits: about `fill` thread blocks per multiprocessor, each warp taking at least
-         * two blocks (so that its double buffering overlaps something), at most MAX_SPLITS.
-         * KVC_GPU_FILL and KVC_GPU_MIN_BLOCKS override the two for experiments. */
+         * two blocks (so that its double buffering overlaps something), or eight once the
+         * batch alone gives 16 or more (sequence, KV head) pairs (fewer, longer splits: less
+         * merging, longer streams), at most MAX_SPLITS. KVC_GPU_FILL and KVC_GPU_MIN_BLOCKS
+         * override the two for experiments. */
         const char *fill_env = getenv("KVC_GPU_FILL"), *min_env = getenv("KVC_GPU_MIN_BLOCKS");
         const int fill = fill_env ? std::max(1, atoi(fill_env)) : 4;
-        const int min_per_split = WARPS * (min_env ? std::max(1, atoi(min_env)) : 2);
         const int blocks = (int)stride;
         const int per_split_level = n * (int)c.spec.kv_heads;
+        const int min_per_warp = per_split_level >= 16 ? 8 : 2;
+        const int min_per_split = WARPS * (min_env ? std::max(1, atoi(min_env)) : min_per_warp);
         splits = std::max(1, std::min(blocks, (fill * sm_count + per_split_level - 1) / per_split_level));
         blocks_per_split = std::max(std::min(min_per_split, blocks), (blocks + splits - 1) / splits);
         blocks_per_split = std::max(blocks_per_split, (blocks + MAX_SPLITS - 1) / MAX_SPLITS);
