@@ -63,6 +63,11 @@ fuzz_target!(|data: &[u8]| {
     let mut floats = vec![0.5f32; 4096];
     let mut out = vec![0.0f32; 4096];
     let mut scratch = vec![0.0f32; 1 << 16];
+    // Float rows are stored as given, NaN included (as `kvc_write` stores them): once a
+    // made-up snapshot has been restored into a cache with a float format, attention over it
+    // may rightly give NaN.
+    let float_rows = [spec.k_format, spec.v_format].iter().any(|&f| f <= 2);
+    let mut rows_made_up = false;
     while !bytes.done() {
         let before = stats(cache);
         let seq = ids[bytes.below_u32(ids.len() as u32) as usize];
@@ -118,7 +123,7 @@ fuzz_target!(|data: &[u8]| {
                 let s = unsafe {
                     kvc_attention(cache, bytes.word(), e, entries.len(), floats.as_ptr(), out.as_mut_ptr(), len, scratch.as_mut_ptr(), scratch_len)
                 };
-                if s as u32 == 0 {
+                if s as u32 == 0 && !rows_made_up {
                     assert!(out[..len].iter().all(|x| x.is_finite()), "non-finite attention output");
                 }
                 (s, false)
@@ -198,7 +203,8 @@ fuzz_target!(|data: &[u8]| {
                 }
                 let exported = s as u32 == 0 && out == saved.as_mut_ptr();
                 let mut made = Vec::new();
-                let (from, n): (*const u8, usize) = match bytes.below_u32(3) {
+                let source = bytes.below_u32(3);
+                let (from, n): (*const u8, usize) = match source {
                     0 if exported => {
                         if bytes.null() {
                             let at = bytes.below(len);
@@ -225,6 +231,7 @@ fuzz_target!(|data: &[u8]| {
                 let r = unsafe { kvc_seq_import(cache, from, n, &mut restored) };
                 if r as u32 == 0 {
                     ids.push(restored);
+                    rows_made_up |= source == 1 && float_rows;
                 } else {
                     assert_eq!(restored, u64::MAX, "a failed import wrote an id");
                 }

@@ -333,7 +333,8 @@ impl KvCache<'_> {
     }
 
     /// Quantized rows of a snapshot must carry finite scales and minima (rows the cache wrote
-    /// always do); float rows are stored as they are.
+    /// always do); float rows come back as stored, NaN included, as [`KvCache::write`] stores
+    /// them.
     fn check_snapshot_rows(&self, rows: &[u8], tokens: usize) -> Result<(), Error> {
         let spec = self.spec();
         let mut at = 0;
