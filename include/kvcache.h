@@ -40,7 +40,8 @@ typedef enum kvc_status {
     KVC_DUPLICATE_SEQUENCE = 12,
     KVC_SCRATCH_TOO_SMALL = 13,
     KVC_NON_FINITE = 14,
-    KVC_BAD_SNAPSHOT = 15 /* kvc_seq_import: not a snapshot this cache can restore */
+    KVC_BAD_SNAPSHOT = 15, /* kvc_seq_import: not a snapshot this cache can restore */
+    KVC_INTERRUPTED = 16   /* a snapshot read or write callback returned nonzero */
 } kvc_status;
 
 /* Storage formats for kvc_spec.k_format / v_format. */
@@ -167,6 +168,19 @@ kvc_status kvc_page_table(const kvc_cache *cache, uint64_t seq, uint32_t *out, s
 kvc_status kvc_seq_export(const kvc_cache *cache, uint64_t seq, uint8_t *out, size_t cap,
                           size_t *out_len);
 kvc_status kvc_seq_import(kvc_cache *cache, const uint8_t *bytes, size_t len, uint64_t *out_seq);
+/* The same without a buffer of the snapshot's size (flash that is not memory-mapped, a file):
+ * kvc_seq_export_to hands the bytes to `write` in order, in pieces (`data` points into the
+ * cache's blocks: copy it, do not keep it); kvc_seq_import_from reads the `len` bytes through
+ * `read(user, offset, buf, len)` twice, once to check them all and once into the new
+ * sequence's blocks, and undoes the sequence if a read fails (KVC_INTERRUPTED) or the bytes
+ * changed between the two passes (KVC_BAD_SNAPSHOT). Callbacks return 0 for success, nonzero
+ * to stop, and must not call into the cache. */
+typedef int (*kvc_write_fn)(void *user, const uint8_t *data, size_t len);
+typedef int (*kvc_read_fn)(void *user, size_t offset, uint8_t *buf, size_t len);
+kvc_status kvc_seq_export_to(const kvc_cache *cache, uint64_t seq, kvc_write_fn write, void *user,
+                             size_t *out_len);
+kvc_status kvc_seq_import_from(kvc_cache *cache, size_t len, kvc_read_fn read, void *user,
+                               uint64_t *out_seq);
 size_t kvc_status_message(uint32_t status, char *buf, size_t len);
 
 #ifdef __cplusplus

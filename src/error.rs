@@ -80,6 +80,8 @@ pub enum Error {
     /// Bytes given to [`crate::KvCache::import_sequence`] are not a snapshot this cache can
     /// restore (what is wrong with them).
     BadSnapshot(&'static str),
+    /// A read or write callback of a streaming save or restore reported a failure.
+    Interrupted,
 }
 
 impl fmt::Display for Error {
@@ -132,6 +134,7 @@ impl fmt::Display for Error {
                 f.write_str("attention returned before every thread ran its work items")
             }
             Error::BadSnapshot(what) => write!(f, "not a valid sequence snapshot: {what}"),
+            Error::Interrupted => f.write_str("a snapshot read or write callback failed"),
         }
     }
 }

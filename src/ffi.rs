@@ -13,7 +13,7 @@
 //! arena; a call that breaks one gets `KVC_BAD_SHAPE`.
 #![allow(clippy::missing_safety_doc)]
 
-use core::ffi::c_char;
+use core::ffi::{c_char, c_void};
 use core::mem::{align_of, size_of};
 
 use crate::attention::{
@@ -61,6 +61,8 @@ pub enum KvcStatus {
     NonFinite = 14,
     /// Bytes that are not a sequence snapshot this cache can restore.
     BadSnapshot = 15,
+    /// A read or write callback of a streaming save or restore reported a failure.
+    Interrupted = 16,
 }
 
 impl From<Error> for KvcStatus {
@@ -84,6 +86,7 @@ impl From<Error> for KvcStatus {
             Error::ScratchTooSmall { .. } => KvcStatus::ScratchTooSmall,
             Error::NonFinite => KvcStatus::NonFinite,
             Error::BadSnapshot(_) => KvcStatus::BadSnapshot,
+            Error::Interrupted => KvcStatus::Interrupted,
         }
     }
 }
@@ -831,6 +834,92 @@ pub unsafe extern "C" fn kvc_seq_import(
     }
 }
 
+/// `kvc_seq_export_to`'s writer: stores `len` bytes at `data` after the previous ones and
+/// returns 0, or nonzero to stop. `data` points into the cache's blocks: read it, do not keep it.
+pub type KvcWriteFn = unsafe extern "C" fn(user: *mut c_void, data: *const u8, len: usize) -> i32;
+/// `kvc_seq_import_from`'s reader: fills `buf` (`len` bytes) with the snapshot's bytes from
+/// `offset` and returns 0, or nonzero if it cannot.
+pub type KvcReadFn =
+    unsafe extern "C" fn(user: *mut c_void, offset: usize, buf: *mut u8, len: usize) -> i32;
+
+/// Saves `seq` like `kvc_seq_export`, but through `write` in pieces (no buffer of the
+/// snapshot's size); `*out_len` receives the byte count. A nonzero return from `write` stops
+/// it with `KVC_INTERRUPTED`. `write` must not call into this cache.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_seq_export_to(
+    cache: *const KvcCache,
+    seq: u64,
+    write: Option<KvcWriteFn>,
+    user: *mut c_void,
+    out_len: *mut usize,
+) -> KvcStatus {
+    let Some(write) = write else {
+        return KvcStatus::NullPointer;
+    };
+    if cache.is_null() || out_len.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &[Span::of(out_len, 1)]) } {
+        return e;
+    }
+    // SAFETY: see `with_cache_ref`; `out_len` is non-NULL, aligned and outside the handle and
+    // the arena (checked). `write` is the caller's function, given valid pieces, and by the
+    // header's rule does not use the handle meanwhile.
+    unsafe {
+        with_cache_ref(cache, |c| {
+            let sink = |piece: &[u8]| write(user, piece.as_ptr(), piece.len()) == 0;
+            match c.export_sequence_to(SeqId::from_raw(seq), sink) {
+                Ok(n) => {
+                    out_len.write(n);
+                    KvcStatus::Ok
+                }
+                Err(e) => e.into(),
+            }
+        })
+    }
+}
+
+/// Restores a snapshot of `len` bytes like `kvc_seq_import`, reading it through `read` (twice:
+/// once to check it, once into the new sequence's blocks) instead of from memory. A nonzero
+/// return from `read` gives `KVC_INTERRUPTED`; bytes that differ the second time give
+/// `KVC_BAD_SNAPSHOT`; either way the cache is as it was. `read` must not call into this cache.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_seq_import_from(
+    cache: *mut KvcCache,
+    len: usize,
+    read: Option<KvcReadFn>,
+    user: *mut c_void,
+    out_seq: *mut u64,
+) -> KvcStatus {
+    let Some(read) = read else {
+        return KvcStatus::NullPointer;
+    };
+    if cache.is_null() || out_seq.is_null() {
+        return KvcStatus::NullPointer;
+    }
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &[Span::of(out_seq, 1)]) } {
+        return e;
+    }
+    // SAFETY: see `with_cache`; `out_seq` is non-NULL, aligned and outside the handle and the
+    // arena (checked). `read` is the caller's function, given writable buffers of the length
+    // passed, and by the header's rule does not use the handle meanwhile.
+    unsafe {
+        with_cache(cache, |c| {
+            let source =
+                |at: usize, buf: &mut [u8]| read(user, at, buf.as_mut_ptr(), buf.len()) == 0;
+            match c.import_sequence_from(len, source) {
+                Ok(id) => {
+                    out_seq.write(id.to_raw());
+                    KvcStatus::Ok
+                }
+                Err(e) => e.into(),
+            }
+        })
+    }
+}
+
 /// Floats of scratch `kvc_attention` needs (independent of context length).
 #[no_mangle]
 pub unsafe extern "C" fn kvc_attention_scratch_len(
@@ -1155,6 +1244,7 @@ pub unsafe extern "C" fn kvc_status_message(status: u32, buf: *mut c_char, len: 
         13 => b"scratch buffer too small",
         14 => b"NaN or infinite value",
         15 => b"not a valid sequence snapshot for this cache",
+        16 => b"a snapshot read or write callback failed",
         _ => b"unknown status",
     };
     if !buf.is_null() && len > 0 {

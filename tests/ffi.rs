@@ -1242,3 +1242,149 @@ fn sequences_save_and_restore_through_the_c_abi() {
         assert!(text.contains("snapshot"), "{text}");
     }
 }
+
+/// `kvc_seq_export_to` / `kvc_seq_import_from`: C callbacks over a `Vec`, the same bytes as
+/// `kvc_seq_export`, NULL callbacks refused, and a failing callback giving `KVC_INTERRUPTED`
+/// with the target cache unchanged.
+#[test]
+fn sequences_stream_through_c_callbacks() {
+    unsafe extern "C" fn append(user: *mut std::ffi::c_void, data: *const u8, len: usize) -> i32 {
+        let out = &mut *user.cast::<Vec<u8>>();
+        out.extend_from_slice(std::slice::from_raw_parts(data, len));
+        0
+    }
+    unsafe extern "C" fn refuse(_: *mut std::ffi::c_void, _: *const u8, _: usize) -> i32 {
+        1
+    }
+    unsafe extern "C" fn read_vec(
+        user: *mut std::ffi::c_void,
+        at: usize,
+        buf: *mut u8,
+        len: usize,
+    ) -> i32 {
+        let source = &*user.cast::<Vec<u8>>();
+        match source.get(at..at + len) {
+            Some(bytes) => {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, len);
+                0
+            }
+            None => 1,
+        }
+    }
+    unsafe extern "C" fn fail_read(
+        _: *mut std::ffi::c_void,
+        _: usize,
+        _: *mut u8,
+        _: usize,
+    ) -> i32 {
+        1
+    }
+    let spec = spec();
+    let row = (spec.kv_heads * spec.head_dim) as usize;
+    let from = CCache::new(&spec, 16);
+    let to = CCache::new(&spec, 16);
+    unsafe {
+        let (mut seq, mut first) = (0u64, 0u32);
+        assert_eq!(kvc_add_sequence(from.cache, &mut seq), KvcStatus::Ok);
+        assert_eq!(kvc_reserve(from.cache, seq, 6, &mut first), KvcStatus::Ok);
+        let mut seed = 9u64;
+        for layer in 0..spec.layers {
+            let (k, v) = (values(&mut seed, 6 * row), values(&mut seed, 6 * row));
+            assert_eq!(
+                kvc_write(from.cache, seq, layer, 0, k.as_ptr(), v.as_ptr(), k.len()),
+                KvcStatus::Ok
+            );
+        }
+        let mut len = 0usize;
+        assert_eq!(
+            kvc_seq_export(from.cache, seq, null_mut(), 0, &mut len),
+            KvcStatus::Ok
+        );
+        let mut whole = vec![0u8; len];
+        assert_eq!(
+            kvc_seq_export(from.cache, seq, whole.as_mut_ptr(), len, &mut len),
+            KvcStatus::Ok
+        );
+
+        let mut streamed: Vec<u8> = Vec::new();
+        let user = (&mut streamed as *mut Vec<u8>).cast();
+        let mut n = 0usize;
+        assert_eq!(
+            kvc_seq_export_to(from.cache, seq, None, user, &mut n),
+            KvcStatus::NullPointer
+        );
+        assert_eq!(
+            kvc_seq_export_to(from.cache, seq, Some(append), user, null_mut()),
+            KvcStatus::NullPointer
+        );
+        assert_eq!(
+            kvc_seq_export_to(from.cache, seq, Some(refuse), user, &mut n),
+            KvcStatus::Interrupted
+        );
+        assert_eq!(
+            kvc_seq_export_to(from.cache, seq, Some(append), user, &mut n),
+            KvcStatus::Ok
+        );
+        assert_eq!((n, &streamed), (len, &whole));
+
+        let user = (&mut whole as *mut Vec<u8>).cast();
+        let mut restored = 0u64;
+        assert_eq!(
+            kvc_seq_import_from(to.cache, len, None, user, &mut restored),
+            KvcStatus::NullPointer
+        );
+        assert_eq!(
+            kvc_seq_import_from(to.cache, len, Some(fail_read), user, &mut restored),
+            KvcStatus::Interrupted
+        );
+        assert_eq!(
+            kvc_seq_import_from(to.cache, len + 1, Some(read_vec), user, &mut restored),
+            KvcStatus::BadSnapshot
+        );
+        let mut stats = KvcStats::default();
+        assert_eq!(kvc_stats_get(to.cache, &mut stats), KvcStatus::Ok);
+        assert_eq!(
+            (stats.sequences, stats.blocks_free),
+            (0, stats.blocks_total)
+        );
+        assert_eq!(
+            kvc_seq_import_from(to.cache, len, Some(read_vec), user, &mut restored),
+            KvcStatus::Ok
+        );
+        let (mut k1, mut v1, mut k2, mut v2) = (
+            vec![0f32; row],
+            vec![0f32; row],
+            vec![0f32; row],
+            vec![0f32; row],
+        );
+        for layer in 0..spec.layers {
+            for position in 0..6 {
+                assert_eq!(
+                    kvc_read(
+                        from.cache,
+                        seq,
+                        layer,
+                        position,
+                        k1.as_mut_ptr(),
+                        v1.as_mut_ptr(),
+                        row
+                    ),
+                    KvcStatus::Ok
+                );
+                assert_eq!(
+                    kvc_read(
+                        to.cache,
+                        restored,
+                        layer,
+                        position,
+                        k2.as_mut_ptr(),
+                        v2.as_mut_ptr(),
+                        row
+                    ),
+                    KvcStatus::Ok
+                );
+                assert_eq!((&k1, &v1), (&k2, &v2));
+            }
+        }
+    }
+}

@@ -274,6 +274,43 @@ fn the_core_allocates_nothing_after_construction() {
     }
 }
 
+/// A byte buffer written and read through C callbacks (no allocation in either).
+struct Flash {
+    bytes: *mut u8,
+    len: usize,
+    cap: usize,
+}
+
+unsafe extern "C" fn flash_write(user: *mut std::ffi::c_void, data: *const u8, len: usize) -> i32 {
+    // SAFETY: `user` is the test's `Flash`, `data` has `len` readable bytes.
+    unsafe {
+        let f = &mut *user.cast::<Flash>();
+        if len > f.cap - f.len {
+            return 1;
+        }
+        std::ptr::copy_nonoverlapping(data, f.bytes.add(f.len), len);
+        f.len += len;
+    }
+    0
+}
+
+unsafe extern "C" fn flash_read(
+    user: *mut std::ffi::c_void,
+    at: usize,
+    buf: *mut u8,
+    len: usize,
+) -> i32 {
+    // SAFETY: `user` is the test's `Flash`, `buf` has `len` writable bytes.
+    unsafe {
+        let f = &*user.cast::<Flash>();
+        if at > f.len || len > f.len - at {
+            return 1;
+        }
+        std::ptr::copy_nonoverlapping(f.bytes.add(at), buf, len);
+    }
+    0
+}
+
 #[test]
 fn the_c_abi_allocates_nothing() {
     let spec = KvcSpec {
@@ -385,6 +422,22 @@ fn the_c_abi_allocates_nothing() {
         assert_eq!(
             kvc_seq_import(cache, snapshot.as_ptr(), saved - 1, &mut restored),
             KvcStatus::BadSnapshot
+        );
+        assert_eq!(kvc_remove(cache, restored), KvcStatus::Ok);
+        // The same through callbacks (a preallocated buffer standing in for flash).
+        let mut flash = Flash {
+            bytes: snapshot.as_mut_ptr(),
+            len: 0,
+            cap: snapshot.len(),
+        };
+        let user = (&mut flash as *mut Flash).cast();
+        assert_eq!(
+            kvc_seq_export_to(cache, seq, Some(flash_write), user, &mut saved),
+            KvcStatus::Ok
+        );
+        assert_eq!(
+            kvc_seq_import_from(cache, saved, Some(flash_read), user, &mut restored),
+            KvcStatus::Ok
         );
         assert_eq!(kvc_remove(cache, restored), KvcStatus::Ok);
         assert_eq!(kvc_remove(cache, seq), KvcStatus::Ok);

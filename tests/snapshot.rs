@@ -261,7 +261,7 @@ fn bad_snapshots_are_refused_and_change_nothing() {
     reseal(&mut nan_state);
     assert!(matches!(
         b.import_sequence(&nan_state),
-        Err(Error::BadSnapshot(m)) if m.contains("first value")
+        Err(Error::BadSnapshot(m)) if m.contains("first row")
     ));
     unchanged(&mut b, "sealed but wrong");
 
@@ -366,5 +366,89 @@ proptest! {
         let restored = b.import_sequence(&bytes).unwrap();
         prop_assert_eq!(rows(&b, restored), rows(&a, seq));
         prop_assert!(b.check_invariants().is_ok());
+    }
+}
+
+/// `export_sequence_to` / `import_sequence_from`: the same bytes and rows as the slice forms;
+/// a writer or reader that fails (at any call, in either pass of the import) gives
+/// `Interrupted`, and bytes that change between the import's two passes give `BadSnapshot`,
+/// both leaving the cache as it was.
+#[test]
+fn streaming_save_and_restore_match_the_slice_forms_and_undo_failures() {
+    for (k, v) in [(F16, F16), (Int4, Int8)] {
+        let s = spec(k, v, 16);
+        let mut a_arena = arena(s, 20);
+        let mut a = KvCache::with_blocks(s, 20, &mut a_arena).unwrap();
+        let seq = a.add_sequence().unwrap();
+        let mut seed = 17;
+        grow(&mut a, seq, 40, 3, &mut seed);
+        let bytes = export(&a, seq);
+
+        let (mut streamed, mut pieces) = (Vec::new(), 0);
+        let n = a
+            .export_sequence_to(seq, |piece| {
+                streamed.extend_from_slice(piece);
+                pieces += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!((n, &streamed), (bytes.len(), &bytes));
+        assert!(pieces > 2, "{pieces} pieces");
+        let mut calls = 0;
+        let stopped = a.export_sequence_to(seq, |_| {
+            calls += 1;
+            calls < 3
+        });
+        assert_eq!(stopped, Err(Error::Interrupted));
+
+        let mut b_arena = arena(s, 20);
+        let mut b = KvCache::with_blocks(s, 20, &mut b_arena).unwrap();
+        let resident = b.add_sequence().unwrap();
+        grow(&mut b, resident, 7, 0, &mut seed);
+        let mut reads = 0;
+        let restored = b
+            .import_sequence_from(bytes.len(), |at, buf| {
+                reads += 1;
+                buf.copy_from_slice(&bytes[at..at + buf.len()]);
+                true
+            })
+            .unwrap();
+        assert_eq!(rows(&b, restored), rows(&a, seq));
+        b.remove(restored).unwrap();
+        let before = (b.stats(), rows(&b, resident));
+
+        for fail_at in 1..=reads {
+            let mut call = 0;
+            let result = b.import_sequence_from(bytes.len(), |at, buf| {
+                call += 1;
+                buf.copy_from_slice(&bytes[at..at + buf.len()]);
+                call != fail_at
+            });
+            assert_eq!(
+                result,
+                Err(Error::Interrupted),
+                "read {fail_at} of {reads} failed"
+            );
+            assert_eq!((b.stats(), rows(&b, resident)), before, "read {fail_at}");
+        }
+        // The bytes change after the first pass (the body is read from offset 40 twice).
+        let mut source = bytes.clone();
+        let mut body_reads = 0;
+        let result = b.import_sequence_from(bytes.len(), |at, buf| {
+            if at == 40 {
+                body_reads += 1;
+                if body_reads == 2 {
+                    source[41] ^= 1;
+                }
+            }
+            buf.copy_from_slice(&source[at..at + buf.len()]);
+            true
+        });
+        assert!(
+            matches!(result, Err(Error::BadSnapshot(m)) if m.contains("changed")),
+            "{result:?}"
+        );
+        assert_eq!((b.stats(), rows(&b, resident)), before);
+        b.check_invariants().unwrap();
     }
 }

@@ -29,6 +29,23 @@ static float f16_to_f32(uint16_t h) {
     return h & 0x8000 ? -magnitude : magnitude;
 }
 
+/* Streaming save and restore through callbacks: here a byte array stands in for flash that
+ * is written and read page by page. */
+typedef struct { uint8_t *bytes; size_t len, cap; } flash;
+static int flash_write(void *user, const uint8_t *data, size_t len) {
+    flash *f = user;
+    if (len > f->cap - f->len) return 1;
+    memcpy(f->bytes + f->len, data, len);
+    f->len += len;
+    return 0;
+}
+static int flash_read(void *user, size_t offset, uint8_t *buf, size_t len) {
+    const flash *f = user;
+    if (offset > f->len || len > f->len - offset) return 1;
+    memcpy(buf, f->bytes + offset, len);
+    return 0;
+}
+
 int main(void) {
     kvc_spec spec = {2, 4, 2, 8, 16, KVC_F16, KVC_F16, 4, 256, 0, 0};
     kvc_cache *cache = NULL;
@@ -105,6 +122,16 @@ int main(void) {
     float out_restored[4 * 8];
     CHECK(kvc_attention(cache, 0, &again, 1, q, out_restored, 32, scratch, scratch_len));
     if (memcmp(out_restored, out, sizeof out) != 0) { fprintf(stderr, "restored attention differs\n"); return 1; }
+    CHECK(kvc_remove(cache, restored));
+    static uint8_t pages[8192];
+    flash f = {pages, 0, sizeof pages};
+    size_t streamed_len;
+    CHECK(kvc_seq_export_to(cache, seq, flash_write, &f, &streamed_len));
+    if (streamed_len != saved_len || memcmp(pages, saved, saved_len) != 0) return 1;
+    CHECK(kvc_seq_import_from(cache, f.len, flash_read, &f, &restored));
+    again.seq = restored;
+    CHECK(kvc_attention(cache, 0, &again, 1, q, out_restored, 32, scratch, scratch_len));
+    if (memcmp(out_restored, out, sizeof out) != 0) { fprintf(stderr, "streamed restore differs\n"); return 1; }
     CHECK(kvc_remove(cache, restored));
     saved[saved_len / 2] ^= 1;
     if (kvc_seq_import(cache, saved, saved_len, &restored) != KVC_BAD_SNAPSHOT) return 1;

@@ -19,6 +19,39 @@ fn stats(cache: *mut KvcCache) -> KvcStats {
     s
 }
 
+/// A snapshot source or sink for the streaming calls: `len` bytes at `bytes`, and the call
+/// (1-based) at which the callback reports a failure (0: never).
+struct Stream {
+    bytes: *mut u8,
+    len: usize,
+    calls: usize,
+    fail_at: usize,
+}
+
+unsafe extern "C" fn stream_write(user: *mut core::ffi::c_void, data: *const u8, len: usize) -> i32 {
+    // SAFETY: `user` is a live `Stream` over a buffer of `len` bytes; `data` has `len` bytes.
+    let s = unsafe { &mut *user.cast::<Stream>() };
+    s.calls += 1;
+    if s.calls == s.fail_at || len > s.len {
+        return 1;
+    }
+    unsafe { core::ptr::copy_nonoverlapping(data, s.bytes, len) };
+    s.bytes = s.bytes.wrapping_add(len);
+    s.len -= len;
+    0
+}
+
+unsafe extern "C" fn stream_read(user: *mut core::ffi::c_void, at: usize, buf: *mut u8, len: usize) -> i32 {
+    // SAFETY: as above; `buf` has `len` writable bytes.
+    let s = unsafe { &mut *user.cast::<Stream>() };
+    s.calls += 1;
+    if s.calls == s.fail_at || at > s.len || len > s.len - at {
+        return 1;
+    }
+    unsafe { core::ptr::copy_nonoverlapping(s.bytes.add(at), buf, len) };
+    0
+}
+
 fn same(a: &KvcStats, b: &KvcStats) -> bool {
     (a.sequences, a.blocks_free, a.bytes_used, a.tokens, a.waste_slots)
         == (b.sequences, b.blocks_free, b.bytes_used, b.tokens, b.waste_slots)
@@ -202,6 +235,7 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(len, usize::MAX, "a failed export wrote its length");
                 }
                 let exported = s as u32 == 0 && out == saved.as_mut_ptr();
+                let clean = if exported { saved[..len].to_vec() } else { Vec::new() };
                 let mut made = Vec::new();
                 let source = bytes.below_u32(3);
                 let (from, n): (*const u8, usize) = match source {
@@ -228,7 +262,25 @@ fuzz_target!(|data: &[u8]| {
                     _ => (arena_ptr.cast_const(), bytes.below(arena_bytes + 1)),
                 };
                 let mut restored = u64::MAX;
-                let r = unsafe { kvc_seq_import(cache, from, n, &mut restored) };
+                let r = if bytes.null() {
+                    // Through a reader callback that may fail at some call.
+                    let mut source = Stream { bytes: from.cast_mut(), len: n, calls: 0, fail_at: bytes.below(40) };
+                    let user = (&mut source as *mut Stream).cast();
+                    unsafe { kvc_seq_import_from(cache, n, Some(stream_read), user, &mut restored) }
+                } else {
+                    unsafe { kvc_seq_import(cache, from, n, &mut restored) }
+                };
+                if exported && bytes.null() {
+                    // And a streamed export into a buffer, maybe too short or failing.
+                    let mut sink_bytes = vec![0u8; bytes.below(len + 1)];
+                    let mut sink = Stream { bytes: sink_bytes.as_mut_ptr(), len: sink_bytes.len(), calls: 0, fail_at: bytes.below(40) };
+                    let mut n2 = 0usize;
+                    let user = (&mut sink as *mut Stream).cast();
+                    let w = unsafe { kvc_seq_export_to(cache, seq, Some(stream_write), user, &mut n2) };
+                    if w as u32 == 0 {
+                        assert_eq!(&sink_bytes[..n2], &clean[..], "streamed export differs");
+                    }
+                }
                 if r as u32 == 0 {
                     ids.push(restored);
                     rows_made_up |= source == 1 && float_rows;

@@ -43,24 +43,83 @@ const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 /// byte at a time managed 0.5), and every step is a bijection of its lane, so any one changed
 /// word changes the sum. Public so that tools can check or seal snapshot bytes.
 pub fn checksum(bytes: &[u8]) -> u64 {
-    let mut lanes = [0u64, 1, 2, 3].map(|lane| FNV_BASIS ^ lane);
-    let mut words = bytes.chunks_exact(32);
-    for chunk in &mut words {
-        for (lane, word) in lanes.iter_mut().zip(chunk.chunks_exact(8)) {
+    let mut sum = Checksum::new();
+    sum.update(bytes);
+    sum.finish()
+}
+
+/// [`checksum`] fed in pieces: the same value for the same bytes however they are cut.
+#[derive(Clone, Debug)]
+pub struct Checksum {
+    lanes: [u64; 4],
+    /// Bytes of the current 32-byte group not yet mixed.
+    pending: [u8; 32],
+    filled: usize,
+    len: u64,
+}
+
+impl Default for Checksum {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Checksum {
+    /// The checksum of no bytes so far.
+    pub fn new() -> Self {
+        Checksum {
+            lanes: [0u64, 1, 2, 3].map(|lane| FNV_BASIS ^ lane),
+            pending: [0; 32],
+            filled: 0,
+            len: 0,
+        }
+    }
+
+    /// Adds `bytes` after those added before.
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        self.len = self.len.wrapping_add(bytes.len() as u64);
+        if self.filled > 0 {
+            let take = (32 - self.filled).min(bytes.len());
+            self.pending[self.filled..self.filled + take].copy_from_slice(&bytes[..take]);
+            self.filled += take;
+            bytes = &bytes[take..];
+            if self.filled < 32 {
+                return;
+            }
+            let group = self.pending;
+            self.mix(&group);
+            self.filled = 0;
+        }
+        let mut groups = bytes.chunks_exact(32);
+        for group in &mut groups {
+            self.mix(group);
+        }
+        let rest = groups.remainder();
+        self.pending[..rest.len()].copy_from_slice(rest);
+        self.filled = rest.len();
+    }
+
+    fn mix(&mut self, group: &[u8]) {
+        for (lane, word) in self.lanes.iter_mut().zip(group.chunks_exact(8)) {
             let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
             *lane = (*lane ^ word).wrapping_mul(FNV_PRIME);
         }
     }
-    for (lane, piece) in lanes.iter_mut().zip(words.remainder().chunks(8)) {
-        let mut word = [0u8; 8];
-        word[..piece.len()].copy_from_slice(piece);
-        *lane = (*lane ^ u64::from_le_bytes(word)).wrapping_mul(FNV_PRIME);
+
+    /// The checksum of every byte added.
+    pub fn finish(&self) -> u64 {
+        let mut lanes = self.lanes;
+        for (lane, piece) in lanes.iter_mut().zip(self.pending[..self.filled].chunks(8)) {
+            let mut word = [0u8; 8];
+            word[..piece.len()].copy_from_slice(piece);
+            *lane = (*lane ^ u64::from_le_bytes(word)).wrapping_mul(FNV_PRIME);
+        }
+        lanes
+            .iter()
+            .fold(self.len.wrapping_mul(FNV_PRIME), |h, &lane| {
+                (h ^ lane).wrapping_mul(FNV_PRIME)
+            })
     }
-    lanes
-        .iter()
-        .fold((bytes.len() as u64).wrapping_mul(FNV_PRIME), |h, &lane| {
-            (h ^ lane).wrapping_mul(FNV_PRIME)
-        })
 }
 
 fn le_u64(bytes: &[u8], at: usize) -> u64 {
@@ -70,6 +129,9 @@ fn le_u64(bytes: &[u8], at: usize) -> u64 {
 fn le_u32(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
+
+/// Bytes a streaming import reads at a time for its checks (a stack buffer).
+const CHUNK: usize = 4096;
 
 impl KvCache<'_> {
     /// Bytes [`KvCache::export_sequence`] writes for `seq`.
@@ -107,79 +169,126 @@ impl KvCache<'_> {
     /// assert_eq!(other.len(restored).unwrap(), 3);
     /// ```
     pub fn export_sequence(&self, seq: SeqId, out: &mut [u8]) -> Result<usize, Error> {
+        let needed = self.exported_len(seq)?;
+        let out = out.get_mut(..needed).ok_or(Error::BadShape("out"))?;
+        let mut at = 0;
+        self.export_sequence_to(seq, |piece| match out.get_mut(at..at + piece.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(piece);
+                at += piece.len();
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// [`KvCache::export_sequence`] without a buffer of the snapshot's size: the bytes go to
+    /// `write` in order, in pieces (the header, then runs of rows straight from the blocks,
+    /// then the int4 state), e.g. to flash page by page. `write` returns `false` to stop (a
+    /// failed write), which gives [`Error::Interrupted`]. Returns the bytes written.
+    pub fn export_sequence_to(
+        &self,
+        seq: SeqId,
+        mut write: impl FnMut(&[u8]) -> bool,
+    ) -> Result<usize, Error> {
         let slot = self.slot_of(seq)?;
-        let spec = *self.spec();
         let tokens = self.len_of(slot);
         let evicted = self.evicted_range(slot);
         if !evicted.is_empty() {
             return Err(Error::Evicted {
-                position: evicted.start * spec.block_tokens,
+                position: evicted.start * self.spec().block_tokens,
             });
         }
         let needed = self.snapshot_len(tokens).ok_or(Error::SizeOverflow)?;
-        let header_words = self.header_words(tokens)?;
-        let out = out.get_mut(..needed).ok_or(Error::BadShape("out"))?;
-        let (header, body) = out.split_at_mut(HEADER);
+        let mut header = [0u8; HEADER];
         header[..8].copy_from_slice(MAGIC);
-        for (i, word) in header_words.iter().enumerate() {
+        for (i, word) in self.header_words(tokens)?.iter().enumerate() {
             header[8 + 4 * i..12 + 4 * i].copy_from_slice(&word.to_le_bytes());
         }
-        let mut at = 0;
-        let mut put = |bytes: &[u8]| {
-            body[at..at + bytes.len()].copy_from_slice(bytes);
-            at += bytes.len();
-        };
+        // The checksum heads the bytes, so the body is read twice: once for it, once out.
+        let mut sum = Checksum::new();
+        self.body_pieces(slot, tokens, &mut |piece| {
+            sum.update(piece);
+            true
+        });
+        header[SUM_AT..SUM_AT + 8].copy_from_slice(&sum.finish().to_le_bytes());
+        if !write(&header) || !self.body_pieces(slot, tokens, &mut write) {
+            return Err(Error::Interrupted);
+        }
+        Ok(needed)
+    }
+
+    /// Calls `f` with the snapshot's body in order (each block's run of rows, then the int4
+    /// state through a stack buffer); stops, returning `false`, when `f` does.
+    fn body_pieces(&self, slot: usize, tokens: usize, f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        let spec = *self.spec();
         for layer in 0..spec.layers {
             for kind in [Kind::K, Kind::V] {
                 for head in 0..spec.kv_heads {
                     for logical in 0..self.blocks_for(tokens) {
-                        put(&self.data[self.row_run(slot, layer, kind, head, tokens, logical)]);
+                        if !f(&self.data[self.row_run(slot, layer, kind, head, tokens, logical)]) {
+                            return false;
+                        }
                     }
                 }
             }
         }
-        let per_layer = spec.kv_heads * spec.head_dim;
-        for layer in 0..spec.layers {
-            let (flag, words) = self.offsets_index(slot, layer);
-            if spec.k_format == KvFormat::Int4 {
-                put(&self.offsets_set[flag].to_le_bytes());
-                for &w in &self.key_offsets[words..words + per_layer] {
-                    put(&w.to_le_bytes());
+        let mut buffer = [0u8; 256];
+        let mut filled = 0;
+        for i in 0..self.state_words() {
+            buffer[filled..filled + 4].copy_from_slice(&self.state_word(slot, i).to_le_bytes());
+            filled += 4;
+            if filled == buffer.len() {
+                if !f(&buffer) {
+                    return false;
                 }
-                for &w in &self.first_keys[words..words + per_layer] {
-                    put(&w.to_le_bytes());
-                }
+                filled = 0;
             }
         }
-        if spec.v_format == KvFormat::Int4 {
-            for layer in 0..spec.layers {
-                let words = self.offsets_index(slot, layer).1;
-                for &w in &self.first_values[words..words + per_layer] {
-                    put(&w.to_le_bytes());
-                }
-            }
-        }
-        let sum = checksum(body);
-        header[SUM_AT..SUM_AT + 8].copy_from_slice(&sum.to_le_bytes());
-        Ok(needed)
+        filled == 0 || f(&buffer[..filled])
     }
 
     /// Restores a sequence saved by [`KvCache::export_sequence`] as a new sequence of this
     /// cache and returns its id. Everything is checked before anything changes: the bytes
     /// (magic, geometry and formats, length, checksum, finite quantization parameters and int4
     /// state: otherwise [`Error::BadSnapshot`] naming what is wrong), then room (a free
-    /// sequence slot, `max_seq_tokens`, free blocks).
+    /// sequence slot, `max_seq_tokens`, free blocks). Float rows come back as stored, NaN
+    /// included, as [`KvCache::write`] stores them.
     pub fn import_sequence(&mut self, bytes: &[u8]) -> Result<SeqId, Error> {
+        self.import_sequence_from(bytes.len(), |at, buf| match bytes.get(at..at + buf.len()) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// [`KvCache::import_sequence`] without the snapshot in memory: `read(offset, buf)` fills
+    /// `buf` with the `len`-byte snapshot's bytes from `offset` (flash that is not mapped, a
+    /// file) and returns `false` if it cannot, which gives [`Error::Interrupted`]. The bytes
+    /// are read twice: once in 4 KiB pieces to check them all, then straight into the new
+    /// sequence's blocks. If they differ the second time (checksum again), or a read fails
+    /// then, the half-made sequence is removed: on any error the cache is as it was.
+    pub fn import_sequence_from(
+        &mut self,
+        len: usize,
+        mut read: impl FnMut(usize, &mut [u8]) -> bool,
+    ) -> Result<SeqId, Error> {
         let spec = *self.spec();
-        let header = bytes
-            .get(..HEADER)
-            .ok_or(Error::BadSnapshot("shorter than its header"))?;
+        if len < HEADER {
+            return Err(Error::BadSnapshot("shorter than its header"));
+        }
+        let mut header = [0u8; HEADER];
+        if !read(0, &mut header) {
+            return Err(Error::Interrupted);
+        }
         if &header[..8] != MAGIC {
             return Err(Error::BadSnapshot("not a sequence snapshot (magic)"));
         }
-        let tokens = le_u32(header, 28) as usize;
+        let tokens = le_u32(&header, 28) as usize;
         let expected = self.header_words(tokens.min(spec.max_seq_tokens))?;
-        if (0..5).any(|i| le_u32(header, 8 + 4 * i) != expected[i]) {
+        if (0..5).any(|i| le_u32(&header, 8 + 4 * i) != expected[i]) {
             return Err(Error::BadSnapshot(
                 "geometry or formats differ from this cache's",
             ));
@@ -191,27 +300,13 @@ impl KvCache<'_> {
             });
         }
         let needed = self.snapshot_len(tokens).ok_or(Error::SizeOverflow)?;
-        if bytes.len() != needed {
+        if len != needed {
             return Err(Error::BadSnapshot(
                 "length differs from what its header implies",
             ));
         }
-        let body = &bytes[HEADER..];
-        let sum = le_u64(header, SUM_AT);
-        if checksum(body) != sum {
-            return Err(Error::BadSnapshot(
-                "checksum mismatch (corrupted or truncated)",
-            ));
-        }
-        let (rows, state) = body.split_at(needed - HEADER - 4 * self.state_words());
-        self.check_snapshot_rows(rows, tokens)?;
-        check_snapshot_state(
-            spec.k_format,
-            spec.v_format,
-            spec.layers,
-            spec.kv_heads * spec.head_dim,
-            state,
-        )?;
+        let sum = le_u64(&header, SUM_AT);
+        self.check_snapshot(tokens, sum, &mut read)?;
         let free_slot = (0..spec.max_seqs).any(|slot| self.words(slot)[super::LIVE] == 0);
         if !free_slot {
             return Err(Error::TooManySequences);
@@ -224,46 +319,190 @@ impl KvCache<'_> {
             });
         }
 
-        // Checked: nothing below can fail.
+        // Checked: from here the only failures are the source's, and they undo the sequence.
         let seq = self.add_sequence()?;
         let slot = seq.slot();
         self.apply_reserve(slot, tokens);
-        let mut at = 0;
+        match self.fill_snapshot(slot, tokens, sum, &mut read) {
+            Ok(()) => Ok(seq),
+            Err(e) => {
+                let _ = self.remove(seq);
+                Err(e)
+            }
+        }
+    }
+
+    /// The first pass of an import: reads the body in pieces and checks the checksum, every
+    /// quantized row's parameters and every int4 state word.
+    fn check_snapshot(
+        &self,
+        tokens: usize,
+        sum: u64,
+        read: &mut dyn FnMut(usize, &mut [u8]) -> bool,
+    ) -> Result<(), Error> {
+        let spec = *self.spec();
+        let mut buffer = [0u8; CHUNK];
+        let mut checksum = Checksum::new();
+        let mut at = HEADER;
+        for _layer in 0..spec.layers {
+            for kind in [Kind::K, Kind::V] {
+                let format = self.layout.format(kind);
+                let row_bytes = self.layout.row_bytes(kind);
+                let per_read = (CHUNK / row_bytes).max(1);
+                let mut rows = spec.kv_heads * tokens;
+                while rows > 0 {
+                    let n = rows.min(per_read);
+                    let piece = &mut buffer[..n * row_bytes];
+                    if !read(at, piece) {
+                        return Err(Error::Interrupted);
+                    }
+                    checksum.update(piece);
+                    if !format.is_float() {
+                        for row in piece.chunks_exact(row_bytes) {
+                            for g in 0..quant::groups(spec.head_dim) {
+                                let (scale, min) =
+                                    quant::group_params(format, row, spec.head_dim, g);
+                                if !(scale.is_finite() && min.is_finite()) {
+                                    return Err(Error::BadSnapshot("a row's scale is not finite"));
+                                }
+                            }
+                        }
+                    }
+                    at += piece.len();
+                    rows -= n;
+                }
+            }
+        }
+        let mut word = 0;
+        let words = self.state_words();
+        while word < words {
+            let n = (words - word).min(CHUNK / 4);
+            let piece = &mut buffer[..4 * n];
+            if !read(at, piece) {
+                return Err(Error::Interrupted);
+            }
+            checksum.update(piece);
+            for (i, w) in piece.chunks_exact(4).enumerate() {
+                self.check_state_word(word + i, le_u32(w, 0))?;
+            }
+            at += piece.len();
+            word += n;
+        }
+        if checksum.finish() != sum {
+            return Err(Error::BadSnapshot(
+                "checksum mismatch (corrupted or truncated)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The second pass of an import: rows straight into `slot`'s blocks, state words into
+    /// its int4 state, the checksum computed again over what was read.
+    fn fill_snapshot(
+        &mut self,
+        slot: usize,
+        tokens: usize,
+        sum: u64,
+        read: &mut dyn FnMut(usize, &mut [u8]) -> bool,
+    ) -> Result<(), Error> {
+        let spec = *self.spec();
+        let mut checksum = Checksum::new();
+        let mut at = HEADER;
         for layer in 0..spec.layers {
             for kind in [Kind::K, Kind::V] {
                 for head in 0..spec.kv_heads {
                     for logical in 0..self.blocks_for(tokens) {
                         let run = self.row_run(slot, layer, kind, head, tokens, logical);
-                        let len = run.len();
-                        self.data[run].copy_from_slice(&rows[at..at + len]);
-                        at += len;
+                        let piece = &mut self.data[run];
+                        if !read(at, piece) {
+                            return Err(Error::Interrupted);
+                        }
+                        checksum.update(piece);
+                        at += piece.len();
                     }
                 }
             }
         }
-        let mut words = state.chunks_exact(4).map(|w| le_u32(w, 0));
+        let mut buffer = [0u8; 256];
+        let mut word = 0;
+        let words = self.state_words();
+        while word < words {
+            let n = (words - word).min(buffer.len() / 4);
+            let piece = &mut buffer[..4 * n];
+            if !read(at, piece) {
+                return Err(Error::Interrupted);
+            }
+            checksum.update(piece);
+            for (i, w) in piece.chunks_exact(4).enumerate() {
+                let value = le_u32(w, 0);
+                self.check_state_word(word + i, value)?;
+                self.set_state_word(slot, word + i, value);
+            }
+            at += piece.len();
+            word += n;
+        }
+        if checksum.finish() != sum {
+            return Err(Error::BadSnapshot("changed while it was being read"));
+        }
+        Ok(())
+    }
+
+    /// Where state word `i` of a snapshot lives: `(which, index)` with `which` 0 for the
+    /// offsets flags, 1 key offsets, 2 first keys, 3 first values (see the layout).
+    fn state_place(&self, slot: usize, i: usize) -> (usize, usize) {
+        let spec = self.spec();
         let per_layer = spec.kv_heads * spec.head_dim;
-        for layer in 0..spec.layers {
-            let (flag, at) = self.offsets_index(slot, layer);
-            if spec.k_format == KvFormat::Int4 {
-                self.offsets_set[flag] = words.next().unwrap_or(0);
-                for w in &mut self.key_offsets[at..at + per_layer] {
-                    *w = words.next().unwrap_or(0);
-                }
-                for w in &mut self.first_keys[at..at + per_layer] {
-                    *w = words.next().unwrap_or(0);
-                }
+        let key_words = if spec.k_format == KvFormat::Int4 {
+            spec.layers * (1 + 2 * per_layer)
+        } else {
+            0
+        };
+        if i < key_words {
+            let (layer, within) = (i / (1 + 2 * per_layer), i % (1 + 2 * per_layer));
+            let (flag, words) = self.offsets_index(slot, layer);
+            match within {
+                0 => (0, flag),
+                w if w <= per_layer => (1, words + w - 1),
+                w => (2, words + w - 1 - per_layer),
             }
+        } else {
+            let j = i - key_words;
+            let (layer, within) = (j / per_layer, j % per_layer);
+            (3, self.offsets_index(slot, layer).1 + within)
         }
-        if spec.v_format == KvFormat::Int4 {
-            for layer in 0..spec.layers {
-                let at = self.offsets_index(slot, layer).1;
-                for w in &mut self.first_values[at..at + per_layer] {
-                    *w = words.next().unwrap_or(0);
-                }
-            }
+    }
+
+    fn state_word(&self, slot: usize, i: usize) -> u32 {
+        let (which, index) = self.state_place(slot, i);
+        [
+            &*self.offsets_set,
+            &*self.key_offsets,
+            &*self.first_keys,
+            &*self.first_values,
+        ][which][index]
+    }
+
+    fn set_state_word(&mut self, slot: usize, i: usize, value: u32) {
+        let (which, index) = self.state_place(slot, i);
+        let words = match which {
+            0 => &mut *self.offsets_set,
+            1 => &mut *self.key_offsets,
+            2 => &mut *self.first_keys,
+            _ => &mut *self.first_values,
+        };
+        words[index] = value;
+    }
+
+    /// A snapshot's state word `i`: flags 0 or 1, every element finite.
+    fn check_state_word(&self, i: usize, value: u32) -> Result<(), Error> {
+        match self.state_place(0, i).0 {
+            0 if value > 1 => Err(Error::BadSnapshot("an int4 offsets flag is not 0 or 1")),
+            0 => Ok(()),
+            _ if !f32::from_bits(value).is_finite() => Err(Error::BadSnapshot(
+                "an int4 offset or exact first row is not finite",
+            )),
+            _ => Ok(()),
         }
-        Ok(seq)
     }
 
     /// The header's geometry words and token count, or `SizeOverflow` if one does not fit.
@@ -331,61 +570,4 @@ impl KvCache<'_> {
             + self.layout.row_offset(layer, kind, kv_head, 0);
         start..start + rows * self.layout.row_bytes(kind)
     }
-
-    /// Quantized rows of a snapshot must carry finite scales and minima (rows the cache wrote
-    /// always do); float rows come back as stored, NaN included, as [`KvCache::write`] stores
-    /// them.
-    fn check_snapshot_rows(&self, rows: &[u8], tokens: usize) -> Result<(), Error> {
-        let spec = self.spec();
-        let mut at = 0;
-        for _layer in 0..spec.layers {
-            for kind in [Kind::K, Kind::V] {
-                let format = self.layout.format(kind);
-                let row_bytes = self.layout.row_bytes(kind);
-                let count = spec.kv_heads * tokens;
-                if format.is_float() {
-                    at += count * row_bytes;
-                    continue;
-                }
-                for row in rows[at..at + count * row_bytes].chunks_exact(row_bytes) {
-                    for g in 0..quant::groups(spec.head_dim) {
-                        let (scale, min) = quant::group_params(format, row, spec.head_dim, g);
-                        if !(scale.is_finite() && min.is_finite()) {
-                            return Err(Error::BadSnapshot("a row's scale is not finite"));
-                        }
-                    }
-                }
-                at += count * row_bytes;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The int4 state words of a snapshot: flags 0 or 1, every element finite.
-fn check_snapshot_state(
-    k_format: KvFormat,
-    v_format: KvFormat,
-    layers: usize,
-    per_layer: usize,
-    state: &[u8],
-) -> Result<(), Error> {
-    let mut words = state.chunks_exact(4).map(|w| le_u32(w, 0));
-    let finite = |w: Option<u32>| w.is_some_and(|w| f32::from_bits(w).is_finite());
-    if k_format == KvFormat::Int4 {
-        for _ in 0..layers {
-            if !matches!(words.next(), Some(0 | 1)) {
-                return Err(Error::BadSnapshot("an int4 offsets flag is not 0 or 1"));
-            }
-            if !(0..2 * per_layer).all(|_| finite(words.next())) {
-                return Err(Error::BadSnapshot(
-                    "an int4 key offset or first key is not finite",
-                ));
-            }
-        }
-    }
-    if v_format == KvFormat::Int4 && !(0..layers * per_layer).all(|_| finite(words.next())) {
-        return Err(Error::BadSnapshot("an int4 first value is not finite"));
-    }
-    Ok(())
 }
