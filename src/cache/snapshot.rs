@@ -450,6 +450,14 @@ impl KvCache<'_> {
     /// Where state word `i` of a snapshot lives: `(which, index)` with `which` 0 for the
     /// offsets flags, 1 key offsets, 2 first keys, 3 first values (see the layout).
     fn state_place(&self, slot: usize, i: usize) -> (usize, usize) {
+        let (which, layer, within) = self.state_kind(i);
+        let (flag, words) = self.offsets_index(slot, layer);
+        (which, if which == 0 { flag } else { words + within })
+    }
+
+    /// State word `i` of a snapshot as `(which, layer, element)`: `which` as for
+    /// [`Self::state_place`], `element` the index in the layer's `kv_heads × head_dim` words.
+    fn state_kind(&self, i: usize) -> (usize, usize, usize) {
         let spec = self.spec();
         let per_layer = spec.kv_heads * spec.head_dim;
         let key_words = if spec.k_format == KvFormat::Int4 {
@@ -459,16 +467,14 @@ impl KvCache<'_> {
         };
         if i < key_words {
             let (layer, within) = (i / (1 + 2 * per_layer), i % (1 + 2 * per_layer));
-            let (flag, words) = self.offsets_index(slot, layer);
             match within {
-                0 => (0, flag),
-                w if w <= per_layer => (1, words + w - 1),
-                w => (2, words + w - 1 - per_layer),
+                0 => (0, layer, 0),
+                w if w <= per_layer => (1, layer, w - 1),
+                w => (2, layer, w - 1 - per_layer),
             }
         } else {
             let j = i - key_words;
-            let (layer, within) = (j / per_layer, j % per_layer);
-            (3, self.offsets_index(slot, layer).1 + within)
+            (3, j / per_layer, j % per_layer)
         }
     }
 
@@ -495,7 +501,7 @@ impl KvCache<'_> {
 
     /// A snapshot's state word `i`: flags 0 or 1, every element finite.
     fn check_state_word(&self, i: usize, value: u32) -> Result<(), Error> {
-        match self.state_place(0, i).0 {
+        match self.state_kind(i).0 {
             0 if value > 1 => Err(Error::BadSnapshot("an int4 offsets flag is not 0 or 1")),
             0 => Ok(()),
             _ if !f32::from_bits(value).is_finite() => Err(Error::BadSnapshot(
