@@ -140,18 +140,17 @@ pub fn prepare_queries(
 /// The score of one stored row against one prepared query row, in the exact arithmetic order
 /// of the AVX2 kernel:
 ///
-/// - per group `g`, the products `k·q` of the 32 prepared positions are summed four at a time
-///   into 8 `i32` lanes (lane `j`: positions `4j..4j + 4`; exact);
-/// - each lane is converted to `f32` and accumulated as `acc[j] = acc[j] + lane[j] · c_g`
-///   (a multiply then an add, no FMA), `c_g = s_q[g] · s_k[g]`;
-/// - the lanes are reduced as `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`;
+/// - per group `g`, the products `k·q` of its 32 prepared positions are summed exactly into
+///   one `i32` `S_g` (at most `32·128·127`, so its conversion to `f32` is exact too);
+/// - `acc = acc + S_g · c_g` from `acc = 0`, in group order (a multiply then an add, no FMA),
+///   with `c_g = s_q[g] · s_k[g]`;
 /// - int4 then adds `Σ_g m_k[g] · w[g]` (summed in group order), `w = s_q · Σ q`.
 ///
 /// `row` must hold a whole stored row and `query` a whole prepared row.
 #[inline]
 fn prepared_dot(format: KvFormat, row: &[u8], head_dim: usize, query: &[u8]) -> f32 {
     let ng = quant::groups(head_dim);
-    let mut acc = [0.0f32; 8];
+    let mut acc = 0.0f32;
     let mut min_term = 0.0f32;
     let stored_len = match format {
         KvFormat::Int4 => head_dim.div_ceil(2) * 2,
@@ -161,7 +160,7 @@ fn prepared_dot(format: KvFormat, row: &[u8], head_dim: usize, query: &[u8]) -> 
         let (sk, mk) = quant::group_params(format, row, head_dim, g);
         let sq = quant::read_f32(query, ng * GROUP + 4 * g);
         let c = sq * sk;
-        let mut lanes = [0i32; 8];
+        let mut exact = 0i32;
         for t in 0..GROUP {
             let d = g * GROUP + quant::prepared_element(format, t);
             // Past `head_dim` the key lane is 0, except the high nibble of an int4 row's last
@@ -171,21 +170,17 @@ fn prepared_dot(format: KvFormat, row: &[u8], head_dim: usize, query: &[u8]) -> 
             } else {
                 0
             };
-            let q = query[g * GROUP + t] as i8 as i32;
-            lanes[t / 4] += k * q;
+            exact += k * query[g * GROUP + t] as i8 as i32;
         }
-        for (a, &lane) in acc.iter_mut().zip(lanes.iter()) {
-            *a += lane as f32 * c;
-        }
+        acc += exact as f32 * c;
         if format == KvFormat::Int4 {
             min_term += mk * quant::read_f32(query, ng * GROUP + 4 * ng + 4 * g);
         }
     }
-    let sum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
     if format == KvFormat::Int4 {
-        sum + min_term
+        acc + min_term
     } else {
-        sum
+        acc
     }
 }
 
