@@ -1,6 +1,8 @@
 //! Random bytes → rows of f32 (every bit pattern, NaN and inf included) → int8 / int4:
 //! encode never panics, decodes to finite values, finite inputs round-trip within half a step
-//! of the stored scale, and the AVX2 kernels agree with the scalar ones on the stored rows.
+//! of the stored scale, and the AVX2 kernels agree with the scalar ones on the stored rows:
+//! the integer dot products against prepared queries bit for bit (also with the prepared
+//! bytes taken raw from the input: any scales, NaN included), the float ones within rounding.
 #![no_main]
 
 use kvcache::kernels::{self, quant_scalar};
@@ -89,6 +91,30 @@ fuzz_target!(|data: &[u8]| {
                     want[i]
                 );
             }
+        }
+    }
+    // Integer dot products against prepared queries (the attention path): bit for bit, with
+    // queries prepared from `queries` and with raw input bytes as the prepared rows (query
+    // integers kept off -128, which preparation never writes).
+    let stride = quant::prepared_row_bytes(head_dim).unwrap();
+    let mut prepared = vec![0u8; group * stride];
+    quant_scalar::prepare_queries(format, head_dim, &queries, group, &mut prepared);
+    let raw: Vec<u8> = (0..group * stride)
+        .map(|i| match data[4 + i % (data.len() - 4).max(1)..].first() {
+            Some(&0x80) | None => 0x81,
+            Some(&b) => b,
+        })
+        .collect();
+    for prepared in [&prepared, &raw] {
+        let mut want = vec![0.0f32; group * n_rows];
+        let mut got = want.clone();
+        quant_scalar::dot_rows_prepared(format, rows, head_dim, prepared, group, &mut want);
+        kernels::dot_rows_prepared(format, rows, head_dim, prepared, group, &mut got);
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                "prepared dot {g} vs {w}"
+            );
         }
     }
     let weights: Vec<f32> = (0..group * n_rows)
