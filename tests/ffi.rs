@@ -1102,6 +1102,59 @@ fn block_storage_and_page_tables_locate_every_row() {
 /// `kvc_seq_export` / `kvc_seq_import`: the count-only call, too little room (nothing
 /// written), a round trip into a second cache (every `kvc_read` equal), and bad arguments or
 /// bytes (a status; the target cache unchanged).
+/// Every K and V row of `positions` positions in every layer reads back through `kvc_read` the
+/// same, bit for bit, from sequence `a` of cache `ca` and sequence `b` of cache `cb` (`row`
+/// floats each).
+///
+/// # Safety
+///
+/// `ca` and `cb` must be live caches.
+unsafe fn assert_same_rows(
+    ca: *mut KvcCache,
+    a: u64,
+    cb: *mut KvcCache,
+    b: u64,
+    layers: u32,
+    positions: u32,
+    row: usize,
+) {
+    let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let (mut k1, mut v1, mut k2, mut v2) = (
+        vec![0.0f32; row],
+        vec![0.0f32; row],
+        vec![0.0f32; row],
+        vec![0.0f32; row],
+    );
+    for layer in 0..layers {
+        for position in 0..positions {
+            let first = kvc_read(
+                ca,
+                a,
+                layer,
+                position,
+                k1.as_mut_ptr(),
+                v1.as_mut_ptr(),
+                row,
+            );
+            let second = kvc_read(
+                cb,
+                b,
+                layer,
+                position,
+                k2.as_mut_ptr(),
+                v2.as_mut_ptr(),
+                row,
+            );
+            assert_eq!((first, second), (KvcStatus::Ok, KvcStatus::Ok));
+            assert_eq!(
+                (bits(&k1), bits(&v1)),
+                (bits(&k2), bits(&v2)),
+                "layer {layer} position {position}"
+            );
+        }
+    }
+}
+
 #[test]
 fn sequences_save_and_restore_through_the_c_abi() {
     let mut spec = spec();
@@ -1196,46 +1249,7 @@ fn sequences_save_and_restore_through_the_c_abi() {
         let mut n = 0u32;
         assert_eq!(kvc_seq_len(to.cache, restored, &mut n), KvcStatus::Ok);
         assert_eq!(n, 9);
-        let (mut k1, mut v1, mut k2, mut v2) = (
-            vec![0.0f32; row],
-            vec![0.0f32; row],
-            vec![0.0f32; row],
-            vec![0.0f32; row],
-        );
-        for layer in 0..spec.layers {
-            for position in 0..9 {
-                let a = kvc_read(
-                    from.cache,
-                    seq,
-                    layer,
-                    position,
-                    k1.as_mut_ptr(),
-                    v1.as_mut_ptr(),
-                    row,
-                );
-                let b = kvc_read(
-                    to.cache,
-                    restored,
-                    layer,
-                    position,
-                    k2.as_mut_ptr(),
-                    v2.as_mut_ptr(),
-                    row,
-                );
-                assert_eq!((a, b), (KvcStatus::Ok, KvcStatus::Ok));
-                assert_eq!(
-                    (
-                        k1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                        v1.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-                    ),
-                    (
-                        k2.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                        v2.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-                    ),
-                    "layer {layer} position {position}"
-                );
-            }
-        }
+        assert_same_rows(from.cache, seq, to.cache, restored, spec.layers, 9, row);
         let mut message = [0 as std::ffi::c_char; 64];
         kvc_status_message(15, message.as_mut_ptr(), message.len());
         let text = std::ffi::CStr::from_ptr(message.as_ptr()).to_str().unwrap();
@@ -1351,40 +1365,6 @@ fn sequences_stream_through_c_callbacks() {
             kvc_seq_import_from(to.cache, len, Some(read_vec), user, &mut restored),
             KvcStatus::Ok
         );
-        let (mut k1, mut v1, mut k2, mut v2) = (
-            vec![0f32; row],
-            vec![0f32; row],
-            vec![0f32; row],
-            vec![0f32; row],
-        );
-        for layer in 0..spec.layers {
-            for position in 0..6 {
-                assert_eq!(
-                    kvc_read(
-                        from.cache,
-                        seq,
-                        layer,
-                        position,
-                        k1.as_mut_ptr(),
-                        v1.as_mut_ptr(),
-                        row
-                    ),
-                    KvcStatus::Ok
-                );
-                assert_eq!(
-                    kvc_read(
-                        to.cache,
-                        restored,
-                        layer,
-                        position,
-                        k2.as_mut_ptr(),
-                        v2.as_mut_ptr(),
-                        row
-                    ),
-                    KvcStatus::Ok
-                );
-                assert_eq!((&k1, &v1), (&k2, &v2));
-            }
-        }
+        assert_same_rows(from.cache, seq, to.cache, restored, spec.layers, 6, row);
     }
 }
