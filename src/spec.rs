@@ -94,6 +94,12 @@ impl CacheSpec {
         CacheSpec::new(30, 9, 3, 64)
     }
 
+    /// Llama-2-7B: 32 layers, 32 query heads each with its own KV head (multi-head attention,
+    /// no sharing), head dim 128.
+    pub const fn llama2_7b() -> Self {
+        CacheSpec::new(32, 32, 32, 128)
+    }
+
     /// Llama-3-8B: 32 layers, 32 query heads on 8 KV heads, head dim 128.
     pub const fn llama3_8b() -> Self {
         CacheSpec::new(32, 32, 8, 128)

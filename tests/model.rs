@@ -334,6 +334,20 @@ fn closed_stdout_help_and_the_usage_text() {
             "bench",
             "attention",
             "--shape",
+            "llama2-7b",
+            "--ctx",
+            "32",
+            "--steps",
+            "1",
+            "--kv",
+            "int8",
+            "--threads",
+            "1",
+        ],
+        &[
+            "bench",
+            "attention",
+            "--shape",
             "smollm2",
             "--ctx",
             "64",
@@ -352,6 +366,31 @@ fn closed_stdout_help_and_the_usage_text() {
         let (code, err) = cli(args);
         assert_eq!(code, 0, "{args:?}: {err}");
     }
+}
+
+/// `kvcache memory` for each named shape: the bytes per token of f16 and f32 caches against a
+/// count made here from the models' published sizes (layers × KV heads × head dim × K and V).
+#[test]
+fn memory_shapes_match_the_models() {
+    for (shape, layers, kv_heads, head_dim) in [
+        ("smollm2", 30, 3, 64),
+        ("llama3-8b", 32, 8, 128),
+        ("llama2-7b", 32, 32, 128),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_kvcache"))
+            .args(["memory", "--shape", shape])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{shape}");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let elements = layers * kv_heads * head_dim * 2;
+        for (format, bytes) in [("f32", 4 * elements), ("f16", 2 * elements)] {
+            let line = format!("bytes per token, {format:>5}: {bytes}");
+            assert!(text.contains(&line), "{shape}: no `{line}` in\n{text}");
+        }
+    }
+    let (code, err) = cli(&["memory", "--shape", "llama2-70b"]);
+    assert!(code != 0 && err.contains("llama2-7b"), "{err}");
 }
 
 #[test]

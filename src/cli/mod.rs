@@ -36,9 +36,9 @@ usage:
                    holds a prefix of this prompt; save it there after the prompt
   kvcache ppl --file TEXT [--ctx 512] [--chunks N] [--chars N]
   kvcache bench decode [--depth 0] [-n 64] [--chunk 512] [--no-cache]
-  kvcache bench attention [--shape smollm2|llama3-8b] [--ctx 2048] [--batch 1] [--steps S]
+  kvcache bench attention [--shape smollm2|llama3-8b|llama2-7b] [--ctx 2048] [--batch 1] [--steps S]
   kvcache demo               the built-in synthetic model through the cache
-  kvcache memory [--shape smollm2|llama3-8b] [--batch 1]
+  kvcache memory [--shape smollm2|llama3-8b|llama2-7b] [--batch 1]
                              cache bytes by context length and format
 
 options of generate, ppl and the benches:
@@ -143,6 +143,9 @@ pub(crate) fn shape(args: &Args) -> Result<(&'static str, crate::CacheSpec), Str
     match args.string("shape").unwrap_or("smollm2") {
         "smollm2" => Ok(("smollm2", crate::CacheSpec::smollm2_135m())),
         "llama3-8b" => Ok(("llama3-8b", crate::CacheSpec::llama3_8b())),
-        other => Err(format!("unknown --shape `{other}` (smollm2, llama3-8b)")),
+        "llama2-7b" => Ok(("llama2-7b", crate::CacheSpec::llama2_7b())),
+        other => Err(format!(
+            "unknown --shape `{other}` (smollm2, llama3-8b, llama2-7b)"
+        )),
     }
 }
