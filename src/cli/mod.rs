@@ -138,14 +138,21 @@ pub(crate) fn kv_formats(args: &Args) -> Result<(crate::KvFormat, crate::KvForma
     Ok((k, v))
 }
 
+/// The model shapes `--shape` names, the default first.
+const SHAPES: [(&str, crate::CacheSpec); 3] = [
+    ("smollm2", crate::CacheSpec::smollm2_135m()),
+    ("llama3-8b", crate::CacheSpec::llama3_8b()),
+    ("llama2-7b", crate::CacheSpec::llama2_7b()),
+];
+
 /// Parses `--shape` into a spec.
 pub(crate) fn shape(args: &Args) -> Result<(&'static str, crate::CacheSpec), String> {
-    match args.string("shape").unwrap_or("smollm2") {
-        "smollm2" => Ok(("smollm2", crate::CacheSpec::smollm2_135m())),
-        "llama3-8b" => Ok(("llama3-8b", crate::CacheSpec::llama3_8b())),
-        "llama2-7b" => Ok(("llama2-7b", crate::CacheSpec::llama2_7b())),
-        other => Err(format!(
-            "unknown --shape `{other}` (smollm2, llama3-8b, llama2-7b)"
-        )),
-    }
+    let name = args.string("shape").unwrap_or(SHAPES[0].0);
+    SHAPES
+        .into_iter()
+        .find(|(known, _)| *known == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = SHAPES.iter().map(|(known, _)| *known).collect();
+            format!("unknown --shape `{name}` ({})", names.join(", "))
+        })
 }
