@@ -10,17 +10,20 @@
  *                  walks its share of the split's 16-token blocks with a double buffer: while
  *                  it computes one block, the next block's key and value segments (one layer,
  *                  one KV head) are already being copied to shared memory (cp.async,
- *                  coalesced). Per block, a pair of lanes per token dots the key row (f16 or
- *                  int8, converted in registers) with the GQA group's queries, the warp folds
+ *                  coalesced). Per block, a pair of lanes per token dots the key row with the
+ *                  GQA group's queries (f16 converted in registers; int8 in integers, __dp4a,
+ *                  against the queries quantized as the CPU quantizes them), the warp folds
  *                  the scores into a running max per query head (online softmax, in base 2),
- *                  and each lane accumulates two dimensions of the weighted value rows. The
- *                  warps' states merge through shared memory into one partial state (m, l,
- *                  acc) per query head and split; the last split to finish for a (sequence,
- *                  KV head) merges all of them into the output.
+ *                  and the lanes accumulate the weighted value rows (f16: two dimensions of
+ *                  every token per lane; int8: four of every other token). The warps' states
+ *                  merge through shared memory into one partial state (m, l, acc) per query
+ *                  head and split; the last split to finish for a (sequence, KV head) merges
+ *                  all of them into the output.
  *
- * What it checks: against an f64 oracle on the values read back through kvc_read, and against
- * the CPU's kvc_attention, for f16 and int8 keys and values, GQA groups of 1 to 4, ragged
- * lengths, shared (forked) blocks and a sliding window with evicted blocks. What it measures:
+ * What it checks: against an f64 oracle on the values read back through kvc_read (for the
+ * query as the kernels use it: scaled, and quantized like the CPU's where keys are int8), and
+ * against the CPU's kvc_attention, for f16 and int8 keys and values, GQA groups of 1 to 4,
+ * ragged lengths, shared (forked) blocks and a sliding window with evicted blocks. Measures:
  * the decode step over SmolLM2-135M's 30 layers at 8192 tokens of context per sequence, against
  * a plain read of the same bytes (the memory floor), and the host CPU's kvc_attention.
  *
@@ -33,6 +36,8 @@
  *   nvcc -O3 -std=c++17 -arch=native -Iinclude examples/gpu/paged_decode.cu \
  *        target/release/libkvcache.a -lpthread -ldl -lm -o paged_decode && ./paged_decode
  * Arguments: [ctx (8192)] [batch (8)] ["time": skip the checks] ["f16" | "int8": time one].
+ * Experiments, through the environment: KVC_GPU_STAGES (pipeline depths to check and time in
+ * turn, e.g. "2,3,4"), KVC_GPU_FILL and KVC_GPU_MIN_BLOCKS (the split rule, see GpuBatch).
  * It exits non-zero if any check fails. examples/gpu/h200.log is a run on an NVIDIA H200.
  */
 #include <cuda_fp16.h>
@@ -76,10 +81,11 @@ constexpr int BLOCK_TOKENS = 16;
 #define KVC_GPU_WARPS 4
 #endif
 constexpr int WARPS = KVC_GPU_WARPS; /* warps per thread block */
-#ifndef KVC_GPU_STAGES
-#define KVC_GPU_STAGES 2
-#endif
-constexpr int STAGES = KVC_GPU_STAGES; /* blocks per warp in flight or in use: 2 = double buffering */
+/* Blocks per warp in flight or in use are a template parameter S of the kernel, 2 to
+ * MAX_STAGES. The default, 2, is double buffering; 3 and 4 were slower for every format and
+ * batch measured, int8 included, whose stages are half the bytes (README, "On a real GPU").
+ * KVC_GPU_STAGES picks others for experiments. */
+constexpr int DEFAULT_STAGES = 2, MAX_STAGES = 4;
 constexpr int MAX_SPLITS = 256;        /* key splits per (sequence, KV head) */
 constexpr unsigned FULL = 0xffffffffu;
 constexpr float LOG2E = 1.4426950408889634f;
@@ -160,25 +166,20 @@ struct Segment {
     }
 };
 
-/* This lane's half (32 elements) of a key row, dotted with the same half of the GQA group's
- * queries: dot[h] = sum_i q[h][half][i] * key[32 * half + i]. */
-template <int F, int G>
-__device__ inline void key_half_dot(const uint8_t *row, int half, const float (*q)[2][36],
-                                    float *dot) {
+/* This lane's half (32 elements) of an f16 key row, dotted with the same half of the GQA
+ * group's queries: dot[h] = sum_i q[h][half][i] * key[32 * half + i]. */
+template <int G>
+__device__ inline void key_half_dot_f16(const uint8_t *row, int half, const float (*q)[2][36],
+                                        float *dot) {
     float even[G], odd[G];
 #pragma unroll
     for (int h = 0; h < G; ++h) even[h] = odd[h] = 0.f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) { /* elements 4i .. 4i + 3 of the half */
-        float4 k;
-        if (F == KVC_F16) {
-            const uint2 u = reinterpret_cast<const uint2 *>(row + half * 64)[i];
-            const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&u.x));
-            const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&u.y));
-            k = make_float4(a.x, a.y, b.x, b.y);
-        } else { /* the integers; the group's scale is applied to the sum */
-            k = int8x4_to_float4(reinterpret_cast<const uint32_t *>(row + half * 32)[i]);
-        }
+        const uint2 u = reinterpret_cast<const uint2 *>(row + half * 64)[i];
+        const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&u.x));
+        const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&u.y));
+        const float4 k = make_float4(a.x, a.y, b.x, b.y);
 #pragma unroll
         for (int h = 0; h < G; ++h) {
             const float4 qv = *reinterpret_cast<const float4 *>(&q[h][half][4 * i]);
@@ -188,25 +189,59 @@ __device__ inline void key_half_dot(const uint8_t *row, int half, const float (*
             odd[h] = fmaf(qv.w, k.w, odd[h]);
         }
     }
-    const float scale = F == KVC_F16 ? 1.f : bf16_at(row + HEAD_DIM + 2 * half);
 #pragma unroll
-    for (int h = 0; h < G; ++h) dot[h] = (even[h] + odd[h]) * scale;
+    for (int h = 0; h < G; ++h) dot[h] = even[h] + odd[h];
 }
 
-/* Elements 2*lane and 2*lane + 1 of a value row. */
-template <int F>
-__device__ inline float2 value_pair(const uint8_t *row, int lane) {
-    if (F == KVC_F16) {
-        return __half22float2(*reinterpret_cast<const __half2 *>(row + 4 * lane));
-    } else {
-        const uint32_t w = *reinterpret_cast<const uint16_t *>(row + 2 * lane);
-        const float4 f = int8x4_to_float4(w); /* the two upper lanes are unused */
-        /* Both bf16 scales in one load (rows are 4-byte aligned): low half for lanes 0-15. */
-        const uint32_t scales = *reinterpret_cast<const uint32_t *>(row + HEAD_DIM);
-        const float s = __uint_as_float(lane < 16 ? scales << 16 : scales & 0xffff0000u);
-        return make_float2(f.x * s, f.y * s);
+/* This lane's half of an int8 key row (one 32-element group: 8 words of 4 integers), dotted
+ * with the same group of the quantized queries in integers (__dp4a: 4 products and their sum
+ * per instruction, exact in i32), then scaled once: dot[h] = S · (s_q · s_k), the CPU's
+ * arithmetic (quant_scalar::prepared_dot) to the bit. */
+template <int G>
+__device__ inline void key_half_dot_int8(const uint8_t *row, int half, const int (*q8)[2][8],
+                                         const float (*q8_scale)[2], float *dot) {
+    int even[G], odd[G];
+#pragma unroll
+    for (int h = 0; h < G; ++h) even[h] = odd[h] = 0;
+    const uint32_t *k = reinterpret_cast<const uint32_t *>(row + half * 32); /* 4-byte aligned */
+#pragma unroll
+    for (int i = 0; i < 8; i += 4) {
+        const int k0 = (int)k[i], k1 = (int)k[i + 1], k2 = (int)k[i + 2], k3 = (int)k[i + 3];
+#pragma unroll
+        for (int h = 0; h < G; ++h) {
+            const int4 qw = *reinterpret_cast<const int4 *>(&q8[h][half][i]);
+            even[h] = __dp4a(k0, qw.x, even[h]);
+            odd[h] = __dp4a(k1, qw.y, odd[h]);
+            even[h] = __dp4a(k2, qw.z, even[h]);
+            odd[h] = __dp4a(k3, qw.w, odd[h]);
+        }
     }
+    const float key_scale = bf16_at(row + HEAD_DIM + 2 * half);
+#pragma unroll
+    for (int h = 0; h < G; ++h) dot[h] = (float)(even[h] + odd[h]) * (q8_scale[h][half] * key_scale);
 }
+
+/* A query element quantized as quant::prepare_query does on the CPU, given its group's scale
+ * s (amax / 127 rounded up to f32; 0 for an all-zero group): x / s in f64, rounded half away
+ * from zero, clamped to ±127. */
+__host__ __device__ inline int quantize_query_element(float x, float s) {
+    if (s == 0.f) return 0;
+    const double v = (double)x / (double)s;
+    const int r = v >= 0 ? (int)(v + 0.5) : -(int)(-v + 0.5);
+    return r < -127 ? -127 : r > 127 ? 127 : r;
+}
+
+/* The scale of a query group whose largest magnitude is amax: amax / 127 in f64, rounded up to
+ * f32 (quant::prepare_query's f32_up). */
+__host__ __device__ inline float query_group_scale(float amax) {
+    if (amax == 0.f) return 0.f;
+    const double exact = (double)amax / 127.0;
+    const float s = (float)exact;
+    return (double)s < exact ? nextafterf(s, INFINITY) : s;
+}
+
+/* Component j (0 to 3) of v; j is a compile-time constant after unrolling. */
+__device__ inline float component(float4 v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
 __device__ inline float warp_max(float x) {
 #pragma unroll
@@ -239,7 +274,7 @@ __device__ inline int next_held(const uint32_t *table, int lb, int end) {
  * The warps' states merge through shared memory into the split's partial state. The last
  * split to finish for a (sequence, KV head), counted with an atomic, merges all the splits'
  * states into the output: no second kernel. */
-template <int KF, int VF, int G>
+template <int KF, int VF, int G, int S>
 __global__ void __launch_bounds__(WARPS * 32)
     decode_kernel(const uint8_t *__restrict__ storage, DeviceLayout lay, int layer,
                   DeviceBatch batch, int blocks_per_split, int splits, PartialStates states) {
@@ -253,24 +288,29 @@ __global__ void __launch_bounds__(WARPS * 32)
     const int begin = split * blocks_per_split;
     const int end = min(blocks, begin + blocks_per_split);
 
-    __shared__ __align__(16) float q[G][2][36]; /* halves 144 bytes apart: distinct banks */
-    /* Dynamic shared memory: per warp, STAGES key segments then STAGES value segments. */
+    /* The group's queries. Float keys: f32, pre-scaled by scale·log2(e), halves 144 bytes apart
+     * (distinct banks). int8 keys: scaled by `scale`, then quantized per 32-element group as
+     * the CPU does (its scale in q8_scale), so that the scores are the CPU's exactly. */
+    __shared__ __align__(16) float q[KF == KVC_INT8 ? 1 : G][2][36];
+    __shared__ __align__(16) int q8[KF == KVC_INT8 ? G : 1][2][8];
+    __shared__ float q8_scale[G][2];
+    /* Dynamic shared memory: per warp, S key segments then S value segments. */
     extern __shared__ __align__(16) uint8_t stage_memory[];
-    uint8_t *const k_stages = stage_memory + warp * STAGES * (Keys::STAGE_BYTES + Values::STAGE_BYTES);
-    uint8_t *const v_stages = k_stages + STAGES * Keys::STAGE_BYTES;
+    uint8_t *const k_stages = stage_memory + warp * S * (Keys::STAGE_BYTES + Values::STAGE_BYTES);
+    uint8_t *const v_stages = k_stages + S * Keys::STAGE_BYTES;
     __shared__ __align__(16) float weights[WARPS][G][BLOCK_TOKENS];
     __shared__ float red_m[WARPS][G], red_l[WARPS][G];
-    __shared__ float red_acc[WARPS][G][HEAD_DIM];
+    __shared__ __align__(16) float red_acc[WARPS][G][HEAD_DIM];
     __shared__ bool merges;
 
     const uint32_t *table = batch.tables + (size_t)b * batch.table_stride;
     const uint64_t k_off = layer * lay.layer_bytes + kv_head * lay.k_seg;
     const uint64_t v_off = layer * lay.layer_bytes + lay.kv_heads * lay.k_seg + kv_head * lay.v_seg;
     /* `lb`: the next block to compute; `ahead`: the next block to copy in. Copies of the first
-     * STAGES - 1 blocks go out before anything else; one copy group per block. */
+     * S - 1 blocks go out before anything else; one copy group per block. */
     int lb = next_held(table, begin + warp, end), ahead = lb;
 #pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) {
+    for (int st = 0; st < S - 1; ++st) {
         if (ahead < end) {
             const uint8_t *block = storage + (uint64_t)table[ahead] * lay.block_bytes;
             Keys::copy(k_stages + st * Keys::STAGE_BYTES, block + k_off, lane);
@@ -281,32 +321,48 @@ __global__ void __launch_bounds__(WARPS * 32)
     }
     int stage = 0;
 
+    /* G * HEAD_DIM is a multiple of 32: each warp takes whole 32-element groups. */
     for (int i = threadIdx.x; i < G * HEAD_DIM; i += blockDim.x) {
         const int h = i / HEAD_DIM, d = i % HEAD_DIM;
         const size_t at = ((size_t)b * batch.q_heads + (size_t)kv_head * G + h) * HEAD_DIM + d;
-        q[h][d / 32][d % 32] = batch.queries[at] * (batch.scale * LOG2E);
+        if constexpr (KF == KVC_INT8) {
+            const float x = batch.queries[at] * batch.scale;
+            const float s = query_group_scale(warp_max(fabsf(x)));
+            reinterpret_cast<int8_t *>(q8[h][d / 32])[d % 32] = (int8_t)quantize_query_element(x, s);
+            if (d % 32 == 0) q8_scale[h][d / 32] = s;
+        } else {
+            q[h][d / 32][d % 32] = batch.queries[at] * (batch.scale * LOG2E);
+        }
     }
     __syncthreads();
 
-    float m[G], l[G], acc[G][2]; /* l: this lane's tokens only */
+    /* Values: with f16 rows each lane accumulates elements 2·lane and 2·lane + 1 of every
+     * token. With int8 rows each lane takes one word of 4 integers (elements 4·(lane % 16) to
+     * 4·(lane % 16) + 3) of every other token (lanes 0-15 the even tokens, 16-31 the odd ones:
+     * their rows, 68 bytes apart, hit distinct banks but for one pair of lanes) and folds the row's
+     * scale into the weight, 3 multiplies per row instead of 4; the two halves' sums are added
+     * at the end. */
+    constexpr int VE = VF == KVC_INT8 ? 4 : 2; /* value elements per lane */
+    float m[G], l[G], acc[G][VE];              /* l: this lane's tokens only */
 #pragma unroll
     for (int h = 0; h < G; ++h) {
         m[h] = -INFINITY;
         l[h] = 0.f;
-        acc[h][0] = acc[h][1] = 0.f;
+#pragma unroll
+        for (int e = 0; e < VE; ++e) acc[h][e] = 0.f;
     }
     const int t = lane / 2, half = lane % 2;
 
     while (lb < end) {
         if (ahead < end) { /* into the stage the previous iteration finished with */
-            const int st = (stage + STAGES - 1) % STAGES;
+            const int st = (stage + S - 1) % S;
             const uint8_t *block = storage + (uint64_t)table[ahead] * lay.block_bytes;
             Keys::copy(k_stages + st * Keys::STAGE_BYTES, block + k_off, lane);
             Values::copy(v_stages + st * Values::STAGE_BYTES, block + v_off, lane);
             ahead = next_held(table, ahead + WARPS, end);
         }
         copies_commit();
-        copies_wait<STAGES - 1>(); /* this block's copies (older than the newest groups) landed */
+        copies_wait<S - 1>(); /* this block's copies (older than the newest groups) landed */
         __syncwarp();              /* ... every lane's */
 
         const uint32_t pos = (uint32_t)lb * BLOCK_TOKENS + t;
@@ -314,10 +370,15 @@ __global__ void __launch_bounds__(WARPS * 32)
                                                   query_pos - pos < batch.window || pos < batch.sink);
         const int tokens = min(BLOCK_TOKENS, (int)(len - (uint32_t)lb * BLOCK_TOKENS));
         float score[G]; /* this lane's half of each dot product */
-        key_half_dot<KF, G>(k_stages + stage * Keys::STAGE_BYTES + t * Keys::ROW, half, q, score);
+        const uint8_t *key_row = k_stages + stage * Keys::STAGE_BYTES + t * Keys::ROW;
+        if constexpr (KF == KVC_INT8)
+            key_half_dot_int8<G>(key_row, half, q8, q8_scale, score);
+        else
+            key_half_dot_f16<G>(key_row, half, q, score);
 #pragma unroll
         for (int h = 0; h < G; ++h) {
             float x = score[h] + __shfl_xor_sync(FULL, score[h], 1);
+            if constexpr (KF == KVC_INT8) x *= LOG2E; /* the f16 queries carry it already */
             x = visible ? x : -INFINITY; /* select: slots past len hold stale bytes */
             float block_max = x;
 #pragma unroll
@@ -326,33 +387,64 @@ __global__ void __launch_bounds__(WARPS * 32)
             const float alpha = m[h] == new_m ? 1.f : exp2f(m[h] - new_m); /* 0 from -inf */
             const float p = visible ? exp2f(x - new_m) : 0.f;
             l[h] = l[h] * alpha + (half == 0 ? p : 0.f);
-            acc[h][0] *= alpha;
-            acc[h][1] *= alpha;
+#pragma unroll
+            for (int e = 0; e < VE; ++e) acc[h][e] *= alpha;
             m[h] = new_m;
-            if (half == 0) weights[warp][h][t] = p;
+            /* int8 values read the even tokens' weights, then the odd ones' */
+            if (half == 0) weights[warp][h][VF == KVC_INT8 ? t % 2 * 8 + t / 2 : t] = p;
         }
         __syncwarp();
         const uint8_t *v_rows = v_stages + stage * Values::STAGE_BYTES;
+        if constexpr (VF == KVC_INT8) {
+            const int parity = lane / 16, word = lane % 16;
+            /* The word's group scale: the low bf16 of the row's scale pair for words 0-7. */
+            const int scale_shift = word < 8 ? 16 : 0;
 #pragma unroll
-        for (int tt = 0; tt < BLOCK_TOKENS; tt += 4) {
-            float4 w[G];
+            for (int jj = 0; jj < 8; jj += 4) { /* this half's tokens 2j + parity, 4 at a time */
+                float4 w[G];
 #pragma unroll
-            for (int h = 0; h < G; ++h) w[h] = *reinterpret_cast<const float4 *>(&weights[warp][h][tt]);
+                for (int h = 0; h < G; ++h)
+                    w[h] = *reinterpret_cast<const float4 *>(&weights[warp][h][8 * parity + jj]);
 #pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                if (tt + u >= tokens) break; /* stale bytes past the end: never read */
-                const float2 v = value_pair<VF>(v_rows + (tt + u) * Values::ROW, lane);
+                for (int u = 0; u < 4; ++u) {
+                    const int token = 2 * (jj + u) + parity;
+                    if (token >= tokens) break; /* stale bytes past the end: never read */
+                    const uint8_t *row = v_rows + token * Values::ROW;
+                    const float4 v = int8x4_to_float4(reinterpret_cast<const uint32_t *>(row)[word]);
+                    const uint32_t scales = *reinterpret_cast<const uint32_t *>(row + HEAD_DIM);
+                    const float s = __uint_as_float((scales << scale_shift) & 0xffff0000u);
 #pragma unroll
-                for (int h = 0; h < G; ++h) {
-                    const float wu = u == 0 ? w[h].x : u == 1 ? w[h].y : u == 2 ? w[h].z : w[h].w;
-                    acc[h][0] = fmaf(wu, v.x, acc[h][0]);
-                    acc[h][1] = fmaf(wu, v.y, acc[h][1]);
+                    for (int h = 0; h < G; ++h) {
+                        const float ws = component(w[h], u) * s;
+                        acc[h][0] = fmaf(ws, v.x, acc[h][0]);
+                        acc[h][1] = fmaf(ws, v.y, acc[h][1]);
+                        acc[h][2] = fmaf(ws, v.z, acc[h][2]);
+                        acc[h][3] = fmaf(ws, v.w, acc[h][3]);
+                    }
+                }
+            }
+        } else {
+#pragma unroll
+            for (int tt = 0; tt < BLOCK_TOKENS; tt += 4) {
+                float4 w[G];
+#pragma unroll
+                for (int h = 0; h < G; ++h) w[h] = *reinterpret_cast<const float4 *>(&weights[warp][h][tt]);
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    if (tt + u >= tokens) break; /* stale bytes past the end: never read */
+                    const float2 v = __half22float2(
+                        *reinterpret_cast<const __half2 *>(v_rows + (tt + u) * Values::ROW + 4 * lane));
+#pragma unroll
+                    for (int h = 0; h < G; ++h) {
+                        acc[h][0] = fmaf(component(w[h], u), v.x, acc[h][0]);
+                        acc[h][1] = fmaf(component(w[h], u), v.y, acc[h][1]);
+                    }
                 }
             }
         }
         __syncwarp(); /* every lane is done with this stage before it is refilled */
         lb = next_held(table, lb + WARPS, end);
-        stage = (stage + 1) % STAGES;
+        stage = (stage + 1) % S;
     }
     copies_wait<0>();
 
@@ -363,8 +455,15 @@ __global__ void __launch_bounds__(WARPS * 32)
             red_m[warp][h] = m[h];
             red_l[warp][h] = sum;
         }
-        red_acc[warp][h][2 * lane] = acc[h][0];
-        red_acc[warp][h][2 * lane + 1] = acc[h][1];
+        if constexpr (VF == KVC_INT8) { /* even tokens' sums plus odd tokens' */
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[h][e] += __shfl_xor_sync(FULL, acc[h][e], 16);
+            if (lane < 16) *reinterpret_cast<float4 *>(&red_acc[warp][h][4 * lane]) =
+                               make_float4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
+        } else {
+            red_acc[warp][h][2 * lane] = acc[h][0];
+            red_acc[warp][h][2 * lane + 1] = acc[h][1];
+        }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < G * HEAD_DIM; i += blockDim.x) {
@@ -440,56 +539,80 @@ __global__ void read_floor(const uint4 *__restrict__ words, size_t n, unsigned *
     if (x == 0x9e3779b9u) sink[0] = x; /* keeps the loads */
 }
 
-/* Dynamic shared memory of one thread block: the warps' staged segments. */
-template <int KF, int VF>
+/* Dynamic shared memory of one thread block: the warps' staged segments, S of each. */
+template <int KF, int VF, int S>
 constexpr int stage_bytes() {
-    return WARPS * STAGES * (Segment<KF, true>::STAGE_BYTES + Segment<VF, false>::STAGE_BYTES);
+    return WARPS * S * (Segment<KF, true>::STAGE_BYTES + Segment<VF, false>::STAGE_BYTES);
 }
 
-template <int KF, int VF, int G>
-static void launch_group(cudaStream_t stream, dim3 grid, const uint8_t *storage,
-                         const DeviceLayout &lay, int layer, const DeviceBatch &batch, int bps,
-                         int splits, const PartialStates &states) {
+
+/* One instantiation of decode_kernel, as a type: dispatch() below hands one to its caller. */
+template <int KF_, int VF_, int G_, int S_>
+struct Kernel {
+    static constexpr int KF = KF_, VF = VF_, G = G_, S = S_;
     static_assert(G <= WARPS, "the merge takes one warp per query head");
-    static bool sized = false; /* above 48 KiB, dynamic shared memory must be asked for */
-    if (!sized) {
-        CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<KF, VF, G>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        stage_bytes<KF, VF>()));
-        sized = true;
+    static constexpr int SHARED = stage_bytes<KF, VF, S>(); /* dynamic shared memory, bytes */
+    static constexpr auto function = decode_kernel<KF, VF, G, S>;
+
+    /* Above 48 KiB, dynamic shared memory must be asked for, once per kernel. */
+    static void prepare() {
+        static bool done = false;
+        if (!done) {
+            CUDA_CHECK(cudaFuncSetAttribute(function, cudaFuncAttributeMaxDynamicSharedMemorySize, SHARED));
+            done = true;
+        }
     }
-    decode_kernel<KF, VF, G><<<grid, WARPS * 32, stage_bytes<KF, VF>(), stream>>>(
-        storage, lay, layer, batch, bps, splits, states);
+};
+
+/* Calls visit(Kernel<KF, VF, G, S>{}) for the instantiation that serves these formats, GQA
+ * group and pipeline depth; exits with a message if none does. */
+template <int KF, int VF, int G, class Visit>
+static void dispatch_stages(int stages, Visit &&visit) {
+    switch (stages) {
+    case 2: visit(Kernel<KF, VF, G, 2>{}); break;
+    case 3: visit(Kernel<KF, VF, G, 3>{}); break;
+    case 4: visit(Kernel<KF, VF, G, 4>{}); break;
+    default: fprintf(stderr, "%d stages not instantiated (2 to %d)\n", stages, MAX_STAGES); exit(1);
+    }
 }
 
-template <int KF, int VF>
-static void launch_formats(cudaStream_t stream, int group, dim3 grid, const uint8_t *storage,
-                           const DeviceLayout &lay, int layer, const DeviceBatch &batch, int bps,
-                           int splits, const PartialStates &states) {
+template <int KF, int VF, class Visit>
+static void dispatch_group(int group, int stages, Visit &&visit) {
     switch (group) {
-    case 1: launch_group<KF, VF, 1>(stream, grid, storage, lay, layer, batch, bps, splits, states); break;
-    case 2: launch_group<KF, VF, 2>(stream, grid, storage, lay, layer, batch, bps, splits, states); break;
-    case 3: launch_group<KF, VF, 3>(stream, grid, storage, lay, layer, batch, bps, splits, states); break;
-    case 4: launch_group<KF, VF, 4>(stream, grid, storage, lay, layer, batch, bps, splits, states); break;
+    case 1: dispatch_stages<KF, VF, 1>(stages, visit); break;
+    case 2: dispatch_stages<KF, VF, 2>(stages, visit); break;
+    case 3: dispatch_stages<KF, VF, 3>(stages, visit); break;
+    case 4: dispatch_stages<KF, VF, 4>(stages, visit); break;
     default: fprintf(stderr, "GQA group %d not instantiated\n", group); exit(1);
     }
 }
 
-static void launch_decode(cudaStream_t stream, int kf, int vf, int group, dim3 grid,
-                          const uint8_t *storage, const DeviceLayout &lay, int layer,
-                          const DeviceBatch &batch, int bps, int splits, const PartialStates &states) {
+template <class Visit>
+static void dispatch(int kf, int vf, int group, int stages, Visit &&visit) {
     if (kf == KVC_F16 && vf == KVC_F16)
-        launch_formats<KVC_F16, KVC_F16>(stream, group, grid, storage, lay, layer, batch, bps, splits, states);
+        dispatch_group<KVC_F16, KVC_F16>(group, stages, visit);
     else if (kf == KVC_F16 && vf == KVC_INT8)
-        launch_formats<KVC_F16, KVC_INT8>(stream, group, grid, storage, lay, layer, batch, bps, splits, states);
+        dispatch_group<KVC_F16, KVC_INT8>(group, stages, visit);
     else if (kf == KVC_INT8 && vf == KVC_F16)
-        launch_formats<KVC_INT8, KVC_F16>(stream, group, grid, storage, lay, layer, batch, bps, splits, states);
+        dispatch_group<KVC_INT8, KVC_F16>(group, stages, visit);
     else if (kf == KVC_INT8 && vf == KVC_INT8)
-        launch_formats<KVC_INT8, KVC_INT8>(stream, group, grid, storage, lay, layer, batch, bps, splits, states);
+        dispatch_group<KVC_INT8, KVC_INT8>(group, stages, visit);
     else {
         fprintf(stderr, "formats %d/%d not supported by this example\n", kf, vf);
         exit(1);
     }
+}
+
+/* How many thread blocks of that kernel one multiprocessor holds at once (its registers and
+ * shared memory decide). */
+static int resident_blocks(int kf, int vf, int group, int stages) {
+    int blocks = 0;
+    dispatch(kf, vf, group, stages, [&](auto kernel) {
+        using K = decltype(kernel);
+        K::prepare();
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, K::function, WARPS * 32, K::SHARED));
+    });
+    return std::max(1, blocks);
 }
 
 /* ----- host side ------------------------------------------------------------------------ */
@@ -577,16 +700,18 @@ struct HostCache {
 
 /* A decode batch (one query per sequence at its last position) on the device. */
 struct GpuBatch {
-    int n = 0, q_heads = 0, splits = 0, blocks_per_split = 0;
+    int n = 0, q_heads = 0, splits = 0, blocks_per_split = 0, stages = 2;
     cudaStream_t stream = nullptr; /* blocking: the default stream's copies wait for it */
     uint32_t *tables = nullptr, *lens = nullptr;
     float *queries = nullptr, *ml = nullptr, *acc = nullptr, *out = nullptr;
     unsigned *arrivals = nullptr;
     DeviceBatch view{};
 
+    /* `stages_wanted`: the kernel's pipeline depth, or 0 for DEFAULT_STAGES. */
     GpuBatch(const HostCache &c, const std::vector<uint64_t> &seqs, const std::vector<float> &q,
-             int sm_count) {
+             int sm_count, int stages_wanted) {
         n = (int)seqs.size();
+        stages = stages_wanted ? stages_wanted : DEFAULT_STAGES;
         q_heads = (int)c.spec.q_heads;
         std::vector<uint32_t> lens_host(n);
         size_t stride = 0;
@@ -602,18 +727,21 @@ struct GpuBatch {
             KVC_CHECK(kvc_page_table(c.cache, seqs[i], tables_host.data() + i * stride, stride,
                                      &entries));
         }
-        /* Splits: about `fill` thread blocks per multiprocessor, each warp taking at least
+        /* Splits: as many as one wave of thread blocks allows (`fill` per multiprocessor: as
+         * many as its registers and shared memory hold at once), each warp taking at least
          * two blocks (so that its double buffering overlaps something), or eight once the
          * batch alone gives 16 or more (sequence, KV head) pairs (fewer, longer splits: less
          * merging, longer streams), at most MAX_SPLITS. KVC_GPU_FILL and KVC_GPU_MIN_BLOCKS
          * override the two for experiments. */
         const char *fill_env = getenv("KVC_GPU_FILL"), *min_env = getenv("KVC_GPU_MIN_BLOCKS");
-        const int fill = fill_env ? std::max(1, atoi(fill_env)) : 4;
+        const int group = (int)(c.spec.q_heads / c.spec.kv_heads);
+        const int fill = fill_env ? std::max(1, atoi(fill_env))
+                                  : resident_blocks((int)c.spec.k_format, (int)c.spec.v_format, group, stages);
         const int blocks = (int)stride;
         const int per_split_level = n * (int)c.spec.kv_heads;
         const int min_per_warp = per_split_level >= 16 ? 8 : 2;
         const int min_per_split = WARPS * (min_env ? std::max(1, atoi(min_env)) : min_per_warp);
-        splits = std::max(1, std::min(blocks, (fill * sm_count + per_split_level - 1) / per_split_level));
+        splits = std::max(1, std::min(blocks, fill * sm_count / per_split_level));
         blocks_per_split = std::max(std::min(min_per_split, blocks), (blocks + splits - 1) / splits);
         blocks_per_split = std::max(blocks_per_split, (blocks + MAX_SPLITS - 1) / MAX_SPLITS);
         splits = (blocks + blocks_per_split - 1) / blocks_per_split;
@@ -648,9 +776,14 @@ struct GpuBatch {
     void run_layer(const HostCache &c, int layer) const {
         const int group = (int)(c.spec.q_heads / c.spec.kv_heads);
         dim3 grid(splits, c.spec.kv_heads, n);
-        launch_decode(stream, (int)c.spec.k_format, (int)c.spec.v_format, group, grid,
-                      c.device_storage, c.device_layout(), layer, view, blocks_per_split, splits,
-                      PartialStates{ml, acc, arrivals, out});
+        const PartialStates states{ml, acc, arrivals, out};
+        const DeviceLayout lay = c.device_layout();
+        dispatch((int)c.spec.k_format, (int)c.spec.v_format, group, stages, [&](auto kernel) {
+            using K = decltype(kernel);
+            K::prepare();
+            K::function<<<grid, WARPS * 32, K::SHARED, stream>>>(c.device_storage, lay, layer, view,
+                                                                 blocks_per_split, splits, states);
+        });
     }
 
     std::vector<float> output() const {
@@ -677,8 +810,27 @@ static std::vector<float> cpu_attention(const HostCache &c, const std::vector<ui
     return out;
 }
 
-/* f64 attention on the values kvc_read gives back (dequantized), with the same visibility
- * rule: keys at or before the query, inside the window or among the sink tokens. */
+/* One query row as both kernels (CPU and GPU) use it, in f64: q · scale (an f32 product, as
+ * the CPU scales it) and, where keys are int8, that quantized per 32 elements exactly as the
+ * CPU does (the integers times their group's scale). */
+static std::vector<double> query_as_used(const float *q, float scale, bool int8_keys) {
+    std::vector<double> out(HEAD_DIM);
+    for (int g = 0; g < HEAD_DIM / 32; ++g) {
+        float x[32], amax = 0.f;
+        for (int i = 0; i < 32; ++i) {
+            x[i] = q[32 * g + i] * scale;
+            amax = std::max(amax, fabsf(x[i]));
+        }
+        const float s = query_group_scale(amax);
+        for (int i = 0; i < 32; ++i)
+            out[32 * g + i] = int8_keys ? (double)s * quantize_query_element(x[i], s) : (double)x[i];
+    }
+    return out;
+}
+
+/* f64 attention on the values kvc_read gives back (dequantized), for the queries as the
+ * kernels use them (query_as_used), with the same visibility rule: keys at or before the
+ * query, inside the window or among the sink tokens. */
 static std::vector<double> oracle_attention(const HostCache &c, const std::vector<uint64_t> &seqs,
                                             const std::vector<float> &q, int layer) {
     const int kvh = (int)c.spec.kv_heads, qh = (int)c.spec.q_heads, group = qh / kvh;
@@ -703,13 +855,15 @@ static std::vector<double> oracle_attention(const HostCache &c, const std::vecto
         }
         for (int h = 0; h < qh; ++h) {
             const int g = h / group;
-            const float *qv = q.data() + (b * qh + h) * HEAD_DIM;
+            const std::vector<double> qv = query_as_used(q.data() + (b * qh + h) * HEAD_DIM,
+                                                         1.0f / sqrtf((float)HEAD_DIM),
+                                                         c.spec.k_format == KVC_INT8);
             std::vector<double> scores(keys.size());
             double big = -INFINITY;
             for (size_t t = 0; t < keys.size(); ++t) {
                 double s = 0;
-                for (int d = 0; d < HEAD_DIM; ++d) s += (double)qv[d] * keys[t][g * HEAD_DIM + d];
-                scores[t] = s / sqrt((double)HEAD_DIM);
+                for (int d = 0; d < HEAD_DIM; ++d) s += qv[d] * keys[t][g * HEAD_DIM + d];
+                scores[t] = s;
                 big = std::max(big, scores[t]);
             }
             double sum = 0;
@@ -739,7 +893,8 @@ static const char *format_name(uint32_t f) { return f == KVC_F16 ? "f16" : f == 
 
 /* Correctness: GPU against the f64 oracle and the CPU, every layer, for one configuration. */
 static bool check_config(const char *name, kvc_spec spec, const std::vector<uint32_t> &lens,
-                         bool fork_last, const std::vector<float> &pool, uint64_t *rng) {
+                         bool fork_last, const std::vector<int> &stage_list,
+                         const std::vector<float> &pool, uint64_t *rng) {
     HostCache c(spec, 1024);
     std::vector<uint64_t> seqs;
     for (uint32_t len : lens) {
@@ -762,27 +917,35 @@ static bool check_config(const char *name, kvc_spec spec, const std::vector<uint
     }
     c.upload();
     const std::vector<float> q = random_queries(seqs.size() * spec.q_heads * HEAD_DIM, rng);
-    GpuBatch gpu(c, seqs, q, sm_count());
-    double worst_gpu = 0, worst_cpu = 0, worst_pair = 0;
+    std::vector<std::vector<float>> cpu(spec.layers);
+    std::vector<std::vector<double>> want(spec.layers);
     for (uint32_t layer = 0; layer < spec.layers; ++layer) {
-        gpu.run_layer(c, (int)layer);
-        CUDA_CHECK(cudaGetLastError());
-        const std::vector<float> got = gpu.output();
-        const std::vector<float> cpu = cpu_attention(c, seqs, q, (int)layer);
-        const std::vector<double> want = oracle_attention(c, seqs, q, (int)layer);
-        for (size_t i = 0; i < want.size(); ++i) {
-            worst_gpu = std::max(worst_gpu, fabs(got[i] - want[i]));
-            worst_cpu = std::max(worst_cpu, fabs(cpu[i] - want[i]));
-            worst_pair = std::max(worst_pair, fabs((double)got[i] - cpu[i]));
-        }
+        cpu[layer] = cpu_attention(c, seqs, q, (int)layer);
+        want[layer] = oracle_attention(c, seqs, q, (int)layer);
     }
-    const bool ok = worst_gpu <= 1e-4 && std::isfinite(worst_gpu);
-    printf("check %-28s %s/%s q%u/kv%u window %u: %zu seqs, %u layers, %d splits | max |gpu-f64| %.2e, "
-           "|cpu-f64| %.2e, |gpu-cpu| %.2e  %s\n",
-           name, format_name(spec.k_format), format_name(spec.v_format), spec.q_heads,
-           spec.kv_heads, spec.window, seqs.size(), spec.layers, gpu.splits, worst_gpu, worst_cpu,
-           worst_pair, ok ? "ok" : "FAILED");
-    return ok;
+    bool all_ok = true;
+    for (int stages : stage_list) {
+        GpuBatch gpu(c, seqs, q, sm_count(), stages);
+        double worst_gpu = 0, worst_cpu = 0, worst_pair = 0;
+        for (uint32_t layer = 0; layer < spec.layers; ++layer) {
+            gpu.run_layer(c, (int)layer);
+            CUDA_CHECK(cudaGetLastError());
+            const std::vector<float> got = gpu.output();
+            for (size_t i = 0; i < want[layer].size(); ++i) {
+                worst_gpu = std::max(worst_gpu, fabs(got[i] - want[layer][i]));
+                worst_cpu = std::max(worst_cpu, fabs(cpu[layer][i] - want[layer][i]));
+                worst_pair = std::max(worst_pair, fabs((double)got[i] - cpu[layer][i]));
+            }
+        }
+        const bool ok = worst_gpu <= 1e-4 && std::isfinite(worst_gpu);
+        printf("check %-28s %s/%s q%u/kv%u window %u: %zu seqs, %u layers, %d splits, %d stages | "
+               "max |gpu-f64| %.2e, |cpu-f64| %.2e, |gpu-cpu| %.2e  %s\n",
+               name, format_name(spec.k_format), format_name(spec.v_format), spec.q_heads,
+               spec.kv_heads, spec.window, seqs.size(), spec.layers, gpu.splits, gpu.stages,
+               worst_gpu, worst_cpu, worst_pair, ok ? "ok" : "FAILED");
+        all_ok &= ok;
+    }
+    return all_ok;
 }
 
 static double median(std::vector<double> v) {
@@ -790,9 +953,17 @@ static double median(std::vector<double> v) {
     return v[v.size() / 2];
 }
 
-/* Timing: the decode step over every layer for `batch` sequences of `ctx` tokens. */
-static void time_config(uint32_t format, int batch, uint32_t ctx, const std::vector<float> &pool,
-                        uint64_t *rng) {
+/* One timed configuration: the step as a CUDA graph, median ms. */
+struct Timing {
+    uint32_t format;
+    int batch, stages;
+    double graph_ms;
+};
+
+/* Timing: the decode step over every layer for `batch` and for 1 sequences of `ctx` tokens,
+ * once per pipeline depth in `stage_list` (0: the default). */
+static void time_config(uint32_t format, int batch, uint32_t ctx, const std::vector<int> &stage_list,
+                        const std::vector<float> &pool, uint64_t *rng, std::vector<Timing> *timings) {
     kvc_spec spec = {30, 9, 3, 64, 16, format, format, (uint32_t)batch, ctx, 0, 0};
     const uint32_t blocks = (uint32_t)batch * ((ctx + 15) / 16);
     HostCache c(spec, blocks);
@@ -803,90 +974,118 @@ static void time_config(uint32_t format, int batch, uint32_t ctx, const std::vec
     }
     c.upload();
     const int sms = sm_count();
-    for (int n : {1, batch}) {
-        std::vector<uint64_t> subset(seqs.begin(), seqs.begin() + n);
-        const std::vector<float> q = random_queries((size_t)n * spec.q_heads * HEAD_DIM, rng);
-        GpuBatch gpu(c, subset, q, sms);
-        /* Layer 0 against the CPU first. */
-        gpu.run_layer(c, 0);
-        CUDA_CHECK(cudaGetLastError());
-        const std::vector<float> got = gpu.output();
-        const std::vector<float> cpu = cpu_attention(c, subset, q, 0);
-        double worst = 0;
-        for (size_t i = 0; i < got.size(); ++i) worst = std::max(worst, fabs((double)got[i] - cpu[i]));
+    std::vector<int> sizes{batch}; /* the whole batch first: its launches lead, for a profiler */
+    if (batch != 1) sizes.push_back(1);
+    for (int n : sizes) {
+        double cpu_ms = 0; /* the host CPU's step, timed at the first depth */
+        for (int stages : stage_list) {
+            std::vector<uint64_t> subset(seqs.begin(), seqs.begin() + n);
+            const std::vector<float> q = random_queries((size_t)n * spec.q_heads * HEAD_DIM, rng);
+            GpuBatch gpu(c, subset, q, sms, stages);
+            /* Layer 0 against the CPU first. */
+            gpu.run_layer(c, 0);
+            CUDA_CHECK(cudaGetLastError());
+            const std::vector<float> got = gpu.output();
+            const std::vector<float> cpu = cpu_attention(c, subset, q, 0);
+            double worst = 0;
+            for (size_t i = 0; i < got.size(); ++i) worst = std::max(worst, fabs((double)got[i] - cpu[i]));
 
-        cudaEvent_t start, stop;
-        CUDA_CHECK(cudaEventCreate(&start));
-        CUDA_CHECK(cudaEventCreate(&stop));
-        /* The same step captured once as a CUDA graph (as a runtime would replay it). */
-        cudaGraph_t captured;
-        cudaGraphExec_t graph_exec;
-        CUDA_CHECK(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
-        for (uint32_t layer = 0; layer < spec.layers; ++layer) gpu.run_layer(c, (int)layer);
-        CUDA_CHECK(cudaStreamEndCapture(gpu.stream, &captured));
-        CUDA_CHECK(cudaGraphInstantiate(&graph_exec, captured, 0));
-        std::vector<double> step_ms, graph_ms, floor_ms;
-        const size_t words = c.storage_len / 16 * n / batch; /* this subset's blocks, about */
-        unsigned *sink = nullptr;
-        CUDA_CHECK(cudaMalloc(&sink, 4));
-        for (int rep = 0; rep < 23; ++rep) {
-            float ms = 0;
-            CUDA_CHECK(cudaEventRecord(start, gpu.stream));
+            cudaEvent_t start, stop;
+            CUDA_CHECK(cudaEventCreate(&start));
+            CUDA_CHECK(cudaEventCreate(&stop));
+            /* The same step captured once as a CUDA graph (as a runtime would replay it). */
+            cudaGraph_t captured;
+            cudaGraphExec_t graph_exec;
+            CUDA_CHECK(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
             for (uint32_t layer = 0; layer < spec.layers; ++layer) gpu.run_layer(c, (int)layer);
-            CUDA_CHECK(cudaEventRecord(stop, gpu.stream));
-            CUDA_CHECK(cudaEventSynchronize(stop));
-            CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-            if (rep >= 3) step_ms.push_back(ms);
-            CUDA_CHECK(cudaEventRecord(start, gpu.stream));
-            CUDA_CHECK(cudaGraphLaunch(graph_exec, gpu.stream));
-            CUDA_CHECK(cudaEventRecord(stop, gpu.stream));
-            CUDA_CHECK(cudaEventSynchronize(stop));
-            CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-            if (rep >= 3) graph_ms.push_back(ms);
-            CUDA_CHECK(cudaEventRecord(start, gpu.stream));
-            read_floor<<<sms * 8, 256, 0, gpu.stream>>>(reinterpret_cast<const uint4 *>(c.device_storage), words, sink);
-            CUDA_CHECK(cudaEventRecord(stop, gpu.stream));
-            CUDA_CHECK(cudaEventSynchronize(stop));
-            CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-            if (rep >= 3) floor_ms.push_back(ms);
+            CUDA_CHECK(cudaStreamEndCapture(gpu.stream, &captured));
+            CUDA_CHECK(cudaGraphInstantiate(&graph_exec, captured, 0));
+            std::vector<double> step_ms, graph_ms, floor_ms;
+            const size_t words = c.storage_len / 16 * n / batch; /* this subset's blocks, about */
+            unsigned *sink = nullptr;
+            CUDA_CHECK(cudaMalloc(&sink, 4));
+            for (int rep = 0; rep < 23; ++rep) {
+                float ms = 0;
+                CUDA_CHECK(cudaEventRecord(start, gpu.stream));
+                for (uint32_t layer = 0; layer < spec.layers; ++layer) gpu.run_layer(c, (int)layer);
+                CUDA_CHECK(cudaEventRecord(stop, gpu.stream));
+                CUDA_CHECK(cudaEventSynchronize(stop));
+                CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+                if (rep >= 3) step_ms.push_back(ms);
+                CUDA_CHECK(cudaEventRecord(start, gpu.stream));
+                CUDA_CHECK(cudaGraphLaunch(graph_exec, gpu.stream));
+                CUDA_CHECK(cudaEventRecord(stop, gpu.stream));
+                CUDA_CHECK(cudaEventSynchronize(stop));
+                CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+                if (rep >= 3) graph_ms.push_back(ms);
+                CUDA_CHECK(cudaEventRecord(start, gpu.stream));
+                read_floor<<<sms * 8, 256, 0, gpu.stream>>>(reinterpret_cast<const uint4 *>(c.device_storage), words, sink);
+                CUDA_CHECK(cudaEventRecord(stop, gpu.stream));
+                CUDA_CHECK(cudaEventSynchronize(stop));
+                CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+                if (rep >= 3) floor_ms.push_back(ms);
+            }
+            CUDA_CHECK(cudaGetLastError());
+            /* The replayed graph's output is the last layer's. */
+            const std::vector<float> replayed = gpu.output();
+            const std::vector<float> cpu_last = cpu_attention(c, subset, q, (int)spec.layers - 1);
+            for (size_t i = 0; i < got.size(); ++i)
+                worst = std::max(worst, fabs((double)replayed[i] - cpu_last[i]));
+            cudaGraphExecDestroy(graph_exec);
+            cudaGraphDestroy(captured);
+            cudaFree(sink);
+            cudaEventDestroy(start);
+            cudaEventDestroy(stop);
+
+            /* The host CPU, one thread, the same step (kvc_attention, every layer); once per batch. */
+            if (stages == stage_list.front()) {
+                auto t0 = std::chrono::steady_clock::now();
+                for (uint32_t layer = 0; layer < spec.layers; ++layer) cpu_attention(c, subset, q, (int)layer);
+                cpu_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+            }
+
+            const double bytes = (double)n * ctx * spec.layers * spec.kv_heads *
+                                 (double)(c.layout.k_row_bytes + c.layout.v_row_bytes);
+            const double step = median(step_ms), graph = median(graph_ms), floor = median(floor_ms);
+            printf("time %-4s batch %d ctx %u, %d stages: step %.3f ms (as a CUDA graph %.3f), %d splits x %d blocks"
+                   " | K+V %.1f MB, %.0f GB/s (graph) | read floor %.3f ms, %.0f GB/s, graph/floor %.2f"
+                   " | host CPU 1 thread %.1f ms | max |gpu-cpu| %.1e\n",
+                   format_name(format), n, ctx, gpu.stages, step, graph, gpu.splits, gpu.blocks_per_split,
+                   bytes / 1e6, bytes / graph / 1e6, floor, words * 16.0 / floor / 1e6, graph / floor,
+                   cpu_ms, worst);
+            printf("{\"format\":\"%s\",\"batch\":%d,\"ctx\":%u,\"stages\":%d,\"step_ms\":%.4f,\"graph_ms\":%.4f,"
+                   "\"gb_per_s\":%.1f,\"floor_ms\":%.4f,\"cpu_1thread_ms\":%.2f,\"max_gpu_cpu\":%.2e}\n",
+                   format_name(format), n, ctx, gpu.stages, step, graph, bytes / graph / 1e6, floor,
+                   cpu_ms, worst);
+            fflush(stdout);
+            timings->push_back(Timing{format, n, gpu.stages, graph});
         }
-        CUDA_CHECK(cudaGetLastError());
-        /* The replayed graph's output is the last layer's. */
-        const std::vector<float> replayed = gpu.output();
-        const std::vector<float> cpu_last = cpu_attention(c, subset, q, (int)spec.layers - 1);
-        for (size_t i = 0; i < got.size(); ++i)
-            worst = std::max(worst, fabs((double)replayed[i] - cpu_last[i]));
-        cudaGraphExecDestroy(graph_exec);
-        cudaGraphDestroy(captured);
-        cudaFree(sink);
-        cudaEventDestroy(start);
-        cudaEventDestroy(stop);
-
-        /* The host CPU, one thread, the same step (kvc_attention, every layer). */
-        auto t0 = std::chrono::steady_clock::now();
-        for (uint32_t layer = 0; layer < spec.layers; ++layer) cpu_attention(c, subset, q, (int)layer);
-        const double cpu_ms =
-            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-
-        const double bytes = (double)n * ctx * spec.layers * spec.kv_heads *
-                             (double)(c.layout.k_row_bytes + c.layout.v_row_bytes);
-        const double step = median(step_ms), graph = median(graph_ms), floor = median(floor_ms);
-        printf("time %-4s batch %d ctx %u: step %.3f ms (as a CUDA graph %.3f), %d splits x %d blocks"
-               " | K+V %.1f MB, %.0f GB/s (graph) | read floor %.3f ms, %.0f GB/s, graph/floor %.2f"
-               " | host CPU 1 thread %.1f ms | max |gpu-cpu| %.1e\n",
-               format_name(format), n, ctx, step, graph, gpu.splits, gpu.blocks_per_split,
-               bytes / 1e6, bytes / graph / 1e6, floor, words * 16.0 / floor / 1e6, graph / floor,
-               cpu_ms, worst);
-        printf("{\"format\":\"%s\",\"batch\":%d,\"ctx\":%u,\"step_ms\":%.4f,\"graph_ms\":%.4f,"
-               "\"gb_per_s\":%.1f,\"floor_ms\":%.4f,\"cpu_1thread_ms\":%.2f,\"max_gpu_cpu\":%.2e}\n",
-               format_name(format), n, ctx, step, graph, bytes / graph / 1e6, floor, cpu_ms, worst);
-        fflush(stdout);
     }
+}
+
+/* The pipeline depths to check and time, from KVC_GPU_STAGES (a comma-separated list, e.g.
+ * "2,4"), or {0}: the default. */
+static std::vector<int> stage_list_from_env() {
+    std::vector<int> list;
+    const char *env = getenv("KVC_GPU_STAGES");
+    for (const char *p = env ? env : ""; *p;) {
+        char *end = nullptr;
+        const long v = strtol(p, &end, 10);
+        if (end == p || v < 2 || v > MAX_STAGES) {
+            fprintf(stderr, "KVC_GPU_STAGES: a comma-separated list of 2 to %d\n", MAX_STAGES);
+            exit(1);
+        }
+        list.push_back((int)v);
+        p = *end == ',' ? end + 1 : end;
+    }
+    if (list.empty()) list.push_back(0);
+    return list;
 }
 
 int main(int argc, char **argv) {
     const uint32_t ctx = argc > 1 ? (uint32_t)atoi(argv[1]) : 8192;
     const int batch = argc > 2 ? atoi(argv[2]) : 8;
+    const std::vector<int> stage_list = stage_list_from_env();
     cudaDeviceProp prop{};
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s, %d SMs, %.0f MB L2, %d warps per thread block\n", prop.name,
@@ -898,27 +1097,43 @@ int main(int argc, char **argv) {
     const bool run_checks = !(argc > 3 && strcmp(argv[3], "time") == 0);
     if (run_checks) {
         bool ok = true;
+        const std::vector<int> &sl = stage_list;
         /* SmolLM2 geometry (GQA 3), ragged lengths from 1 token, a fork sharing blocks. */
         ok &= check_config("smollm2 ragged + fork", {4, 9, 3, 64, 16, KVC_F16, KVC_F16, 8, 4096, 0, 0},
-                           {1, 17, 500, 3001}, true, pool, &rng);
+                           {1, 17, 500, 3001}, true, sl, pool, &rng);
         ok &= check_config("smollm2 ragged + fork", {4, 9, 3, 64, 16, KVC_INT8, KVC_INT8, 8, 4096, 0, 0},
-                           {1, 17, 500, 3001}, true, pool, &rng);
+                           {1, 17, 500, 3001}, true, sl, pool, &rng);
         /* Llama-style GQA 4, mixed formats. */
         ok &= check_config("gqa4 mixed formats", {3, 8, 2, 64, 16, KVC_F16, KVC_INT8, 8, 4096, 0, 0},
-                           {33, 2048, 1000}, false, pool, &rng);
+                           {33, 2048, 1000}, false, sl, pool, &rng);
         ok &= check_config("gqa4 mixed formats", {3, 8, 2, 64, 16, KVC_INT8, KVC_F16, 8, 4096, 0, 0},
-                           {33, 2048, 1000}, false, pool, &rng);
+                           {33, 2048, 1000}, false, sl, pool, &rng);
         /* MHA with a sliding window and sink tokens: evicted blocks in the page tables. */
         ok &= check_config("mha window 700 sink 20", {2, 4, 4, 64, 16, KVC_F16, KVC_INT8, 8, 4096, 700, 20},
-                           {40, 1500, 3333}, true, pool, &rng);
+                           {40, 1500, 3333}, true, sl, pool, &rng);
+        ok &= check_config("mha window 700 sink 20", {2, 4, 4, 64, 16, KVC_INT8, KVC_INT8, 8, 4096, 700, 20},
+                           {40, 1500, 3333}, true, sl, pool, &rng);
         if (!ok) {
             printf("FAILED\n");
             return 1;
         }
     }
     const char *only = argc > 4 ? argv[4] : ""; /* "f16" or "int8": time that format alone */
-    if (strcmp(only, "int8") != 0) time_config(KVC_F16, batch, ctx, pool, &rng);
-    if (strcmp(only, "f16") != 0) time_config(KVC_INT8, batch, ctx, pool, &rng);
+    std::vector<Timing> timings;
+    if (strcmp(only, "int8") != 0) time_config(KVC_F16, batch, ctx, stage_list, pool, &rng, &timings);
+    if (strcmp(only, "f16") != 0) time_config(KVC_INT8, batch, ctx, stage_list, pool, &rng, &timings);
+    /* int8 against f16, each at its own fastest depth among those timed. */
+    for (int n : {1, batch}) {
+        double best[2] = {INFINITY, INFINITY};
+        for (const Timing &t : timings)
+            if (t.batch == n) {
+                double &slot = best[t.format == KVC_INT8];
+                slot = std::min(slot, t.graph_ms);
+            }
+        if (std::isfinite(best[0]) && std::isfinite(best[1]))
+            printf("ratio batch %d ctx %u: int8 %.3f ms / f16 %.3f ms = %.2f\n", n, ctx, best[1],
+                   best[0], best[1] / best[0]);
+    }
     printf("ok\n");
     return 0;
 }
