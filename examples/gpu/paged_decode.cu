@@ -545,7 +545,6 @@ constexpr int stage_bytes() {
     return WARPS * S * (Segment<KF, true>::STAGE_BYTES + Segment<VF, false>::STAGE_BYTES);
 }
 
-
 /* One instantiation of decode_kernel, as a type: dispatch() below hands one to its caller. */
 template <int KF_, int VF_, int G_, int S_>
 struct Kernel {
