@@ -99,6 +99,26 @@ fn bench_rows(c: &mut Criterion) {
                         black_box(&mut out);
                     })
                 });
+                if format == KvFormat::Int4 {
+                    // The attention path for int4 values: softmax-like (non-negative) weights
+                    // as 8-bit integers.
+                    let weights: Vec<f32> = weights.iter().map(|w| w.abs()).collect();
+                    group_bench.bench_function(format!("accumulate_rows_int/g{group}"), |b| {
+                        b.iter(|| {
+                            for block in buf.chunks_exact(block_bytes) {
+                                kernels::accumulate_rows_int(
+                                    format,
+                                    black_box(block),
+                                    head_dim,
+                                    &weights,
+                                    group,
+                                    &mut out,
+                                );
+                            }
+                            black_box(&mut out);
+                        })
+                    });
+                }
             }
             group_bench.bench_function("stream_read", |b| {
                 b.iter(|| black_box(kernels::stream_read(black_box(&buf))))

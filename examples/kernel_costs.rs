@@ -4,7 +4,9 @@
 //! For each KV format it times, on one thread and best of 25 rounds, the three kernels one KV
 //! head runs per block of 16 tokens for `GROUP` query heads (default 3, SmolLM2's): the scores
 //! (`dot_rows`, or `dot_rows_prepared` for int8 / int4 keys), the softmax of each query row
-//! (`max_rows` + `exp_shifted_rows`, as attention calls them) and the weighted sum of values (`accumulate_rows`). It prints
+//! (`max_rows` + `exp_shifted_rows`, as attention calls them) and the weighted sum of values
+//! (`accumulate_rows_int`: integer weights for int4, exact `accumulate_rows` otherwise; int4's
+//! exact sums are printed too). It prints
 //! nanoseconds per token and the same as a multiple of the FMA floor: the time
 //! [`kvcache::kernels::fma_burn`] takes for that kernel's multiply-adds (`GROUP × head_dim`
 //! per token for scores and for values; the softmax has none, so its row shows the ratio to
@@ -88,7 +90,12 @@ fn main() {
         }) / TOKENS as f64;
         let weights: Vec<f32> = (0..group * TOKENS).map(|i| 1.0 / (1 + i) as f32).collect();
         let mut out = vec![0.0f32; group * HEAD_DIM];
+        // What attention calls: integer weights for int4, exact sums otherwise.
         let values_ns = best_ns(|| {
+            kernels::accumulate_rows_int(format, &rows, HEAD_DIM, &weights, group, &mut out);
+            black_box(&mut out);
+        }) / TOKENS as f64;
+        let exact_values_ns = best_ns(|| {
             kernels::accumulate_rows(format, &rows, HEAD_DIM, &weights, group, &mut out);
             black_box(&mut out);
         }) / TOKENS as f64;
@@ -100,5 +107,8 @@ fn main() {
             values_ns / floor,
             scores_ns + softmax_ns + values_ns,
         );
+        if format == KvFormat::Int4 {
+            println!("         (int4 values summed exactly in f32, `accumulate_rows`: {exact_values_ns:.2} ns)");
+        }
     }
 }

@@ -430,32 +430,41 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
                     scores.copy_within(r * block_tokens..r * block_tokens + keys, r * keys);
                 }
             }
-            let scores = &scores[..rows * keys];
+            let scores = &mut scores[..rows * keys];
             kernels::prefetch(next_v_second);
-            kernels::accumulate_rows(spec.v_format, v_rows, head_dim, scores, rows, acc);
-            // int4 values: the sequence's first value is held exact; correct its weighted
-            // int4 row to it (`acc` is linear in each row).
-            if block.first_position == 0 && keys > 0 {
-                if let Some(exact) =
+            // int4 values: the sequence's first value is held exact, and it takes its weight
+            // exactly: it is usually the attention sink, whose weight dwarfs the block's
+            // others, and the integer weights of the kernel below are steps of the largest.
+            let first_exact = (block.first_position == 0 && keys > 0)
+                .then(|| {
                     self.cache
                         .first_row(Kind::V, entry.seq, self.layer, item.kv_head)
-                {
-                    let row0 = &v_rows[..v_row_bytes];
-                    for d in 0..head_dim {
-                        let (s, m) = crate::quant::group_params(
-                            spec.v_format,
-                            row0,
-                            head_dim,
-                            d / crate::quant::GROUP,
-                        );
-                        let stored = m + s * crate::quant::stored_q(spec.v_format, row0, d) as f32;
-                        let delta = f32::from_bits(exact[d]) - stored;
-                        for r in 0..rows {
-                            acc[r * head_dim + d] += scores[r * keys] * delta;
+                })
+                .flatten();
+            let (v_rows, scores, keys) = match first_exact {
+                Some(exact) => {
+                    for r in 0..rows {
+                        let w = scores[r * keys];
+                        for (a, &x) in acc[r * head_dim..(r + 1) * head_dim].iter_mut().zip(exact) {
+                            *a += w * f32::from_bits(x);
                         }
                     }
+                    // The other rows' weights, `[rows][keys - 1]`.
+                    for r in 0..rows {
+                        scores.copy_within(r * keys + 1..(r + 1) * keys, r * (keys - 1));
+                    }
+                    (
+                        &v_rows[v_row_bytes..],
+                        &scores[..rows * (keys - 1)],
+                        keys - 1,
+                    )
                 }
-            }
+                None => (v_rows, &scores[..], keys),
+            };
+            debug_assert_eq!(scores.len(), rows * keys);
+            // int4 values: the softmax weights meet the nibbles as 8-bit integers (see
+            // `kernels::accumulate_rows_int`); other formats sum them exactly.
+            kernels::accumulate_rows_int(spec.v_format, v_rows, head_dim, scores, rows, acc);
         }
         // Values stored in the rotated basis: rotate the weighted sum back, once (it is linear,
         // so the merge of partial states is unaffected).

@@ -69,9 +69,12 @@
 //! For `head_dim` a multiple of 32, a group-of-32 int8 row costs exactly what one `f32` scale
 //! per row would (`2 · D/32 = 4` bytes at `D = 64`) while an outlier only coarsens the step of
 //! its own 32 elements; for int4 the (scale, min) pair per 32 elements keeps the row at
-//! `0.31×` of f16. The kernels dequantize 8 elements at a time in registers
-//! (`q · s` is exact in `f32`: at most 4 + 8 or 7 + 8 significant bits), so attention over a
-//! quantized cache is exact arithmetic on the dequantized values up to `f32` summation.
+//! `0.31×` of f16. The exact kernels dequantize 8 elements at a time in registers
+//! (`q · s` is exact in `f32`: at most 4 + 8 or 7 + 8 significant bits), exact arithmetic on
+//! the dequantized values up to `f32` summation. Attention instead meets int8 / int4 keys with
+//! a query quantized to int8 per 32 elements ([`prepare_query`]) and int4 values with softmax
+//! weights rounded to 8 bits per 16-row block (`kernels::accumulate_rows_int`); both errors
+//! are bounded and tested against f64 oracles.
 
 use crate::format::KvFormat;
 use crate::half::bf16_to_f32;

@@ -725,6 +725,84 @@ struct Errors {
     query: f64,
     /// Against the oracle on the original rows and the `f32` query.
     orig: f64,
+    /// The largest bound of int4 values' weight rounding (0 for the other formats), which
+    /// `exact` and `query` allow for.
+    rounding: f64,
+    /// The largest fraction of that bound the error against the exact oracle reached.
+    rounding_used: f64,
+}
+
+/// The normalized softmax weights of the keys against the query chosen per position.
+fn naive_weights<'q>(query: impl Fn(usize) -> &'q [f64], keys: &[Vec<f32>]) -> Vec<f64> {
+    let scores: Vec<f64> = keys
+        .iter()
+        .enumerate()
+        .map(|(p, k)| k.iter().zip(query(p)).map(|(&a, &b)| a as f64 * b).sum())
+        .collect();
+    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    weights.iter().map(|w| w / total).collect()
+}
+
+/// How far `kernels::accumulate_rows_int` may move one KV head's attention output from the
+/// exact weighted sum of the dequantized int4 values, per element: in each block (16 rows,
+/// one run of the kernel) and group, every weight `W·s` (normalized softmax weight times the
+/// row's scale) is within half a step of its integer, the step being `1/255` of the block's
+/// largest, and it multiplies the nibble's distance from the middle:
+/// `Σ_blocks max(W·s) / 510 · Σ_rows |n - 7.5|` per
+/// stored element. For rows stored rotated the bound is then per element of the rotated output. One part in 1000 more
+/// covers `f32` rounding.
+fn weight_rounding_bound(
+    cache: &KvCache<'_>,
+    seq: kvcache::SeqId,
+    kv: usize,
+    head_dim: usize,
+    weights: &[f64],
+) -> Vec<f64> {
+    let format = KvFormat::Int4;
+    let rb = format.row_bytes(head_dim).unwrap();
+    let block_tokens = cache.spec().block_tokens;
+    let mut stored = vec![0.0f64; head_dim];
+    for (b, block_weights) in weights.chunks(block_tokens).enumerate() {
+        let rows = cache.block(seq, b).unwrap().rows(0, Kind::V, kv);
+        let row = |r: usize| &rows[r * rb..(r + 1) * rb];
+        // The sequence's first value is held exact and summed apart, in float.
+        let from = usize::from(b == 0);
+        for g in 0..head_dim / GROUP {
+            let largest = (from..block_weights.len())
+                .map(|r| {
+                    block_weights[r] * quant::group_params(format, row(r), head_dim, g).0 as f64
+                })
+                .fold(0.0f64, f64::max);
+            for (d, bound) in stored.iter_mut().enumerate().skip(g * GROUP).take(GROUP) {
+                let nibbles: f64 = (from..block_weights.len())
+                    .map(|r| (quant::stored_q(format, row(r), d) as f64 - 7.5).abs())
+                    .sum();
+                *bound += largest / 510.0 * nibbles;
+            }
+        }
+    }
+    stored.iter().map(|b| b * 1.001).collect()
+}
+
+/// The orthonormal Walsh–Hadamard transform in `f64` (`x.len()` a power of two), to compare
+/// outputs in the basis rotated int4 rows are stored in.
+fn hadamard64(x: &[f64]) -> Vec<f64> {
+    let n = x.len();
+    let mut y = x.to_vec();
+    let mut h = 1;
+    while h < n {
+        for i in (0..n).step_by(2 * h) {
+            for j in i..i + h {
+                let (a, b) = (y[j], y[j + h]);
+                y[j] = a + b;
+                y[j + h] = a - b;
+            }
+        }
+        h *= 2;
+    }
+    y.iter().map(|v| v / (n as f64).sqrt()).collect()
 }
 
 /// Runs one decode step over a cache of `len` random tokens in `format` and measures the worst
@@ -783,6 +861,8 @@ fn attention_errors(k_format: KvFormat, v_format: KvFormat, head_dim: usize, len
         exact: 0.0,
         query: 0.0,
         orig: 0.0,
+        rounding: 0.0,
+        rounding_used: 0.0,
     };
     for kv in 0..kv_heads {
         let original = |data: &[f32]| {
@@ -881,11 +961,50 @@ fn attention_errors(k_format: KvFormat, v_format: KvFormat, head_dim: usize, len
             );
             let want_deq = naive_attention(&q, &k_deq, &v_deq, scale);
             let want_orig = naive_attention(&q, &k_orig, &v_orig, scale);
+            // int4 values meet the softmax weights as 7-bit integers: add what that rounding
+            // allows (see `weight_rounding_bound`).
+            let rounding = if quant_scalar::integer_rows(v_format, head_dim) {
+                let weights = naive_weights(
+                    |p| {
+                        if p == 0 && first_exact {
+                            &q_scaled
+                        } else {
+                            &q_kernel
+                        }
+                    },
+                    &k_deq,
+                );
+                weight_rounding_bound(&cache, seq, kv, head_dim, &weights)
+            } else {
+                vec![0.0; head_dim]
+            };
+            // Against the exact oracle, in the basis the values are stored in (where the
+            // rounding bound applies element by element).
+            let mut diff: Vec<f64> = (0..head_dim)
+                .map(|d| got[d] as f64 - want_exact[d])
+                .collect();
+            if quant::rotated(v_format, head_dim) {
+                diff = hadamard64(&diff);
+            }
+            for d in 0..head_dim {
+                errors.exact = errors.exact.max(diff[d].abs() - rounding[d]);
+                errors.rounding = errors.rounding.max(rounding[d]);
+                if rounding[d] > 0.0 {
+                    errors.rounding_used = errors.rounding_used.max(diff[d].abs() / rounding[d]);
+                }
+            }
+            let rotated_rounding = if quant::rotated(v_format, head_dim) {
+                // Every element of the original basis takes each rotated one's error times
+                // `±1/sqrt(head_dim)`.
+                let spread = rounding.iter().sum::<f64>() / (head_dim as f64).sqrt();
+                vec![spread; head_dim]
+            } else {
+                rounding.clone()
+            };
             for d in 0..head_dim {
                 let v_max = v_deq.iter().map(|v| v[d].abs() as f64).fold(0.0, f64::max);
-                let bound = (2.0 * delta).exp_m1() * v_max + 2e-5;
+                let bound = (2.0 * delta).exp_m1() * v_max + 2e-5 + rotated_rounding[d];
                 let got = got[d] as f64;
-                errors.exact = errors.exact.max((got - want_exact[d]).abs());
                 errors.query = errors.query.max((got - want_deq[d]).abs() / bound);
                 errors.orig = errors.orig.max((got - want_orig[d]).abs());
             }
@@ -904,8 +1023,14 @@ fn attention_on_quantized_caches_matches_oracle() {
         (KvFormat::F16, KvFormat::Int8, 0.01),
     ] {
         for head_dim in [64, 37, 128] {
-            let Errors { exact, query, orig } = attention_errors(k, v, head_dim, 300);
-            eprintln!("attention {k}/{v} hd {head_dim}: max |err| vs dequantized rows and kernel query {exact:.2e}, vs f32 query {query:.2} of the bound, vs original {orig:.2e}");
+            let Errors {
+                exact,
+                query,
+                orig,
+                rounding,
+                rounding_used,
+            } = attention_errors(k, v, head_dim, 300);
+            eprintln!("attention {k}/{v} hd {head_dim}: max |err| vs dequantized rows and kernel query {exact:.2e} beyond the weight-rounding bound (up to {rounding:.2e}, {rounding_used:.2} of it used), vs f32 query {query:.2} of the bound, vs original {orig:.2e}");
             assert!(
                 exact < 2e-5,
                 "{k}/{v} hd {head_dim}: {exact} against the dequantized rows and kernel query"
@@ -1232,6 +1357,219 @@ fn first_int4_value_is_held_exact() {
                 40,
             );
             assert_eq!(row, want);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Weighted sums with integer weights (int4 values in attention).
+
+/// The weight sets the integer-weight tests use: softmax-like (non-negative, one dominant),
+/// signed, zeros, and magnitudes spread over many orders.
+fn weight_cases(rng: &mut Rng, n: usize) -> Vec<Vec<f32>> {
+    let soft: Vec<f32> = (0..n)
+        .map(|i| {
+            let x = rng.unit();
+            if i % 7 == 3 {
+                1.0
+            } else {
+                (x * 4.0 - 4.0).exp()
+            }
+        })
+        .collect();
+    let signed = rng.values(n);
+    let sparse: Vec<f32> = (0..n)
+        .map(|i| if i % 5 == 0 { rng.unit().abs() } else { 0.0 })
+        .collect();
+    let spread: Vec<f32> = (0..n)
+        .map(|i| rng.unit() * f32::powi(2.0, (i % 40) as i32 - 20))
+        .collect();
+    vec![soft, signed, sparse, spread, vec![0.0; n]]
+}
+
+/// `accumulate_rows_int` against the f64 weighted sum of the dequantized rows: within the
+/// bound its weight rounding allows (half a step of each run of 16 rows, times the nibble's
+/// distance from the middle, `|n - 7.5|`), plus `f32` rounding.
+fn check_int_weights_oracle(
+    rows: &[u8],
+    head_dim: usize,
+    weights: &[f32],
+    group: usize,
+    start: &[f32],
+    got: &[f32],
+) {
+    let rb = KvFormat::Int4.row_bytes(head_dim).unwrap();
+    let per_head = weights.len() / group;
+    let n_rows = per_head.min(rows.len() / rb);
+    let row = |r: usize| &rows[r * rb..(r + 1) * rb];
+    let integer = quant_scalar::integer_weights(KvFormat::Int4, head_dim, weights);
+    for h in 0..group {
+        for d in 0..head_dim {
+            let g = d / GROUP;
+            let (mut want, mut bound, mut mag) = (start[h * head_dim + d] as f64, 0.0f64, 0.0f64);
+            mag += want.abs();
+            for first in (0..n_rows).step_by(quant_scalar::WEIGHT_ROWS) {
+                let last = (first + quant_scalar::WEIGHT_ROWS).min(n_rows);
+                let amax = (first..last)
+                    .map(|r| {
+                        let (s, _) = quant::group_params(KvFormat::Int4, row(r), head_dim, g);
+                        (weights[h * per_head + r] as f64 * s as f64).abs()
+                    })
+                    .fold(0.0f64, f64::max);
+                // The exact path (weights not all finite and >= 0) has no rounding to allow.
+                let step = if integer { amax / 255.0 } else { 0.0 };
+                for r in first..last {
+                    let w = weights[h * per_head + r] as f64;
+                    let x = quant::element(KvFormat::Int4, row(r), head_dim, d) as f64;
+                    let (s, m) = quant::group_params(KvFormat::Int4, row(r), head_dim, g);
+                    let n = quant::stored_q(KvFormat::Int4, row(r), d) as f64;
+                    want += w * x;
+                    bound += step / 2.0 * (n - 7.5).abs() * (1.0 + 1e-5);
+                    mag += (w * m as f64).abs() + (w * s as f64 * 7.5).abs() + 15.0 * step;
+                }
+            }
+            let err = (got[h * head_dim + d] as f64 - want).abs();
+            assert!(
+                err <= bound + 1e-6 * mag + 1e-35,
+                "hd {head_dim} group {group} rows {n_rows} h {h} d {d}: {} vs {want} (bound {bound})",
+                got[h * head_dim + d]
+            );
+        }
+    }
+}
+
+#[test]
+fn integer_weight_sums_match_oracle_and_avx2_matches_scalar() {
+    let mut rng = Rng(0x1e7);
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = Avx2::new();
+    let (mut cases, mut integer_paths) = (0, 0);
+    for head_dim in [32, 64, 96, 128, 256] {
+        for group in [1, 2, 3, 4, 5, 7] {
+            for n_rows in [0, 1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 40] {
+                let offset = (head_dim + group + n_rows) % 4;
+                let buf = stored_rows(&mut rng, KvFormat::Int4, head_dim, n_rows, offset);
+                let rows = &buf[offset..];
+                for weights in weight_cases(&mut rng, group * n_rows.max(1)) {
+                    let start = rng.values(group * head_dim);
+                    let mut want = start.clone();
+                    quant_scalar::accumulate_rows_int(
+                        KvFormat::Int4,
+                        rows,
+                        head_dim,
+                        &weights,
+                        group,
+                        &mut want,
+                    );
+                    check_int_weights_oracle(rows, head_dim, &weights, group, &start, &want);
+                    // The integer path gives the scalar bits; the exact one (negative
+                    // weights) agrees to `f32` rounding, as `accumulate_rows` does.
+                    let integer = quant_scalar::integer_weights(KvFormat::Int4, head_dim, &weights);
+                    integer_paths += integer as usize;
+                    let same = |got: &[f32], what: &str| {
+                        if integer {
+                            assert_eq!(bits(got), bits(&want), "{what} hd {head_dim} g {group}");
+                        } else {
+                            check_int_weights_oracle(rows, head_dim, &weights, group, &start, got);
+                        }
+                    };
+                    let mut got = start.clone();
+                    kernels::accumulate_rows_int(
+                        KvFormat::Int4,
+                        rows,
+                        head_dim,
+                        &weights,
+                        group,
+                        &mut got,
+                    );
+                    same(&got, "dispatch");
+                    #[cfg(target_arch = "x86_64")]
+                    if let Some(t) = avx2 {
+                        let mut got = start.clone();
+                        quant_avx2::accumulate_rows_int(
+                            t,
+                            KvFormat::Int4,
+                            rows,
+                            head_dim,
+                            &weights,
+                            group,
+                            &mut got,
+                        );
+                        same(&got, "avx2");
+                    }
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert!(cases > 1000 && integer_paths > cases / 2);
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+/// Formats and head dims without the integer path are exactly `accumulate_rows`.
+#[test]
+fn integer_weight_sums_elsewhere_are_exact_sums() {
+    let mut rng = Rng(0xa4b);
+    for format in KvFormat::QUANTIZED {
+        for head_dim in [1, 8, 31, 33, 64, 100] {
+            if quant_scalar::integer_rows(format, head_dim) {
+                continue;
+            }
+            let n_rows = 9;
+            let buf = stored_rows(&mut rng, format, head_dim, n_rows, 0);
+            let weights = rng.values(3 * n_rows);
+            let start = rng.values(3 * head_dim);
+            let (mut want, mut got) = (start.clone(), start.clone());
+            quant_scalar::accumulate_rows(format, &buf, head_dim, &weights, 3, &mut want);
+            quant_scalar::accumulate_rows_int(format, &buf, head_dim, &weights, 3, &mut got);
+            assert_eq!(bits(&got), bits(&want), "{format} hd {head_dim}");
+            let (mut want, mut got) = (start.clone(), start.clone());
+            kernels::accumulate_rows(format, &buf, head_dim, &weights, 3, &mut want);
+            kernels::accumulate_rows_int(format, &buf, head_dim, &weights, 3, &mut got);
+            assert_eq!(bits(&got), bits(&want), "{format} hd {head_dim}");
+        }
+    }
+}
+
+/// Arbitrary bytes as int4 rows (NaN / inf parameters included) and arbitrary weights: no
+/// panic, and AVX2 gives the scalar bits (NaN for NaN).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn integer_weight_sums_on_arbitrary_bytes() {
+    let Some(t) = Avx2::new() else { return };
+    let mut rng = Rng(0xa4c);
+    for head_dim in [32, 64] {
+        let rb = KvFormat::Int4.row_bytes(head_dim).unwrap();
+        for n_rows in [1, 5, 16, 20] {
+            for _ in 0..20 {
+                let bytes: Vec<u8> = (0..rb * n_rows).map(|_| rng.next() as u8).collect();
+                let mut cases = weight_cases(&mut rng, 3 * n_rows);
+                cases.push(
+                    (0..3 * n_rows)
+                        .map(|_| f32::from_bits(rng.next() as u32))
+                        .collect(),
+                );
+                for weights in cases {
+                    let start = rng.values(3 * head_dim);
+                    let (mut want, mut got) = (start.clone(), start.clone());
+                    let int4 = KvFormat::Int4;
+                    quant_scalar::accumulate_rows_int(
+                        int4, &bytes, head_dim, &weights, 3, &mut want,
+                    );
+                    quant_avx2::accumulate_rows_int(
+                        t, int4, &bytes, head_dim, &weights, 3, &mut got,
+                    );
+                    if !quant_scalar::integer_weights(int4, head_dim, &weights) {
+                        continue; // the exact sums, tested elsewhere
+                    }
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()));
+                    }
+                }
+            }
         }
     }
 }

@@ -163,8 +163,8 @@ fn restored_sequences_read_attend_and_grow_like_the_original() {
                 "{what}: grown"
             );
 
-            // Another block size: the same rows; attention over different blocks rounds
-            // differently, within float noise.
+            // Another block size: the same rows, and attention bit for bit as in a cache of
+            // that block size grown the same way from the start.
             let spec8 = spec(k, v, 8);
             let mut c_arena = arena(spec8, 80);
             let mut c = KvCache::with_blocks(spec8, 80, &mut c_arena).unwrap();
@@ -173,12 +173,30 @@ fn restored_sequences_read_attend_and_grow_like_the_original() {
             let mut seed_c = 99;
             grow(&mut c, moved, 0, 5, &mut seed_c);
             assert_eq!(rows(&c, moved), rows(&a, original), "{what}: block size 8");
-            let (got, want) = (attend(&c, moved, 4), attend(&a, original, 4));
-            for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "{what}: {g} vs {w}"
-                );
+            let mut d_arena = arena(spec8, 80);
+            let mut d = KvCache::with_blocks(spec8, 80, &mut d_arena).unwrap();
+            let fresh = d.add_sequence().unwrap();
+            let (mut seed_d, mut seed_d2) = (7 + prefill as u64, 99);
+            grow(&mut d, fresh, prefill, decode, &mut seed_d);
+            grow(&mut d, fresh, 0, 5, &mut seed_d2);
+            let got = attend(&c, moved, 4);
+            assert_eq!(
+                bits(&got),
+                bits(&attend(&d, fresh, 4)),
+                "{what}: block size 8"
+            );
+            // Against block size 16: the blocks' sums round differently, within float noise
+            // where the values are summed exactly. (int4 values meet their weights as 8-bit
+            // integers scaled per block, so there the two differ by that rounding; its bound
+            // is tested in `tests/kv_quant.rs`.)
+            if v != KvFormat::Int4 {
+                let want = attend(&a, original, 4);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{what}: {g} vs {w}"
+                    );
+                }
             }
         }
     }

@@ -20,7 +20,12 @@ const FORMATS: [KvFormat; 5] = [KvFormat::F32, KvFormat::F16, KvFormat::Bf16, Kv
 fuzz_target!(|data: &[u8]| {
     let mut bytes = Bytes::new(data);
     let kv_heads = 1 + bytes.below(3);
-    let mut spec = CacheSpec::new(1 + bytes.below(2), kv_heads * (1 + bytes.below(4)), kv_heads, 1 + bytes.below(40));
+    let layers = 1 + bytes.below(2);
+    let q_heads = kv_heads * (1 + bytes.below(4));
+    // Every head dim up to 40, and one time in four 32 or 64 (the integer-weight path of int4
+    // values).
+    let head_dim = if bytes.below(4) == 0 { 32 * (1 + bytes.below(2)) } else { 1 + bytes.below(40) };
+    let mut spec = CacheSpec::new(layers, q_heads, kv_heads, head_dim);
     spec.block_tokens = 1 + bytes.below(6);
     spec.k_format = FORMATS[bytes.below(5)];
     spec.v_format = FORMATS[bytes.below(5)];

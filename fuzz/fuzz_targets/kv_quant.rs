@@ -2,7 +2,8 @@
 //! encode never panics, decodes to finite values, finite inputs round-trip within half a step
 //! of the stored scale, and the AVX2 kernels agree with the scalar ones on the stored rows:
 //! the integer dot products against prepared queries bit for bit (also with the prepared
-//! bytes taken raw from the input: any scales, NaN included), the float ones within rounding.
+//! bytes taken raw from the input: any scales, NaN included), the weighted sums with integer
+//! weights bit for bit (also on raw input bytes as rows), the float ones within rounding.
 #![no_main]
 
 use kvcache::kernels::{self, quant_scalar};
@@ -19,7 +20,13 @@ fuzz_target!(|data: &[u8]| {
     } else {
         KvFormat::Int4
     };
-    let head_dim = 1 + data[1] as usize % 160;
+    // Every head dim up to 160; with the top bit set, a multiple of 32 (the integer-weight
+    // path of int4 values).
+    let head_dim = if data[1] & 0x80 != 0 {
+        32 * (1 + (data[1] & 0x7f) as usize % 5)
+    } else {
+        1 + data[1] as usize % 160
+    };
     let group = 1 + data[2] as usize % 9;
     let n_rows = data[3] as usize % 18;
     let floats: Vec<f32> = data[4..]
@@ -136,6 +143,29 @@ fuzz_target!(|data: &[u8]| {
                     "acc {} vs {}",
                     got[i],
                     want[i]
+                );
+            }
+        }
+    }
+    // Integer weights (int4 values in attention): non-negative weights from the input, on the
+    // stored rows and on raw input bytes as rows; the AVX2 twin gives the scalar bits.
+    let soft: Vec<f32> = (0..group * n_rows)
+        .map(|i| value(i * 5 + 2).abs().min(1.0))
+        .map(|x| if x.is_nan() { 0.0 } else { x })
+        .collect();
+    let raw_rows: Vec<u8> = (0..n_rows * rb)
+        .map(|i| data[4 + i % (data.len() - 4).max(1)..].first().copied().unwrap_or(0))
+        .collect();
+    for (rows, weights) in [(rows, &soft), (&raw_rows[..], &soft), (rows, &weights)] {
+        let start: Vec<f32> = (0..group * head_dim).map(|i| (i % 3) as f32).collect();
+        let (mut want, mut got) = (start.clone(), start.clone());
+        quant_scalar::accumulate_rows_int(format, rows, head_dim, weights, group, &mut want);
+        kernels::accumulate_rows_int(format, rows, head_dim, weights, group, &mut got);
+        if quant_scalar::integer_weights(format, head_dim, weights) {
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "integer-weight sum {g} vs {w}"
                 );
             }
         }

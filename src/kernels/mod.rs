@@ -216,6 +216,30 @@ pub fn accumulate_rows(
     dispatch!(accumulate_rows(format, rows, head_dim, weights, group, out))
 }
 
+/// [`accumulate_rows`] with the weights rounded to integers, for int4 rows whose `head_dim` is
+/// a multiple of 32 and weights that are all finite and `>= 0`, as softmax weights are
+/// (otherwise exactly [`accumulate_rows`]): per head, group of 32 elements and run of 16 rows,
+/// each `weight · scale` becomes an 8-bit integer times a step of `1/255` of the run's
+/// largest, and the rows' nibbles are summed against them exactly in integers (`vpmaddubsw`).
+/// Each row's contribution to an element is within `3.75 · step` of the exact one; see
+/// [`quant_scalar::accumulate_rows_int`] for the arithmetic, which the AVX2 twin matches bit
+/// for bit.
+pub fn accumulate_rows_int(
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    weights: &[f32],
+    group: usize,
+    out: &mut [f32],
+) {
+    if !format.is_float() {
+        dispatch_quant!(accumulate_rows_int(
+            format, rows, head_dim, weights, group, out
+        ))
+    }
+    dispatch!(accumulate_rows(format, rows, head_dim, weights, group, out))
+}
+
 /// Replaces every `x` in `values` by `exp(x - shift)` and returns their sum.
 /// `exp(-inf)` is 0, so masked scores set to `-inf` drop out.
 pub fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {

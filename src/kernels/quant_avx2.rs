@@ -25,6 +25,11 @@
 //!   (`w·s`, one scalar multiply per head, row and group), so the chunk needs no multiply; for
 //!   int4 the chunk is dequantized once (`m + s·q`) and shared by the heads (folding `m` out as
 //!   a per-head constant would save one FMA per chunk but adds cancellation error).
+//! - [`accumulate_rows_int`] (the attention path for int4 values) rounds each run of 16 rows'
+//!   `weight · scale` to 8-bit integers and sums the nibbles against them with `vpmaddubsw`
+//!   in 16-bit lanes, two rows interleaved byte by byte; the weights of up to 4 groups are
+//!   prepared first (their division and reduction chains then overlap), the 3 heads' maxima
+//!   and constant terms reduced together by transposes.
 //! - A `head_dim` that is not a multiple of 8 ends with a partial chunk, read through a
 //!   zero-padded stack copy and masked to its lanes.
 //!
@@ -634,6 +639,376 @@ unsafe fn acc_block<const FMT: u8, const C: usize, const G: usize>(
             } else {
                 _mm256_storeu_ps(p, *a);
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weighted sums with integer weights (int4).
+
+/// See [`super::accumulate_rows_int`]; exactly [`accumulate_rows`] where
+/// [`quant_scalar::integer_weights`] says no.
+#[inline]
+pub fn accumulate_rows_int(
+    token: Avx2,
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    weights: &[f32],
+    group: usize,
+    out: &mut [f32],
+) {
+    if !quant_scalar::integer_rows(format, head_dim) || !usable_weights(token, weights) {
+        return accumulate_rows(token, format, rows, head_dim, weights, group, out);
+    }
+    // SAFETY: the token exists, so the CPU has AVX2, FMA and F16C.
+    unsafe { acc_int_impl(rows, head_dim, weights, group, out) }
+}
+
+/// Whether every weight is finite and `>= 0` (the weight half of
+/// [`quant_scalar::integer_weights`]), 8 at a time.
+#[inline]
+fn usable_weights(_token: Avx2, weights: &[f32]) -> bool {
+    // SAFETY: the token exists, so the CPU has AVX2.
+    unsafe { usable_weights_impl(weights) }
+}
+
+/// # Safety
+///
+/// - The CPU must support AVX2.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn usable_weights_impl(weights: &[f32]) -> bool {
+    let (zero, max) = (_mm256_setzero_ps(), _mm256_set1_ps(f32::MAX));
+    let mut chunks = weights.chunks_exact(8);
+    let mut ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for chunk in &mut chunks {
+        // SAFETY: 8 floats of `chunk`.
+        let w = _mm256_loadu_ps(chunk.as_ptr());
+        // Ordered comparisons: NaN fails both.
+        let inside = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_GE_OQ>(w, zero),
+            _mm256_cmp_ps::<_CMP_LE_OQ>(w, max),
+        );
+        ok = _mm256_and_ps(ok, inside);
+    }
+    _mm256_movemask_ps(ok) == 0xff
+        && chunks
+            .remainder()
+            .iter()
+            .all(|&w| (0.0..=f32::MAX).contains(&w))
+}
+
+/// # Safety
+///
+/// - The CPU must support AVX2, FMA and F16C.
+/// - `head_dim` must be a non-zero multiple of 32.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn acc_int_impl(
+    rows: &[u8],
+    head_dim: usize,
+    weights: &[f32],
+    group: usize,
+    out: &mut [f32],
+) {
+    if group == 0 {
+        return;
+    }
+    debug_assert_eq!(out.len(), group * head_dim);
+    let per_head = weights.len() / group;
+    let heads = group.min(out.len() / head_dim);
+    let Some((row_bytes, n_rows)) = geometry(KvFormat::Int4, rows, head_dim, per_head) else {
+        return;
+    };
+    let shape = Shape {
+        rows: rows.as_ptr(),
+        head_dim,
+        row_bytes,
+        per_head,
+    };
+    // From here on `n_rows * row_bytes <= rows.len()`, `heads * per_head <= weights.len()`
+    // and `heads * head_dim <= out.len()`.
+    let (w, o) = (weights.as_ptr(), out.as_mut_ptr());
+    let mut h = 0;
+    while h < heads {
+        // SAFETY: heads `h..h + G` with `G <= heads - h` have their weights and output inside
+        // the slices.
+        let (w, o) = (w.add(h * per_head), o.add(h * head_dim));
+        let take = (heads - h).min(3);
+        let mut first = 0;
+        while first < n_rows {
+            let n = (n_rows - first).min(quant_scalar::WEIGHT_ROWS);
+            let mut g = 0;
+            while g < head_dim / GROUP {
+                let groups = (head_dim / GROUP - g).min(4);
+                // SAFETY: rows `first..first + n <= n_rows`, heads `h..h + take`, groups
+                // `g..g + groups <= head_dim / 32`.
+                match take {
+                    1 => int4_run::<1>(shape, first, n, g, groups, w, o),
+                    2 => int4_run::<2>(shape, first, n, g, groups, w, o),
+                    _ => int4_run::<3>(shape, first, n, g, groups, w, o),
+                }
+                g += groups;
+            }
+            first += n;
+        }
+        h += take;
+    }
+}
+
+/// One run of `n <= 16` rows from `first`, groups `g0..g0 + groups` (at most 4), `G` heads
+/// (see [`quant_scalar::accumulate_rows_int`] for the arithmetic): first every group's integer
+/// weights (independent chains of a few dozen cycles each, which then overlap), then every
+/// group's sums.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2, FMA and F16C.
+/// - Rows `first..first + n` must be whole stored int4 rows, `1 <= n <= 16`, `groups <= 4`
+///   and `g0 + groups <= head_dim / 32` with `head_dim` a multiple of 32; `w` and `o` point at
+///   `G` heads' weights (`per_head` apart, rows `first..first + n` inside) and outputs
+///   (`head_dim` apart).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn int4_run<const G: usize>(
+    shape: Shape,
+    first: usize,
+    n: usize,
+    g0: usize,
+    groups: usize,
+    w: *const f32,
+    o: *mut f32,
+) {
+    debug_assert!((1..=quant_scalar::WEIGHT_ROWS).contains(&n) && groups <= 4);
+    // SAFETY: row `first` is inside the rows (`n >= 1`).
+    let base = shape.rows.add(first * shape.row_bytes);
+    // SAFETY: rows `first..first + n` of each head's weights are inside them.
+    let w = w.add(first);
+    let mut weights = [IntWeights::<G>::default(); 4];
+    for (i, weights) in weights.iter_mut().enumerate().take(groups) {
+        *weights = int4_weights::<G>(shape, base, n, g0 + i, w);
+    }
+    for (i, weights) in weights.iter().enumerate().take(groups) {
+        int4_sums::<G>(shape, base, n, g0 + i, weights, o);
+    }
+}
+
+/// The integer weights of one run of rows and group, for `G` heads.
+#[derive(Clone, Copy)]
+struct IntWeights<const G: usize> {
+    /// `q[h][r]`: row `r`'s weight for head `h` (0 past the run).
+    q: [[u8; 16]; G],
+    /// The step each head's integers stand for (lane `h`).
+    steps: [f32; 4],
+    /// `Σ_r w·(m + 7.5·s) - 7.5·step·Σ_r q` per head (lane `h`).
+    min_terms: [f32; 4],
+}
+
+impl<const G: usize> Default for IntWeights<G> {
+    fn default() -> Self {
+        Self {
+            q: [[0; 16]; G],
+            steps: [0.0; 4],
+            min_terms: [0.0; 4],
+        }
+    }
+}
+
+/// [`IntWeights`] of rows `0..n` from `base`, group `g`, heads' weights from `w`.
+///
+/// # Safety
+///
+/// - As for [`int4_run`], with `base` at the run's first row and `w` at head 0's weight of it.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn int4_weights<const G: usize>(
+    shape: Shape,
+    base: *const u8,
+    n: usize,
+    g: usize,
+    w: *const f32,
+) -> IntWeights<G> {
+    let rb = shape.row_bytes;
+    let at = shape.head_dim / 2 + 4 * g;
+    let masks = [first_lanes(n.min(8)), first_lanes(n.saturating_sub(8))];
+    // The (scale, min) pairs of group `g`, one `u32` per row (zero past `n`).
+    let mut params = [0u32; 16];
+    for (i, p) in params.iter_mut().enumerate().take(n) {
+        // SAFETY: row `i < n` is whole; its pair of group `g` lies inside it.
+        *p = core::ptr::read_unaligned(base.add(i * rb + at).cast::<u32>());
+    }
+    let pv = [
+        _mm256_loadu_si256(params.as_ptr().cast()),
+        _mm256_loadu_si256(params.as_ptr().add(8).cast()),
+    ];
+    let scale = pv.map(|p| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(p)));
+    let hi16 = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    let min = pv.map(|p| _mm256_castsi256_ps(_mm256_and_si256(p, hi16)));
+    // `m + 7.5·s`: the value of a mid-range nibble (a multiply then an add, as in the twin).
+    let mid = _mm256_set1_ps(7.5);
+    let centre = [0, 1].map(|i| _mm256_add_ps(min[i], _mm256_mul_ps(mid, scale[i])));
+    let abs = _mm256_set1_epi32(0x7fff_ffff);
+    // Per head (up to 4 slots; unused ones stay zero): `u = w·s`, `|u|` as integers (the
+    // largest magnitude is then an integer maximum, NaN above everything, as in the scalar
+    // twin), and `w·(m + 7.5·s)` summed in pairs of rows `i` and `i + 8`.
+    let mut u = [[_mm256_setzero_ps(); 2]; G];
+    let mut mag = [_mm256_setzero_si256(); 4];
+    let mut wm = [_mm256_setzero_ps(); 4];
+    for h in 0..G {
+        // SAFETY: rows `first..first + n` of head `h`; masked lanes are not read, and the
+        // second half's pointer is formed with `wrapping_add` as it may lie past the slice.
+        let wh = w.add(h * shape.per_head);
+        let wv = [
+            _mm256_maskload_ps(wh, masks[0]),
+            _mm256_maskload_ps(wh.wrapping_add(8), masks[1]),
+        ];
+        u[h] = [
+            _mm256_mul_ps(wv[0], scale[0]),
+            _mm256_mul_ps(wv[1], scale[1]),
+        ];
+        mag[h] = _mm256_max_epi32(
+            _mm256_and_si256(_mm256_castps_si256(u[h][0]), abs),
+            _mm256_and_si256(_mm256_castps_si256(u[h][1]), abs),
+        );
+        wm[h] = _mm256_add_ps(
+            _mm256_mul_ps(wv[0], centre[0]),
+            _mm256_mul_ps(wv[1], centre[1]),
+        );
+    }
+    // The four slots' maxima at once: lane `h` of `amax` is head `h`'s.
+    let t0 = _mm256_max_epi32(
+        _mm256_unpacklo_epi32(mag[0], mag[1]),
+        _mm256_unpackhi_epi32(mag[0], mag[1]),
+    );
+    let t1 = _mm256_max_epi32(
+        _mm256_unpacklo_epi32(mag[2], mag[3]),
+        _mm256_unpackhi_epi32(mag[2], mag[3]),
+    );
+    let t = _mm256_max_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
+    let amax = _mm_max_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
+    // `quant_scalar::weight_scale` for the four: the same floor and the same two divisions.
+    let a = _mm_castsi128_ps(_mm_max_epi32(
+        amax,
+        _mm_set1_epi32(quant_scalar::WEIGHT_FLOOR_BITS as i32),
+    ));
+    let k = _mm_set1_ps(255.0);
+    let (mut inv, mut steps) = ([0.0f32; 4], [0.0f32; 4]);
+    // SAFETY: 4 floats into each array.
+    _mm_storeu_ps(inv.as_mut_ptr(), _mm_div_ps(k, a));
+    _mm_storeu_ps(steps.as_mut_ptr(), _mm_div_ps(a, k));
+    // `Σ w·(m + 7.5·s)` of the four, in `quant_scalar::sum16`'s order (its first step, rows `i`
+    // and `i + 8`, is done): lanes `i` and `i + 4`, then `i` and `i + 2`, then the two left.
+    let x01 = _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(wm[0], wm[1]),
+        _mm256_permute2f128_ps::<0x31>(wm[0], wm[1]),
+    );
+    let x23 = _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(wm[2], wm[3]),
+        _mm256_permute2f128_ps::<0x31>(wm[2], wm[3]),
+    );
+    let (x01, x23) = (_mm256_castps_pd(x01), _mm256_castps_pd(x23));
+    let b = _mm256_add_ps(
+        _mm256_castpd_ps(_mm256_unpacklo_pd(x01, x23)),
+        _mm256_castpd_ps(_mm256_unpackhi_pd(x01, x23)),
+    );
+    let c = _mm256_add_ps(
+        _mm256_shuffle_ps::<0b10_00_10_00>(b, b),
+        _mm256_shuffle_ps::<0b11_01_11_01>(b, b),
+    );
+    // Lane 0: head 0, lane 1: head 2, lane 4: head 1, lane 5: head 3.
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: 8 floats into `lanes`.
+    _mm256_storeu_ps(lanes.as_mut_ptr(), c);
+    let mut min_terms = [lanes[0], lanes[4], lanes[1], lanes[5]];
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut q = [[0u8; 16]; G];
+    for (h, q) in q.iter_mut().enumerate() {
+        let invv = _mm256_set1_ps(inv[h]);
+        let ints = u[h].map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, invv)));
+        // Saturating packs: rows 0-3, 8-11 | 4-7, 12-15 as `i16`, then as `u8`, then in order.
+        let words = _mm256_packs_epi32(ints[0], ints[1]);
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words, words), order);
+        let bytes = _mm256_castsi256_si128(bytes);
+        // SAFETY: 16 bytes into `q`.
+        _mm_storeu_si128(q.as_mut_ptr().cast(), bytes);
+        // `Σ q` over all 16 lanes.
+        let sums = _mm_sad_epu8(bytes, _mm_setzero_si128());
+        let total = _mm_cvtsi128_si32(_mm_add_epi64(sums, _mm_unpackhi_epi64(sums, sums)));
+        min_terms[h] = quant_scalar::centred(min_terms[h], steps[h], total);
+    }
+    IntWeights {
+        q,
+        steps,
+        min_terms,
+    }
+}
+
+/// Adds one run's (rows `0..n` from `base`) weighted sums of group `g` to `G` heads' outputs.
+///
+/// Two rows at a time, their group's 16 bytes of nibbles are interleaved byte by byte, so that
+/// each 16-bit lane holds the same byte of both rows; the low and the high nibbles, masked out,
+/// meet the two rows' weights (one `u8` each, broadcast as a pair) in `vpmaddubsw`, whose
+/// 16-bit lane `j` is then element `2j` (low nibbles) or `2j + 1` (high) of both rows' weighted
+/// sum. 16 rows fit 16 bits (see [`quant_scalar::WEIGHT_ROWS`]).
+///
+/// # Safety
+///
+/// - As for [`int4_weights`], with `o` at head 0's output.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn int4_sums<const G: usize>(
+    shape: Shape,
+    base: *const u8,
+    n: usize,
+    g: usize,
+    weights: &IntWeights<G>,
+    o: *mut f32,
+) {
+    let rb = shape.row_bytes;
+    let q = &weights.q;
+    let nibble = _mm256_set1_epi8(0x0f);
+    let mut even = [_mm256_setzero_si256(); G];
+    let mut odd = [_mm256_setzero_si256(); G];
+    // SAFETY (loop): group `g`'s 16 bytes of nibbles start at byte `16g` of each row.
+    let bytes = base.add(16 * g);
+    let mut i = 0;
+    while i < n {
+        let a = _mm_loadu_si128(bytes.add(i * rb).cast());
+        let b = if i + 1 < n {
+            _mm_loadu_si128(bytes.add((i + 1) * rb).cast())
+        } else {
+            _mm_setzero_si128()
+        };
+        let x = _mm256_set_m128i(_mm_unpackhi_epi8(a, b), _mm_unpacklo_epi8(a, b));
+        let lo = _mm256_and_si256(x, nibble);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), nibble);
+        for h in 0..G {
+            // `q[h][i + 1]` is 0 past `n` (its weight was masked to 0).
+            let pair = i16::from_le_bytes([q[h][i], q[h][i + 1]]);
+            let wp = _mm256_set1_epi16(pair);
+            // Unsigned weights times non-negative nibbles: each pair sum is at most 7,650, and
+            // 16 rows' at most 61,200, exact in 16 bits read as unsigned (`vpaddw` wraps).
+            even[h] = _mm256_add_epi16(even[h], _mm256_maddubs_epi16(wp, lo));
+            odd[h] = _mm256_add_epi16(odd[h], _mm256_maddubs_epi16(wp, hi));
+        }
+        i += 2;
+    }
+    for h in 0..G {
+        // Lanes back in element order: `e` holds elements 0-7 | 16-23, `f` 8-15 | 24-31.
+        let e = _mm256_unpacklo_epi16(even[h], odd[h]);
+        let f = _mm256_unpackhi_epi16(even[h], odd[h]);
+        let sums = [
+            _mm256_cvtepu16_epi32(_mm256_castsi256_si128(e)),
+            _mm256_cvtepu16_epi32(_mm256_castsi256_si128(f)),
+            _mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(e)),
+            _mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(f)),
+        ];
+        let step = _mm256_set1_ps(weights.steps[h]);
+        let min_term = _mm256_set1_ps(weights.min_terms[h]);
+        for (k, sum) in sums.iter().enumerate() {
+            // SAFETY: elements `32g + 8k .. + 8` of head `h`'s output.
+            let p = o.add(h * shape.head_dim + GROUP * g + 8 * k);
+            let add = _mm256_add_ps(min_term, _mm256_mul_ps(step, _mm256_cvtepi32_ps(*sum)));
+            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), add));
         }
     }
 }

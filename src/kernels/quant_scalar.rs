@@ -112,6 +112,147 @@ pub fn accumulate_rows(
     }
 }
 
+/// Rows whose weights share one integer scale in [`accumulate_rows_int`]. With weights in
+/// `0..=255` and int4 elements in `0..=15`, the products of 16 rows sum to at most 61,200:
+/// the AVX2 twin sums them in 16-bit lanes (read back as unsigned).
+pub const WEIGHT_ROWS: usize = 16;
+
+/// The smallest largest weight [`weight_scale`] divides by: `2^-100`, so that `255 / a` stays
+/// finite for tiny (or all-zero) weights.
+pub(crate) const WEIGHT_FLOOR_BITS: u32 = 0x0d80_0000;
+
+/// Whether [`accumulate_rows_int`] takes its integer path: int4 rows whose groups are all
+/// whole (`head_dim` a multiple of 32) and weights that are all finite and `>= 0` (softmax
+/// weights are). Otherwise it is exactly [`accumulate_rows`].
+#[inline]
+pub fn integer_weights(format: KvFormat, head_dim: usize, weights: &[f32]) -> bool {
+    integer_rows(format, head_dim) && weights.iter().all(|&w| (0.0..=f32::MAX).contains(&w))
+}
+
+/// The row half of [`integer_weights`]: int4 with `head_dim` a non-zero multiple of 32.
+#[inline]
+pub fn integer_rows(format: KvFormat, head_dim: usize) -> bool {
+    format == KvFormat::Int4 && head_dim > 0 && head_dim % GROUP == 0
+}
+
+/// `(inv, step)` for a run of weights whose largest magnitude has the `f32` bits `amax_bits`
+/// (sign cleared; NaN compares above every number, as the AVX2 twin's integer maximum does):
+/// a weight `u` becomes `q = round(u · inv)` and stands for `q · step`, with `inv = 255 / a`,
+/// `step = a / 255` and `a` the largest magnitude, at least `2^-100`.
+#[inline]
+pub(crate) fn weight_scale(amax_bits: u32) -> (f32, f32) {
+    let a = f32::from_bits(amax_bits.max(WEIGHT_FLOOR_BITS));
+    (255.0 / a, a / 255.0)
+}
+
+/// `y` rounded to the nearest integer, ties to even, and saturated to `0..=255`, exactly as
+/// AVX2's `vcvtps2dq` and two saturating packs (`i32 → i16 → u8`): NaN and magnitudes of
+/// `2^31` or more convert to `i32::MIN` and so become `0`. For the weights of a run,
+/// `0 <= y <= 255` (see [`weight_scale`]).
+#[inline]
+pub(crate) fn weight_int(y: f32) -> i32 {
+    if y.is_nan() || !(-2_147_483_648.0..2_147_483_648.0).contains(&y) {
+        return 0;
+    }
+    let t = y as i32; // towards zero; exact for |y| < 2^31
+    let frac = y - t as f32; // exact: below 2^23 `t as f32` is exact, above it `y` is whole
+    let up = if y < 0.0 { -1 } else { 1 };
+    let r = if frac.abs() > 0.5 || (frac.abs() == 0.5 && t % 2 != 0) {
+        t.saturating_add(up)
+    } else {
+        t
+    };
+    r.clamp(0, 255)
+}
+
+/// `Σ_i a[i]` of 16 values in the order of the AVX2 twin's reduction: lanes `i` and `i + 8`,
+/// then `i` and `i + 4`, then `i` and `i + 2`, then the two left.
+#[inline]
+pub(crate) fn sum16(a: &[f32; WEIGHT_ROWS]) -> f32 {
+    let p: [f32; 8] = core::array::from_fn(|i| a[i] + a[i + 8]);
+    let b: [f32; 4] = core::array::from_fn(|i| p[i] + p[i + 4]);
+    let c: [f32; 2] = core::array::from_fn(|i| b[i] + b[i + 2]);
+    c[0] + c[1]
+}
+
+/// The constant term of a run's weighted sum for one head and group: `exact`
+/// (`Σ_r w·(m + 7.5·s)`, the rows' weights on their mid-range value) less `7.5 · step · Σ q`
+/// (`q_sum` over all 16 lanes), so that the integer sums `step · Σ q·n` only carry the
+/// nibbles' distance from the middle, `n - 7.5`.
+#[inline]
+pub(crate) fn centred(exact: f32, step: f32, q_sum: i32) -> f32 {
+    exact - 7.5 * step * q_sum as f32
+}
+
+/// [`super::accumulate_rows`] with integer weights, where [`integer_weights`] allows it
+/// (otherwise exactly [`accumulate_rows`]). For each head `h`, group `g` and run of up to
+/// [`WEIGHT_ROWS`] rows:
+///
+/// - `u_r = w[h][r] · s_r` (`s_r` the row's group scale) is rounded to
+///   `q_r = round(u_r · 255 / a)` (ties to even), `a = max_r u_r` (at least `2^-100`), which
+///   stands for `q_r · step`, `step = a / 255`: at most `step / 2` from `u_r`;
+/// - the integer sums `S[d] = Σ_r q_r · n_r[d]` of the rows' nibbles `n_r[d]` are exact;
+/// - `M = Σ_r w[h][r] · (m_r + 7.5 · s_r)` (the rows' mid-range values, `m` the group
+///   minimum) summed over 16 lanes (zero past the run) in the order of the AVX2 twin's
+///   reduction (lanes `i` and `i + 8`, then `i + 4`, then `i + 2`, then the two left), then
+///   less `7.5 · step · Σ_r q_r` over the 16 lanes;
+/// - `out[h][d] = out[h][d] + (M + step · S[d])`, a multiply and two adds, no FMA.
+///
+/// So each row's weighted value `w·(m + s·n)` becomes `w·(m + 7.5·s) + q·step·(n - 7.5)`: an
+/// error of at most `step / 2 · |n - 7.5| <= 3.75 · step` per row and element, `step` being
+/// `1/255` of the run's largest `w·s`. The centring matters: a rotated row's nibbles gather
+/// around the middle, so most of each weight's rounding multiplies a small `n - 7.5`.
+pub fn accumulate_rows_int(
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    weights: &[f32],
+    group: usize,
+    out: &mut [f32],
+) {
+    if !integer_weights(format, head_dim, weights) {
+        return accumulate_rows(format, rows, head_dim, weights, group, out);
+    }
+    if group == 0 {
+        return;
+    }
+    let per_head = weights.len() / group;
+    debug_assert_eq!(out.len(), group * head_dim);
+    let Some((row_bytes, n_rows)) = geometry(format, rows, head_dim, per_head) else {
+        return;
+    };
+    for (head, acc) in out.chunks_exact_mut(head_dim).take(group).enumerate() {
+        let w = &weights[head * per_head..head * per_head + n_rows];
+        for g in 0..head_dim / GROUP {
+            for first in (0..n_rows).step_by(WEIGHT_ROWS) {
+                let n = (n_rows - first).min(WEIGHT_ROWS);
+                let row = |i: usize| &rows[(first + i) * row_bytes..(first + i + 1) * row_bytes];
+                let (mut u, mut wm) = ([0.0f32; WEIGHT_ROWS], [0.0f32; WEIGHT_ROWS]);
+                for i in 0..n {
+                    let (s, m) = quant::group_params(format, row(i), head_dim, g);
+                    u[i] = w[first + i] * s;
+                    wm[i] = w[first + i] * (m + 7.5 * s);
+                }
+                let amax = u
+                    .iter()
+                    .map(|x| x.to_bits() & 0x7fff_ffff)
+                    .max()
+                    .unwrap_or(0);
+                let (inv, step) = weight_scale(amax);
+                let q: [i32; WEIGHT_ROWS] = core::array::from_fn(|i| weight_int(u[i] * inv));
+                let min_term = centred(sum16(&wm), step, q.iter().sum());
+                for (d, a) in acc.iter_mut().enumerate().skip(g * GROUP).take(GROUP) {
+                    let sum: i32 = (0..n)
+                        .map(|i| q[i] * quant::stored_q(format, row(i), d))
+                        .sum();
+                    // `+=` is the same single addition of the bracket.
+                    *a += min_term + step * sum as f32;
+                }
+            }
+        }
+    }
+}
+
 /// See [`super::prepare_queries`]: quantizes `group` query rows of `head_dim` (`queries` is
 /// `[group][head_dim]` `f32`) into `prepared` (`group` rows of
 /// [`quant::prepared_row_bytes`]`(head_dim)` bytes). Rows that do not fit are not written.
