@@ -947,33 +947,20 @@ fn attention_errors(k_format: KvFormat, v_format: KvFormat, head_dim: usize, len
             // int4 keys: the first key is held exact and scored with the unquantized query.
             let q_scaled: Vec<f64> = scaled.iter().map(|&x| x as f64).collect();
             let first_exact = k_format == KvFormat::Int4;
-            let want_exact = naive_attention_with(
-                |p| {
-                    if p == 0 && first_exact {
-                        &q_scaled
-                    } else {
-                        &q_kernel
-                    }
-                },
-                &k_deq,
-                &v_deq,
-                1.0,
-            );
+            let query_at = |p: usize| -> &[f64] {
+                if p == 0 && first_exact {
+                    &q_scaled
+                } else {
+                    &q_kernel
+                }
+            };
+            let want_exact = naive_attention_with(query_at, &k_deq, &v_deq, 1.0);
             let want_deq = naive_attention(&q, &k_deq, &v_deq, scale);
             let want_orig = naive_attention(&q, &k_orig, &v_orig, scale);
-            // int4 values meet the softmax weights as 7-bit integers: add what that rounding
+            // int4 values meet the softmax weights as 8-bit integers: add what that rounding
             // allows (see `weight_rounding_bound`).
             let rounding = if quant_scalar::integer_rows(v_format, head_dim) {
-                let weights = naive_weights(
-                    |p| {
-                        if p == 0 && first_exact {
-                            &q_scaled
-                        } else {
-                            &q_kernel
-                        }
-                    },
-                    &k_deq,
-                );
+                let weights = naive_weights(query_at, &k_deq);
                 weight_rounding_bound(&cache, seq, kv, head_dim, &weights)
             } else {
                 vec![0.0; head_dim]
