@@ -72,7 +72,12 @@ typedef struct kvc_attention_opts {
     uint32_t splits;     /* key splits per (entry, query tile, KV head), >= 1 (default 1) */
     uint32_t query_tile; /* query tokens per item, >= 1 (default 8) */
     float scale;         /* score scale; 0 = 1/sqrt(head_dim) */
+    uint32_t flags;      /* KVC_ATTN_* bits, 0 = defaults; unknown bits give KVC_BAD_SPEC */
 } kvc_attention_opts;
+
+/* kvc_attention_opts.flags: int4 values summed exactly in f32 rather than with the softmax
+ * weights as 8-bit integers per 16-row run (slower; free of the weights' rounding). */
+#define KVC_ATTN_EXACT_VALUES 1u
 
 typedef struct kvc_stats {
     uint64_t sequences, blocks_total, blocks_free, bytes_used, tokens, waste_slots;

@@ -51,6 +51,11 @@ pub struct AttentionOptions {
     /// a tile longer than every entry of a batch acts as one of the longest entry's length
     /// (the same items and results, buffers sized by the batch).
     pub query_tile: usize,
+    /// int4 values: sum the softmax weights times the rows in `f32`, exactly as the other
+    /// formats do, rather than as 8-bit integers per 16-row run (the default, `false`; see
+    /// `kernels::accumulate_rows_int`). Slower, and free of the weights' rounding. No effect on
+    /// other value formats.
+    pub exact_values: bool,
 }
 
 impl Default for AttentionOptions {
@@ -59,6 +64,7 @@ impl Default for AttentionOptions {
             scale: None,
             splits: 1,
             query_tile: 8,
+            exact_values: false,
         }
     }
 }
@@ -85,6 +91,7 @@ pub struct AttentionPlan<'c, 'a, 'b> {
     entries: &'b [BatchEntry],
     scale: f32,
     splits: usize,
+    exact_values: bool,
     /// The options' query tile, clamped to the longest entry (the same tiles: an entry never
     /// spans more than one tile of its own length), so that the buffer sizes below follow the
     /// batch, not the option.
@@ -176,6 +183,7 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
             entries,
             scale,
             splits: options.splits,
+            exact_values: options.exact_values,
             query_tile,
             items,
             max_rows,
@@ -463,8 +471,13 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
             };
             debug_assert_eq!(scores.len(), rows * keys);
             // int4 values: the softmax weights meet the nibbles as 8-bit integers (see
-            // `kernels::accumulate_rows_int`); other formats sum them exactly.
-            kernels::accumulate_rows_int(spec.v_format, v_rows, head_dim, scores, rows, acc);
+            // `kernels::accumulate_rows_int`) unless the options ask for exact sums; other
+            // formats sum them exactly.
+            if self.exact_values {
+                kernels::accumulate_rows(spec.v_format, v_rows, head_dim, scores, rows, acc);
+            } else {
+                kernels::accumulate_rows_int(spec.v_format, v_rows, head_dim, scores, rows, acc);
+            }
         }
         // Values stored in the rotated basis: rotate the weighted sum back, once (it is linear,
         // so the merge of partial states is unaffected).

@@ -142,7 +142,13 @@ pub struct KvcAttentionOptions {
     pub query_tile: u32,
     /// Score scale; `0` means `1 / sqrt(head_dim)`.
     pub scale: f32,
+    /// `KVC_ATTN_*` bits; `0` for the defaults. Unknown bits are refused (`BadSpec`).
+    pub flags: u32,
 }
+
+/// [`KvcAttentionOptions::flags`]: int4 values summed exactly in `f32`
+/// (`AttentionOptions::exact_values`).
+pub const KVC_ATTN_EXACT_VALUES: u32 = 1;
 
 /// Accounting, as `kvcache::cache::CacheStats`.
 #[repr(C)]
@@ -1081,10 +1087,12 @@ unsafe fn with_plan(
     // checked).
     let options = match unsafe { options.as_ref() } {
         None => AttentionOptions::default(),
+        Some(o) if o.flags & !KVC_ATTN_EXACT_VALUES != 0 => return KvcStatus::BadSpec,
         Some(o) => AttentionOptions {
             scale: (o.scale != 0.0).then_some(o.scale),
             splits: o.splits as usize,
             query_tile: o.query_tile as usize,
+            exact_values: o.flags & KVC_ATTN_EXACT_VALUES != 0,
         },
     };
     match AttentionPlan::new(cache, layer as usize, &batch[..n_entries], &options) {

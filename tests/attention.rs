@@ -181,6 +181,8 @@ fn case() -> impl Strategy<Value = Case> {
         1 => Just((KvFormat::F16, KvFormat::F16)),
         1 => Just((KvFormat::Bf16, KvFormat::F16)),
         1 => Just((KvFormat::F32, KvFormat::Bf16)),
+        // int4 values summed exactly (`exact_values`): the oracle reads the stored rows.
+        1 => Just((KvFormat::F16, KvFormat::Int4)),
     ];
     let window = prop_oneof![3 => Just(0usize), 1 => 1..40usize];
     (
@@ -269,6 +271,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         scale: None,
         splits: case.splits,
         query_tile: case.query_tile,
+        exact_values: case.format.1 == KvFormat::Int4,
     };
     let scale = 1.0 / (spec.head_dim as f64).sqrt();
     for layer in 0..spec.layers {

@@ -346,6 +346,7 @@ fn attention_work_items_from_c_threads_match() {
             splits: 3,
             query_tile: 2,
             scale: 0.0,
+            flags: 0,
         };
         let (mut items, mut partial_len, mut scratch_len) = (0usize, 0usize, 0usize);
         let c = cache.cast_const();
@@ -479,6 +480,8 @@ fn attention_work_items_from_c_threads_match() {
         assert_eq!(run(0, &opts, &mut partial[..1]), KvcStatus::BadShape);
         let zero = KvcAttentionOptions { splits: 0, ..opts };
         assert_eq!(run(0, &zero, &mut partial), KvcStatus::BadSpec);
+        let unknown = KvcAttentionOptions { flags: 2, ..opts };
+        assert_eq!(run(0, &unknown, &mut partial), KvcStatus::BadSpec);
         assert!(partial.iter().all(|&x| x == 0.0));
         assert_eq!(
             kvc_attention_plan(
@@ -780,6 +783,7 @@ fn overlapping_buffers_are_refused() {
             splits: 1,
             query_tile: 8,
             scale: 0.0,
+            flags: 0,
         };
         let mut words = [0usize; 8];
         let w = words.as_mut_ptr();
@@ -1366,5 +1370,138 @@ fn sequences_stream_through_c_callbacks() {
             KvcStatus::Ok
         );
         assert_same_rows(from.cache, seq, to.cache, restored, spec.layers, 6, row);
+    }
+}
+
+/// `KVC_ATTN_EXACT_VALUES` reaches the plan: with int4 values the work-item calls give bitwise
+/// what the Rust plan gives with `exact_values` set, and without the flag what it gives by
+/// default; the two differ by the weights' rounding only.
+#[test]
+fn exact_values_flag_selects_the_value_sums() {
+    let spec = KvcSpec {
+        layers: 1,
+        q_heads: 3,
+        kv_heads: 1,
+        head_dim: 32,
+        block_tokens: 16,
+        k_format: 1,
+        v_format: 4,
+        max_seqs: 1,
+        max_seq_tokens: 64,
+        window: 0,
+        sink_tokens: 0,
+    };
+    let c = CCache::new(&spec, 4);
+    let cache = c.cache;
+    let mut seed = 11u64;
+    let len = 40u32;
+    let mut seq = 0u64;
+    let queries = values(&mut seed, 3 * 32);
+    // SAFETY: a live handle; buffers of the lengths passed.
+    unsafe {
+        assert_eq!(kvc_add_sequence(cache, &mut seq), KvcStatus::Ok);
+        assert_eq!(kvc_reserve(cache, seq, len, null_mut()), KvcStatus::Ok);
+        let (k, v) = (values(&mut seed, 40 * 32), values(&mut seed, 40 * 32));
+        assert_eq!(
+            kvc_write(cache, seq, 0, 0, k.as_ptr(), v.as_ptr(), k.len()),
+            KvcStatus::Ok
+        );
+    }
+    let entry = KvcBatchEntry {
+        seq,
+        first_position: len - 1,
+        tokens: 1,
+    };
+    let run_c = |flags: u32| -> Vec<f32> {
+        let opts = KvcAttentionOptions {
+            splits: 2,
+            query_tile: 1,
+            scale: 0.0,
+            flags,
+        };
+        let (mut items, mut partial_len, mut scratch_len) = (0usize, 0usize, 0usize);
+        let mut out = vec![0.0f32; 3 * 32];
+        // SAFETY: a live handle; buffers of the lengths the plan asks for.
+        unsafe {
+            assert_eq!(
+                kvc_attention_plan(
+                    cache,
+                    0,
+                    &entry,
+                    1,
+                    &opts,
+                    &mut items,
+                    &mut partial_len,
+                    &mut scratch_len
+                ),
+                KvcStatus::Ok
+            );
+            let mut partials = vec![0.0f32; items * partial_len];
+            let mut scratch = vec![0.0f32; scratch_len];
+            for (i, partial) in partials.chunks_mut(partial_len).enumerate() {
+                let status = kvc_attention_run_item(
+                    cache,
+                    0,
+                    &entry,
+                    1,
+                    &opts,
+                    i,
+                    queries.as_ptr(),
+                    queries.len(),
+                    partial.as_mut_ptr(),
+                    partial_len,
+                    scratch.as_mut_ptr(),
+                    scratch_len,
+                );
+                assert_eq!(status, KvcStatus::Ok);
+            }
+            assert_eq!(
+                kvc_attention_merge(
+                    cache,
+                    0,
+                    &entry,
+                    1,
+                    &opts,
+                    partials.as_ptr(),
+                    partials.len(),
+                    out.as_mut_ptr(),
+                    out.len()
+                ),
+                KvcStatus::Ok
+            );
+        }
+        out
+    };
+    let run_rust = |exact_values: bool| -> Vec<f32> {
+        // SAFETY: a live handle, not mutated meanwhile.
+        let rust_cache = unsafe { &*cache };
+        let entries = [kvcache::attention::BatchEntry {
+            seq: kvcache::SeqId::from_raw(seq),
+            first_position: len as usize - 1,
+            tokens: 1,
+        }];
+        let options = kvcache::attention::AttentionOptions {
+            splits: 2,
+            query_tile: 1,
+            exact_values,
+            ..Default::default()
+        };
+        let plan =
+            kvcache::attention::AttentionPlan::new(rust_cache, 0, &entries, &options).unwrap();
+        let mut partials = vec![0.0f32; plan.work_items() * plan.partial_len()];
+        let mut scratch = vec![0.0f32; plan.scratch_len()];
+        for (i, partial) in partials.chunks_mut(plan.partial_len()).enumerate() {
+            plan.run_item(i, &queries, partial, &mut scratch).unwrap();
+        }
+        let mut out = vec![0.0f32; 3 * 32];
+        plan.merge(&partials, &mut out).unwrap();
+        out
+    };
+    let (integer, exact) = (run_c(0), run_c(KVC_ATTN_EXACT_VALUES));
+    assert_eq!(integer, run_rust(false));
+    assert_eq!(exact, run_rust(true));
+    assert_ne!(integer, exact, "the flag changed nothing");
+    for (a, b) in integer.iter().zip(&exact) {
+        assert!((a - b).abs() < 1e-2, "{a} vs {b}");
     }
 }

@@ -814,7 +814,16 @@ fn hadamard64(x: &[f64]) -> Vec<f64> {
 /// `Δ = max_p Δ_p` change each softmax weight by a factor in `[e^-2Δ, e^2Δ]`, so
 /// `Σ_p |w'_p - w_p| <= e^2Δ - 1` and each output element moves by at most
 /// `(e^2Δ - 1) · max_p |v_pd|`; `2e-5` more covers `f32` arithmetic.
-fn attention_errors(k_format: KvFormat, v_format: KvFormat, head_dim: usize, len: usize) -> Errors {
+///
+/// `exact_values` sets [`AttentionOptions::exact_values`]: int4 values are then summed in
+/// `f32` and no weight-rounding allowance is made.
+fn attention_errors(
+    k_format: KvFormat,
+    v_format: KvFormat,
+    head_dim: usize,
+    len: usize,
+    exact_values: bool,
+) -> Errors {
     let (q_heads, kv_heads) = (6, 2);
     let mut spec = CacheSpec::new(1, q_heads, kv_heads, head_dim);
     spec.k_format = k_format;
@@ -838,6 +847,7 @@ fn attention_errors(k_format: KvFormat, v_format: KvFormat, head_dim: usize, len
     let scale32 = 1.0 / (head_dim as f32).sqrt();
     let options = AttentionOptions {
         scale: Some(scale32),
+        exact_values,
         ..AttentionOptions::default()
     };
     let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
@@ -959,7 +969,7 @@ fn attention_errors(k_format: KvFormat, v_format: KvFormat, head_dim: usize, len
             let want_orig = naive_attention(&q, &k_orig, &v_orig, scale);
             // int4 values meet the softmax weights as 8-bit integers: add what that rounding
             // allows (see `weight_rounding_bound`).
-            let rounding = if quant_scalar::integer_rows(v_format, head_dim) {
+            let rounding = if !exact_values && quant_scalar::integer_rows(v_format, head_dim) {
                 let weights = naive_weights(query_at, &k_deq);
                 weight_rounding_bound(&cache, seq, kv, head_dim, &weights)
             } else {
@@ -1009,18 +1019,27 @@ fn attention_on_quantized_caches_matches_oracle() {
         (KvFormat::Int8, KvFormat::Int4, 0.05),
         (KvFormat::F16, KvFormat::Int8, 0.01),
     ] {
-        for head_dim in [64, 37, 128] {
+        // int4 values also with `exact_values` (no weight rounding, no allowance for it).
+        let modes: &[bool] = if v == KvFormat::Int4 {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for (head_dim, &exact_values) in [64, 37, 128]
+            .into_iter()
+            .flat_map(|d| modes.iter().map(move |m| (d, m)))
+        {
             let Errors {
                 exact,
                 query,
                 orig,
                 rounding,
                 rounding_used,
-            } = attention_errors(k, v, head_dim, 300);
-            eprintln!("attention {k}/{v} hd {head_dim}: max |err| vs dequantized rows and kernel query {exact:.2e} beyond the weight-rounding bound (up to {rounding:.2e}, {rounding_used:.2} of it used), vs f32 query {query:.2} of the bound, vs original {orig:.2e}");
+            } = attention_errors(k, v, head_dim, 300, exact_values);
+            eprintln!("attention {k}/{v} hd {head_dim} exact_values {exact_values}: max |err| vs dequantized rows and kernel query {exact:.2e} beyond the weight-rounding bound (up to {rounding:.2e}, {rounding_used:.2} of it used), vs f32 query {query:.2} of the bound, vs original {orig:.2e}");
             assert!(
                 exact < 2e-5,
-                "{k}/{v} hd {head_dim}: {exact} against the dequantized rows and kernel query"
+                "{k}/{v} hd {head_dim} exact_values {exact_values}: {exact} against the dequantized rows and kernel query"
             );
             assert!(
                 query <= 1.0,

@@ -125,6 +125,7 @@ fuzz_target!(|data: &[u8]| {
             },
             splits: if bytes.below(8) == 0 { bytes.count() } else { 1 + bytes.below(4) },
             query_tile: if bytes.below(8) == 0 { bytes.count() } else { 1 + bytes.below(5) },
+            exact_values: bytes.below(4) == 0,
         };
         let layer = if bytes.below(16) == 0 { bytes.count() } else { bytes.below(spec.layers) };
         let queries_len = entries.iter().map(|e| e.tokens.min(1 << 12)).sum::<usize>() * spec.q_heads * spec.head_dim;

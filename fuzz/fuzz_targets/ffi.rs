@@ -295,6 +295,7 @@ fuzz_target!(|data: &[u8]| {
                     splits: bytes.word(),
                     query_tile: bytes.word(),
                     scale: if bytes.null() { f32::NAN } else { 0.0 },
+                    flags: bytes.word() % 4,
                 };
                 let (mut items, mut partial_len, mut item_scratch) = (0usize, 0usize, 0usize);
                 let s = unsafe {

@@ -13,7 +13,15 @@ pub struct Args {
 }
 
 /// Options that never take a value.
-const FLAGS: &[&str] = &["chat", "ids", "no-cache", "help", "quiet", "json"];
+const FLAGS: &[&str] = &[
+    "chat",
+    "ids",
+    "no-cache",
+    "help",
+    "quiet",
+    "json",
+    "exact-values",
+];
 
 impl Args {
     /// Parses `args` (without the program name).

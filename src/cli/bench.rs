@@ -31,6 +31,7 @@ pub fn attention(args: &Args) -> Result<(), String> {
     let threads: usize = args.value("threads", default_threads)?;
     let steps_arg: usize = args.value("steps", 0)?;
     let block_tokens: usize = args.value("block-tokens", spec.block_tokens)?;
+    let exact_values = args.flag("exact-values");
     args.reject_unknown()?;
     if ctx == 0 || batch == 0 || threads == 0 {
         return Err("--ctx, --batch and --threads must be positive".into());
@@ -97,6 +98,7 @@ pub fn attention(args: &Args) -> Result<(), String> {
     let options = AttentionOptions {
         splits,
         query_tile: 1,
+        exact_values,
         ..AttentionOptions::default()
     };
     let mut workspace = AttentionWorkspace::new(threads);

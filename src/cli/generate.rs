@@ -99,6 +99,7 @@ pub fn generate(args: &Args) -> Result<(), String> {
     let ctx: usize = args.value("ctx", 8192)?;
     let chunk: usize = args.value("chunk", 256)?;
     let prompt_cache = args.string("prompt-cache").map(std::path::PathBuf::from);
+    let exact_values = args.flag("exact-values");
     args.reject_unknown()?;
     if n == 0 {
         return Err("-n must be at least 1".into());
@@ -138,7 +139,7 @@ pub fn generate(args: &Args) -> Result<(), String> {
         prompt_ids.len() + n,
     )?;
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
-    let mut runner = Runner::new(&model, threads);
+    let mut runner = Runner::new(&model, threads).with_exact_values(exact_values);
     let mut sampler = Sampler::new(config);
     let vocab = model.config().vocab;
     let mut logits = vec![0.0f32; vocab];
@@ -397,6 +398,7 @@ pub fn ppl(args: &Args) -> Result<(), String> {
         crate::CacheSpec::new(1, 1, 1, 1).block_tokens,
     )?;
     let threads = threads(args)?;
+    let exact_values = args.flag("exact-values");
     args.reject_unknown()?;
     if ctx < 4 {
         return Err("--ctx must be at least 4".into());
@@ -414,7 +416,7 @@ pub fn ppl(args: &Args) -> Result<(), String> {
     }
     let (spec, mut arena) = cache_arena_kv(&model, (format, v_format), block_tokens, 1, ctx)?;
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
-    let mut runner = Runner::new(&model, threads);
+    let mut runner = Runner::new(&model, threads).with_exact_values(exact_values);
     let vocab = model.config().vocab;
     let mut logits = vec![0.0f32; ctx * vocab];
     let (mut nll, mut count) = (0.0f64, 0usize);
@@ -464,6 +466,7 @@ pub fn bench_decode(args: &Args) -> Result<(), String> {
     let threads = threads(args)?;
     let chunk: usize = args.value("chunk", 512)?;
     let no_cache = args.flag("no-cache");
+    let exact_values = args.flag("exact-values");
     args.reject_unknown()?;
     if n == 0 || chunk == 0 {
         return Err("-n and --chunk must be positive".into());
@@ -477,7 +480,7 @@ pub fn bench_decode(args: &Args) -> Result<(), String> {
     let (spec, mut arena) = cache_arena_kv(&model, (format, v_format), block_tokens, 1, tokens)?;
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
     let seq: SeqId = cache.add_sequence().map_err(|e| e.to_string())?;
-    let mut runner = Runner::new(&model, threads);
+    let mut runner = Runner::new(&model, threads).with_exact_values(exact_values);
     let mut logits = vec![0.0f32; vocab];
     // Deterministic pseudo-random context tokens, like llama-bench's.
     let mut state = 12345u64;

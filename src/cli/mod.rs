@@ -45,6 +45,7 @@ options of generate, ppl and the benches:
   --kv FORMAT       key and value storage: f32, f16 (default), bf16, int8, int4
   --kv-v FORMAT     value storage when it differs from the keys' (not bench attention)
   --block-tokens N  token slots per block (default 16)
+  --exact-values    int4 values summed exactly in f32, not with 8-bit integer weights
   --threads T       threads (default: every core)
   --model PATH      the GGUF file (default $KVCACHE_MODEL, else
                     models/SmolLM2-135M-Instruct.Q4_1.gguf; not bench attention)

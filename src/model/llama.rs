@@ -404,6 +404,8 @@ struct BatchBuffers {
 /// Runs the model over a cache: owns the thread pool and the working buffers.
 pub struct Runner<'m> {
     model: &'m Model,
+    /// [`AttentionOptions::exact_values`] for every layer's attention.
+    exact_values: bool,
     pool: ThreadPool,
     workspace: AttentionWorkspace,
     rope: Rope,
@@ -426,12 +428,20 @@ impl<'m> Runner<'m> {
         let threads = threads.max(1);
         Runner {
             model,
+            exact_values: false,
             pool: ThreadPool::new(threads),
             workspace: AttentionWorkspace::new(threads),
             rope: Rope::new(&model.config),
             buffers: Buffers::default(),
             batch: BatchBuffers::default(),
         }
+    }
+
+    /// int4 values summed exactly in `f32` ([`AttentionOptions::exact_values`]) rather than
+    /// with integer weights (the default).
+    pub fn with_exact_values(mut self, exact: bool) -> Self {
+        self.exact_values = exact;
+        self
     }
 
     /// The model.
@@ -573,6 +583,7 @@ impl<'m> Runner<'m> {
         let options = AttentionOptions {
             splits: 1,
             query_tile: 8,
+            exact_values: self.exact_values,
             ..AttentionOptions::default()
         };
         for (layer_index, layer) in self.model.layers.iter().enumerate() {
