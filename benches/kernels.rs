@@ -83,34 +83,29 @@ fn bench_rows(c: &mut Criterion) {
                     })
                 });
                 let weights = values(group * BLOCK_ROWS, 13);
-                let mut out = vec![0.0f32; group * head_dim];
-                group_bench.bench_function(format!("accumulate_rows/g{group}"), |b| {
-                    b.iter(|| {
-                        for block in buf.chunks_exact(block_bytes) {
-                            kernels::accumulate_rows(
-                                format,
-                                black_box(block),
-                                head_dim,
-                                &weights,
-                                group,
-                                &mut out,
-                            );
-                        }
-                        black_box(&mut out);
-                    })
-                });
+                // The attention path for int4 values takes softmax-like (non-negative) weights
+                // as 8-bit integers.
+                let non_negative: Vec<f32> = weights.iter().map(|w| w.abs()).collect();
+                type ValueKernel = fn(KvFormat, &[u8], usize, &[f32], usize, &mut [f32]);
+                let mut value_kernels: Vec<(&str, ValueKernel, &[f32])> =
+                    vec![("accumulate_rows", kernels::accumulate_rows, &weights)];
                 if format == KvFormat::Int4 {
-                    // The attention path for int4 values: softmax-like (non-negative) weights
-                    // as 8-bit integers.
-                    let weights: Vec<f32> = weights.iter().map(|w| w.abs()).collect();
-                    group_bench.bench_function(format!("accumulate_rows_int/g{group}"), |b| {
+                    value_kernels.push((
+                        "accumulate_rows_int",
+                        kernels::accumulate_rows_int,
+                        &non_negative,
+                    ));
+                }
+                let mut out = vec![0.0f32; group * head_dim];
+                for (name, kernel, weights) in value_kernels {
+                    group_bench.bench_function(format!("{name}/g{group}"), |b| {
                         b.iter(|| {
                             for block in buf.chunks_exact(block_bytes) {
-                                kernels::accumulate_rows_int(
+                                kernel(
                                     format,
                                     black_box(block),
                                     head_dim,
-                                    &weights,
+                                    weights,
                                     group,
                                     &mut out,
                                 );
