@@ -1276,6 +1276,81 @@ fn avx2_prepared_on_arbitrary_bytes_and_lengths() {
     }
 }
 
+/// The integer sums at their extremes: every stored integer at its largest magnitude (int4
+/// nibbles 15; int8 `127`, `-127` and a stray `-128`) against prepared queries all `127` or
+/// `-127` (`prepare_queries` never writes `-128`), scales 1. Each score must be the exact
+/// product sum (at most `64·15·127` or `64·128·127`, exact in `f32`), on every kernel path
+/// and row count (8-row tiles and the rest), so no 16-bit partial sum may saturate or wrap.
+#[test]
+fn prepared_dot_is_exact_at_the_integer_extremes() {
+    let head_dim = 64;
+    let ng = quant::groups(head_dim);
+    let stride = quant::prepared_row_bytes(head_dim).unwrap();
+    let one_bf16 = 0x3f80u16.to_le_bytes();
+    for format in KvFormat::QUANTIZED {
+        let rb = format.row_bytes(head_dim).unwrap();
+        let keys: &[i32] = if format == KvFormat::Int4 {
+            &[15]
+        } else {
+            &[127, -127, -128]
+        };
+        for &k in keys {
+            for q in [127i32, -127] {
+                let n_rows = 19;
+                let mut rows = vec![0u8; n_rows * rb];
+                for row in rows.chunks_exact_mut(rb) {
+                    let (ints, params) =
+                        row.split_at_mut(quant::params_offset(format, head_dim, 0));
+                    ints.fill(if format == KvFormat::Int4 {
+                        0xff
+                    } else {
+                        k as i8 as u8
+                    });
+                    // Scale 1 (and, for int4, minimum 0) in every group.
+                    for p in params.chunks_exact_mut(if format == KvFormat::Int4 { 4 } else { 2 }) {
+                        p[..2].copy_from_slice(&one_bf16);
+                    }
+                }
+                let group = 3;
+                let mut prepared = vec![0u8; group * stride];
+                for head in prepared.chunks_exact_mut(stride) {
+                    head[..ng * GROUP].fill(q as i8 as u8);
+                    for g in 0..ng {
+                        let at = ng * GROUP + 4 * g;
+                        head[at..at + 4].copy_from_slice(&1.0f32.to_le_bytes());
+                        let at = ng * GROUP + 4 * ng + 4 * g;
+                        let sum = (GROUP as i32 * q) as f32;
+                        head[at..at + 4].copy_from_slice(&sum.to_le_bytes());
+                    }
+                }
+                let want = (head_dim as i32 * k * q) as f32;
+                let mut scalar = vec![0.0f32; group * n_rows];
+                quant_scalar::dot_rows_prepared(
+                    format,
+                    &rows,
+                    head_dim,
+                    &prepared,
+                    group,
+                    &mut scalar,
+                );
+                let mut dispatched = vec![0.0f32; group * n_rows];
+                kernels::dot_rows_prepared(
+                    format,
+                    &rows,
+                    head_dim,
+                    &prepared,
+                    group,
+                    &mut dispatched,
+                );
+                for (i, (&s, &d)) in scalar.iter().zip(&dispatched).enumerate() {
+                    assert_eq!(s, want, "{format} k {k} q {q} slot {i}: scalar");
+                    assert_eq!(d, want, "{format} k {k} q {q} slot {i}: dispatched");
+                }
+            }
+        }
+    }
+}
+
 /// int4 key offsets belong to the sequence: a sequence's stored rows are bitwise the same
 /// whether or not another sequence wrote first, a fork inherits its parent's offsets (they
 /// share rows), and a slot reused after `remove` starts without any.

@@ -1296,15 +1296,16 @@ unsafe fn pdot_tile<const FMT: u8, const G: usize>(
             let high = packed.map(|p| _mm256_and_si256(_mm256_srli_epi16::<4>(p), nibble));
             for (h, sum) in sums.iter_mut().enumerate() {
                 let qh = q.add(h * shape.stride + d0);
+                // The group's 8 products of pairs per 16-bit lane summed in 16 bits: each is
+                // at most 2·15·128 in magnitude, so the total (at most 30,720) is exact, and
+                // one `vpmaddwd` per group widens it instead of one per product.
+                let mut pairs = _mm256_setzero_si256();
                 for j in 0..4 {
                     let even = _mm256_maddubs_epi16(low[j], broadcast4(qh.add(4 * j)));
                     let odd = _mm256_maddubs_epi16(high[j], broadcast4(qh.add(16 + 4 * j)));
-                    let both = _mm256_add_epi32(
-                        _mm256_madd_epi16(even, ones),
-                        _mm256_madd_epi16(odd, ones),
-                    );
-                    *sum = _mm256_add_epi32(*sum, both);
+                    pairs = _mm256_add_epi16(pairs, _mm256_add_epi16(even, odd));
                 }
+                *sum = _mm256_madd_epi16(pairs, ones);
             }
         }
         let skv = _mm256_loadu_ps(sk.as_ptr());
