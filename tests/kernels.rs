@@ -640,6 +640,41 @@ fn avx2_encode_decode_match_scalar() {
     }
 }
 
+/// `exp` of 8 lanes all in `-86..=88` takes a shorter path (one exponent add for `2^k`);
+/// it must give the bits of the general path, which a single lane outside forces. Dense
+/// sweep of the range, each value in every lane position.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_exp_short_path_gives_the_general_bits() {
+    let Some(t) = avx2() else { return };
+    let mut x = -86.0f32;
+    let mut checked = 0;
+    while x <= 88.0 {
+        let xs: [f32; 8] = core::array::from_fn(|i| (x + i as f32 * 0.000_37).min(88.0));
+        let mut short = xs;
+        t.exp_shifted_sum(&mut short, 0.0);
+        for outside in 0..8 {
+            // Lane `outside` at -200 sends the whole register down the general path.
+            let mut general = xs;
+            general[outside] = -200.0;
+            t.exp_shifted_sum(&mut general, 0.0);
+            for i in (0..8).filter(|&i| i != outside) {
+                assert_eq!(
+                    short[i].to_bits(),
+                    general[i].to_bits(),
+                    "exp({}): {} vs {}",
+                    xs[i],
+                    short[i],
+                    general[i]
+                );
+                checked += 1;
+            }
+        }
+        x += 0.002_9;
+    }
+    assert!(checked > 1_000_000);
+}
+
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn avx2_exp_shifted_sum_accurate() {
