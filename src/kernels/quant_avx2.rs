@@ -1235,6 +1235,58 @@ unsafe fn transpose8x4(base: *const u8, stride: usize, at: usize) -> [__m256i; 4
     ]
 }
 
+/// [`params`] of group `g` of the 8 rows from `base` (`rb` bytes apart), lane `r` for row
+/// `r`: the rows' parameter bytes are read as integers straight into lanes, then widened
+/// from bfloat16 there (int8: minima 0).
+///
+/// # Safety
+///
+/// - The CPU must support AVX2; the 8 rows must be whole rows of `FMT` with group `g`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_params<const FMT: u8>(
+    base: *const u8,
+    rb: usize,
+    head_dim: usize,
+    g: usize,
+) -> (__m256, __m256) {
+    let at = quant::params_offset(
+        if FMT == I8 {
+            KvFormat::Int8
+        } else {
+            KvFormat::Int4
+        },
+        head_dim,
+        g,
+    );
+    // Row `r`'s bfloat16 scale in the low 16 bits (int4: its minimum in the high 16).
+    let word = |r: usize| {
+        // SAFETY: the caller vouches for row `r` and its group `g`: 2 (int8) or 4 (int4)
+        // parameter bytes at `at`.
+        let p = base.add(r * rb + at);
+        if FMT == I8 {
+            u16::from_le_bytes(core::ptr::read_unaligned(p.cast::<[u8; 2]>())) as i32
+        } else {
+            i32::from_le_bytes(core::ptr::read_unaligned(p.cast::<[u8; 4]>()))
+        }
+    };
+    let v = _mm256_setr_epi32(
+        word(0),
+        word(1),
+        word(2),
+        word(3),
+        word(4),
+        word(5),
+        word(6),
+        word(7),
+    );
+    let hi16 = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    (
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
+        _mm256_castsi256_ps(_mm256_and_si256(v, hi16)),
+    )
+}
+
 /// Scores of rows `row..row + 8` against `G` prepared heads, every group whole. Per group the
 /// 8 rows' stored integers are transposed in registers ([`transpose8x4`]) so that lane `r`
 /// holds row `r`: each 4-byte word of a prepared query is broadcast and multiplied into all 8
@@ -1266,11 +1318,8 @@ unsafe fn pdot_tile<const FMT: u8, const G: usize>(
     let mut min_terms = [_mm256_setzero_ps(); G];
     for g in 0..ng {
         let d0 = g * GROUP;
-        let (mut sk, mut mk) = ([0.0f32; 8], [0.0f32; 8]);
-        for r in 0..8 {
-            // SAFETY: row `r` is whole and group `g < groups` is inside it.
-            (sk[r], mk[r]) = params::<FMT>(base.add(r * rb), shape.head_dim, g);
-        }
+        // SAFETY: the 8 rows are whole and group `g < groups` is inside each.
+        let (skv, mkv) = tile_params::<FMT>(base, rb, shape.head_dim, g);
         let mut sums = [_mm256_setzero_si256(); G];
         // SAFETY (this block): the group is whole, so its 32 int8 bytes (two halves of 16) or
         // 16 int4 bytes lie in each row; head `h < G` has a whole prepared row of `stride`
@@ -1308,8 +1357,6 @@ unsafe fn pdot_tile<const FMT: u8, const G: usize>(
                 *sum = _mm256_madd_epi16(pairs, ones);
             }
         }
-        let skv = _mm256_loadu_ps(sk.as_ptr());
-        let mkv = _mm256_loadu_ps(mk.as_ptr());
         for h in 0..G {
             // SAFETY: the scales and `s_q · Σq` terms follow the groups in head `h`'s row.
             let qh = q.add(h * shape.stride);
