@@ -67,7 +67,8 @@ typedef struct kvc_batch_entry {
     uint32_t tokens;         /* query tokens (1 for decode) */
 } kvc_batch_entry;
 
-/* Options of the work-item attention calls; pass NULL for the defaults. */
+/* Options of kvc_attention_ex and of the work-item attention calls; pass NULL for the
+ * defaults. A struct passed must set splits and query_tile (0 gives KVC_BAD_SPEC). */
 typedef struct kvc_attention_opts {
     uint32_t splits;     /* key splits per (entry, query tile, KV head), >= 1 (default 1) */
     uint32_t query_tile; /* query tokens per item, >= 1 (default 8) */
@@ -128,6 +129,15 @@ kvc_status kvc_attention_scratch_len(kvc_cache *cache, size_t *out);
 kvc_status kvc_attention(kvc_cache *cache, uint32_t layer, const kvc_batch_entry *entries,
                          size_t n_entries, const float *queries, float *out, size_t len,
                          float *scratch, size_t scratch_len);
+/* kvc_attention with options (NULL: the defaults, the same as kvc_attention): a custom score
+ * scale, KVC_ATTN_EXACT_VALUES, other query tiles and splits. Its scratch length depends on
+ * the options: ask kvc_attention_scratch_len_ex with the same ones. */
+kvc_status kvc_attention_scratch_len_ex(kvc_cache *cache, const kvc_attention_opts *opts,
+                                        size_t *out);
+kvc_status kvc_attention_ex(kvc_cache *cache, uint32_t layer, const kvc_batch_entry *entries,
+                            size_t n_entries, const kvc_attention_opts *opts,
+                            const float *queries, float *out, size_t len, float *scratch,
+                            size_t scratch_len);
 /* The same attention cut into work items, for your own threads:
  *   kvc_attention_plan     -> number of items, floats of partial state per item, floats of
  *                             scratch per thread;

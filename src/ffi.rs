@@ -15,6 +15,7 @@
 
 use core::ffi::{c_char, c_void};
 use core::mem::{align_of, size_of};
+use core::ptr::null;
 
 use crate::attention::{
     attention, attention_scratch_len, AttentionOptions, AttentionPlan, BatchEntry,
@@ -131,7 +132,8 @@ pub struct KvcBatchEntry {
     pub tokens: u32,
 }
 
-/// Options of the work-item attention calls (`kvcache::attention::AttentionOptions`).
+/// Options of `kvc_attention_ex` and of the work-item attention calls
+/// (`kvcache::attention::AttentionOptions`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct KvcAttentionOptions {
@@ -932,13 +934,31 @@ pub unsafe extern "C" fn kvc_attention_scratch_len(
     cache: *mut KvcCache,
     out: *mut usize,
 ) -> KvcStatus {
+    // SAFETY: the same contract, with no options.
+    unsafe { kvc_attention_scratch_len_ex(cache, null(), out) }
+}
+
+/// Floats of scratch `kvc_attention_ex` needs with `options` (NULL: the defaults), independent
+/// of context length.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_attention_scratch_len_ex(
+    cache: *mut KvcCache,
+    options: *const KvcAttentionOptions,
+    out: *mut usize,
+) -> KvcStatus {
     if cache.is_null() || out.is_null() {
         return KvcStatus::NullPointer;
     }
+    let reads = [Span::of(options, usize::from(!options.is_null()))];
     // SAFETY: `cache` is a non-NULL handle (the header's contract).
-    if let Err(e) = unsafe { check_disjoint(cache, &[], &[Span::of(out, 1)]) } {
+    if let Err(e) = unsafe { check_disjoint(cache, &reads, &[Span::of(out, 1)]) } {
         return e;
     }
+    // SAFETY: NULL or a valid struct (the header's contract; alignment checked above).
+    let options = match attention_options(unsafe { options.as_ref() }) {
+        Ok(options) => options,
+        Err(e) => return e,
+    };
     // SAFETY: NULL checked; valid otherwise.
     let Some(out) = (unsafe { out.as_mut() }) else {
         return KvcStatus::NullPointer;
@@ -946,9 +966,23 @@ pub unsafe extern "C" fn kvc_attention_scratch_len(
     // SAFETY: see `with_cache`.
     unsafe {
         with_cache(cache, |c| {
-            *out = attention_scratch_len(c, &AttentionOptions::default());
+            *out = attention_scratch_len(c, &options);
             KvcStatus::Ok
         })
+    }
+}
+
+/// The Rust options of C options (`None`: the defaults); unknown flag bits are refused.
+fn attention_options(options: Option<&KvcAttentionOptions>) -> Result<AttentionOptions, KvcStatus> {
+    match options {
+        None => Ok(AttentionOptions::default()),
+        Some(o) if o.flags & !KVC_ATTN_EXACT_VALUES != 0 => Err(KvcStatus::BadSpec),
+        Some(o) => Ok(AttentionOptions {
+            scale: (o.scale != 0.0).then_some(o.scale),
+            splits: o.splits as usize,
+            query_tile: o.query_tile as usize,
+            exact_values: o.flags & KVC_ATTN_EXACT_VALUES != 0,
+        }),
     }
 }
 
@@ -967,6 +1001,40 @@ pub unsafe extern "C" fn kvc_attention(
     scratch: *mut f32,
     scratch_len: usize,
 ) -> KvcStatus {
+    // SAFETY: the same contract, with no options.
+    unsafe {
+        kvc_attention_ex(
+            cache,
+            layer,
+            entries,
+            n_entries,
+            null(),
+            queries,
+            out,
+            len,
+            scratch,
+            scratch_len,
+        )
+    }
+}
+
+/// [`kvc_attention`] with `options` (NULL: the defaults; see `kvc_attention_opts`), for a
+/// custom score scale, exact int4 value sums or other query tiles and splits in one call.
+/// `scratch` holds `scratch_len` floats (see `kvc_attention_scratch_len_ex` with the same
+/// options).
+#[no_mangle]
+pub unsafe extern "C" fn kvc_attention_ex(
+    cache: *mut KvcCache,
+    layer: u32,
+    entries: *const KvcBatchEntry,
+    n_entries: usize,
+    options: *const KvcAttentionOptions,
+    queries: *const f32,
+    out: *mut f32,
+    len: usize,
+    scratch: *mut f32,
+    scratch_len: usize,
+) -> KvcStatus {
     if cache.is_null()
         || entries.is_null()
         || queries.is_null()
@@ -975,12 +1043,22 @@ pub unsafe extern "C" fn kvc_attention(
     {
         return KvcStatus::NullPointer;
     }
-    let reads = [Span::of(queries, len), Span::of(entries, n_entries)];
+    let reads = [
+        Span::of(queries, len),
+        Span::of(entries, n_entries),
+        Span::of(options, usize::from(!options.is_null())),
+    ];
     let writes = [Span::of(out, len), Span::of(scratch, scratch_len)];
     // SAFETY: `cache` is a non-NULL handle (the header's contract).
     if let Err(e) = unsafe { check_disjoint(cache, &reads, &writes) } {
         return e;
     }
+    // SAFETY: NULL or a valid struct (the header's contract; alignment and overlap checked
+    // above), copied before any buffer is written.
+    let options = match attention_options(unsafe { options.as_ref() }) {
+        Ok(options) => options,
+        Err(e) => return e,
+    };
     // SAFETY: non-NULL checked; the caller gives an array of `n_entries` entries.
     let batch = match unsafe { batch_from(entries, n_entries) } {
         Ok(batch) => batch,
@@ -1006,7 +1084,7 @@ pub unsafe extern "C" fn kvc_attention(
                 queries,
                 out,
                 scratch,
-                &AttentionOptions::default(),
+                &options,
             ))
         })
     }
@@ -1085,15 +1163,9 @@ unsafe fn with_plan(
     };
     // SAFETY: NULL means defaults; otherwise the caller passes a valid struct (aligned:
     // checked).
-    let options = match unsafe { options.as_ref() } {
-        None => AttentionOptions::default(),
-        Some(o) if o.flags & !KVC_ATTN_EXACT_VALUES != 0 => return KvcStatus::BadSpec,
-        Some(o) => AttentionOptions {
-            scale: (o.scale != 0.0).then_some(o.scale),
-            splits: o.splits as usize,
-            query_tile: o.query_tile as usize,
-            exact_values: o.flags & KVC_ATTN_EXACT_VALUES != 0,
-        },
+    let options = match attention_options(unsafe { options.as_ref() }) {
+        Ok(options) => options,
+        Err(e) => return e,
     };
     match AttentionPlan::new(cache, layer as usize, &batch[..n_entries], &options) {
         Ok(plan) => f(&plan, entries_and_options),

@@ -1505,3 +1505,244 @@ fn exact_values_flag_selects_the_value_sums() {
         assert!((a - b).abs() < 1e-2, "{a} vs {b}");
     }
 }
+
+/// `kvc_attention_ex`: NULL options are `kvc_attention` bit for bit; with options (a custom
+/// scale, exact int4 value sums, other tiles and splits) it is the Rust `attention` with the
+/// same options bit for bit, in the scratch `kvc_attention_scratch_len_ex` asks for. Unknown
+/// flags, zero splits, short scratch, NULL pointers and options overlapping the output are
+/// refused, and leave the output as it was.
+#[test]
+fn one_shot_attention_takes_options() {
+    let spec = KvcSpec {
+        layers: 1,
+        q_heads: 3,
+        kv_heads: 1,
+        head_dim: 32,
+        block_tokens: 16,
+        k_format: 3,
+        v_format: 4,
+        max_seqs: 2,
+        max_seq_tokens: 64,
+        window: 0,
+        sink_tokens: 0,
+    };
+    let c = CCache::new(&spec, 8);
+    let cache = c.cache;
+    let mut seed = 23u64;
+    let lens = [40u32, 29];
+    let mut seqs = [0u64; 2];
+    for (seq, &len) in seqs.iter_mut().zip(&lens) {
+        let (k, v) = (
+            values(&mut seed, len as usize * 32),
+            values(&mut seed, len as usize * 32),
+        );
+        // SAFETY: a live handle; buffers of the lengths passed.
+        unsafe {
+            assert_eq!(kvc_add_sequence(cache, seq), KvcStatus::Ok);
+            assert_eq!(kvc_reserve(cache, *seq, len, null_mut()), KvcStatus::Ok);
+            assert_eq!(
+                kvc_write(cache, *seq, 0, 0, k.as_ptr(), v.as_ptr(), k.len()),
+                KvcStatus::Ok
+            );
+        }
+    }
+    // A decode token of the first sequence and the last 3 tokens of the second.
+    let entries = [
+        KvcBatchEntry {
+            seq: seqs[0],
+            first_position: lens[0] - 1,
+            tokens: 1,
+        },
+        KvcBatchEntry {
+            seq: seqs[1],
+            first_position: lens[1] - 3,
+            tokens: 3,
+        },
+    ];
+    let queries = values(&mut seed, 4 * 3 * 32);
+    let n = queries.len();
+    let sentinel = -7.5f32;
+    // One call with `opts` in scratch of `scratch_len` floats; the status and the output.
+    let call_ex = |opts: *const KvcAttentionOptions, scratch_len: usize| {
+        let mut out = vec![sentinel; n];
+        let mut scratch = vec![0.0f32; scratch_len];
+        // SAFETY: a live handle; buffers of the lengths passed.
+        let status = unsafe {
+            kvc_attention_ex(
+                cache,
+                0,
+                entries.as_ptr(),
+                2,
+                opts,
+                queries.as_ptr(),
+                out.as_mut_ptr(),
+                n,
+                scratch.as_mut_ptr(),
+                scratch_len,
+            )
+        };
+        (status, out)
+    };
+    let scratch_len_ex = |opts: *const KvcAttentionOptions| {
+        let mut len = 0usize;
+        // SAFETY: a live handle and a valid output.
+        let status = unsafe { kvc_attention_scratch_len_ex(cache, opts, &mut len) };
+        (status, len)
+    };
+    // NULL options: the defaults, as `kvc_attention`.
+    let (status, default_len) = scratch_len_ex(null());
+    assert_eq!(status, KvcStatus::Ok);
+    let mut plain_len = 0usize;
+    // SAFETY: a live handle and a valid output.
+    assert_eq!(
+        unsafe { kvc_attention_scratch_len(cache, &mut plain_len) },
+        KvcStatus::Ok
+    );
+    assert_eq!(plain_len, default_len);
+    let mut plain = vec![sentinel; n];
+    let mut scratch = vec![0.0f32; plain_len];
+    // SAFETY: a live handle; buffers of the lengths passed.
+    let status = unsafe {
+        kvc_attention(
+            cache,
+            0,
+            entries.as_ptr(),
+            2,
+            queries.as_ptr(),
+            plain.as_mut_ptr(),
+            n,
+            scratch.as_mut_ptr(),
+            plain_len,
+        )
+    };
+    assert_eq!(status, KvcStatus::Ok);
+    let (status, defaults) = call_ex(null(), default_len);
+    assert_eq!(status, KvcStatus::Ok);
+    assert_same_bits(&defaults, &plain, "NULL options against kvc_attention");
+
+    // Options: the Rust call with the same ones, bit for bit.
+    let opts = KvcAttentionOptions {
+        splits: 3,
+        query_tile: 2,
+        scale: 0.21,
+        flags: KVC_ATTN_EXACT_VALUES,
+    };
+    let rust_options = kvcache::attention::AttentionOptions {
+        scale: Some(0.21),
+        splits: 3,
+        query_tile: 2,
+        exact_values: true,
+    };
+    // SAFETY: a live handle, not mutated meanwhile.
+    let rust_cache = unsafe { &*cache };
+    let (status, len) = scratch_len_ex(&opts);
+    assert_eq!(status, KvcStatus::Ok);
+    assert_eq!(
+        len,
+        kvcache::attention::attention_scratch_len(rust_cache, &rust_options)
+    );
+    assert_ne!(len, default_len, "the options changed no scratch length");
+    let rust_entries: Vec<_> = entries
+        .iter()
+        .map(|e| kvcache::attention::BatchEntry {
+            seq: kvcache::SeqId::from_raw(e.seq),
+            first_position: e.first_position as usize,
+            tokens: e.tokens as usize,
+        })
+        .collect();
+    let mut want = vec![0.0f32; n];
+    let mut scratch = vec![0.0f32; len];
+    kvcache::attention::attention(
+        rust_cache,
+        0,
+        &rust_entries,
+        &queries,
+        &mut want,
+        &mut scratch,
+        &rust_options,
+    )
+    .unwrap();
+    let (status, got) = call_ex(&opts, len);
+    assert_eq!(status, KvcStatus::Ok);
+    assert_same_bits(&got, &want, "options against the Rust call");
+    // And against the same options' work items, merged: the same bits.
+    let plan = kvcache::attention::AttentionPlan::new(rust_cache, 0, &rust_entries, &rust_options)
+        .unwrap();
+    let mut partials = vec![0.0f32; plan.work_items() * plan.partial_len()];
+    let mut item_scratch = vec![0.0f32; plan.scratch_len()];
+    for (i, partial) in partials.chunks_mut(plan.partial_len()).enumerate() {
+        plan.run_item(i, &queries, partial, &mut item_scratch)
+            .unwrap();
+    }
+    let mut merged = vec![0.0f32; n];
+    plan.merge(&partials, &mut merged).unwrap();
+    assert_same_bits(&got, &merged, "options against the work items");
+    assert_ne!(got, defaults, "the options changed nothing");
+
+    // Refusals, each leaving the output untouched.
+    let untouched = |(status, out): (KvcStatus, Vec<f32>), want: KvcStatus| {
+        assert_eq!(status, want);
+        assert!(
+            out.iter().all(|&x| x == sentinel),
+            "{want:?}: output written"
+        );
+    };
+    untouched(call_ex(&opts, len - 1), KvcStatus::ScratchTooSmall);
+    let unknown = KvcAttentionOptions { flags: 2, ..opts };
+    untouched(call_ex(&unknown, len), KvcStatus::BadSpec);
+    assert_eq!(scratch_len_ex(&unknown).0, KvcStatus::BadSpec);
+    let no_splits = KvcAttentionOptions { splits: 0, ..opts };
+    untouched(call_ex(&no_splits, len), KvcStatus::BadSpec);
+    let mut out = vec![sentinel; n];
+    let mut scratch = vec![0.0f32; len];
+    // SAFETY: NULL handles and pointers are what is being tested; the rest are valid. The
+    // last call passes options that lie inside the output buffer (refused before any read).
+    unsafe {
+        assert_eq!(
+            kvc_attention_scratch_len_ex(null_mut(), &opts, &mut 0),
+            KvcStatus::NullPointer
+        );
+        assert_eq!(
+            kvc_attention_scratch_len_ex(cache, &opts, null_mut()),
+            KvcStatus::NullPointer
+        );
+        let run = |cache: *mut KvcCache,
+                   entries: *const KvcBatchEntry,
+                   opts: *const KvcAttentionOptions,
+                   queries: *const f32,
+                   out: *mut f32,
+                   scratch: *mut f32| {
+            kvc_attention_ex(cache, 0, entries, 2, opts, queries, out, n, scratch, len)
+        };
+        let (e, q) = (entries.as_ptr(), queries.as_ptr());
+        let (o, s) = (out.as_mut_ptr(), scratch.as_mut_ptr());
+        assert_eq!(run(null_mut(), e, &opts, q, o, s), KvcStatus::NullPointer);
+        assert_eq!(run(cache, null(), &opts, q, o, s), KvcStatus::NullPointer);
+        assert_eq!(run(cache, e, &opts, null(), o, s), KvcStatus::NullPointer);
+        assert_eq!(
+            run(cache, e, &opts, q, null_mut(), s),
+            KvcStatus::NullPointer
+        );
+        assert_eq!(
+            run(cache, e, &opts, q, o, null_mut()),
+            KvcStatus::NullPointer
+        );
+        out[..4].copy_from_slice(&[
+            f32::from_bits(3),
+            f32::from_bits(2),
+            0.21,
+            f32::from_bits(1),
+        ]);
+        let inside = o.cast::<KvcAttentionOptions>();
+        assert_eq!(run(cache, e, inside, q, o, s), KvcStatus::BadShape);
+    }
+    assert!(out[4..].iter().all(|&x| x == sentinel));
+}
+
+/// Panics at the first element whose bits differ.
+fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+        panic!("{what}: element {i}: {} vs {}", got[i], want[i]);
+    }
+}

@@ -387,6 +387,30 @@ fn the_c_abi_allocates_nothing() {
             len,
         );
         assert_eq!(status, KvcStatus::Ok);
+        let opts = KvcAttentionOptions {
+            splits: 2,
+            query_tile: 1,
+            scale: 0.3,
+            flags: KVC_ATTN_EXACT_VALUES,
+        };
+        assert_eq!(
+            kvc_attention_scratch_len_ex(cache, &opts, &mut len),
+            KvcStatus::Ok
+        );
+        assert!(len <= scratch.len());
+        let status = kvc_attention_ex(
+            cache,
+            0,
+            &entry,
+            1,
+            &opts,
+            queries.as_ptr(),
+            out.as_mut_ptr(),
+            64,
+            scratch.as_mut_ptr(),
+            len,
+        );
+        assert_eq!(status, KvcStatus::Ok);
         assert_eq!(
             kvc_page_table(cache, seq, table.as_mut_ptr(), 16, &mut entries),
             KvcStatus::Ok

@@ -82,6 +82,13 @@ int main(void) {
         if (fabsf(merged[i] - out[i]) > 1e-5f) { fprintf(stderr, "work items out[%d] = %f\n", i, merged[i]); return 1; }
     if (kvc_attention_run_item(cache, 0, &entry, 1, &opts, items, q, 32, partials, partial_len, scratch,
                                item_scratch_len) != KVC_BAD_INDEX) return 1;
+    /* One call with the same options gives the merged work items bit for bit. */
+    size_t ex_scratch_len;
+    CHECK(kvc_attention_scratch_len_ex(cache, &opts, &ex_scratch_len));
+    if (ex_scratch_len > 4096) return 1;
+    float one_call[4 * 8];
+    CHECK(kvc_attention_ex(cache, 0, &entry, 1, &opts, q, one_call, 32, scratch, ex_scratch_len));
+    if (memcmp(one_call, merged, sizeof merged) != 0) { fprintf(stderr, "kvc_attention_ex differs\n"); return 1; }
     /* Reading the cache in place, as a GPU kernel over a copy of the blocks would: the
      * layout, the block bytes and the page table locate every key row; an f16 element is
      * decoded by hand here and must equal what kvc_read gives. */

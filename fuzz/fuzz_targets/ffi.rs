@@ -316,6 +316,20 @@ fuzz_target!(|data: &[u8]| {
                         kvc_attention_merge(cache, 0, entries.as_ptr(), 1, &opts, partials.as_ptr(), partials.len(), out.as_mut_ptr(), len)
                     };
                     assert_eq!(r as u32, 0, "merge of a planned batch failed");
+                    // The one-shot call with the same options: the same bits.
+                    let mut needed = 0usize;
+                    let r = unsafe { kvc_attention_scratch_len_ex(cache, &opts, &mut needed) };
+                    assert_eq!(r as u32, 0, "scratch length of planned options refused");
+                    if needed <= scratch.len() {
+                        let mut one_shot = vec![0.0f32; len];
+                        let r = unsafe {
+                            kvc_attention_ex(cache, 0, entries.as_ptr(), 1, &opts, floats.as_ptr(), one_shot.as_mut_ptr(), len,
+                                scratch.as_mut_ptr(), needed)
+                        };
+                        assert_eq!(r as u32, 0, "one-shot call of a planned batch failed");
+                        let same_bits = one_shot.iter().zip(&out[..len]).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same_bits, "one-shot and work-item attention differ");
+                    }
                 }
                 (s, false)
             }
