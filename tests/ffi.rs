@@ -1378,20 +1378,7 @@ fn sequences_stream_through_c_callbacks() {
 /// default; the two differ by the weights' rounding only.
 #[test]
 fn exact_values_flag_selects_the_value_sums() {
-    let spec = KvcSpec {
-        layers: 1,
-        q_heads: 3,
-        kv_heads: 1,
-        head_dim: 32,
-        block_tokens: 16,
-        k_format: 1,
-        v_format: 4,
-        max_seqs: 1,
-        max_seq_tokens: 64,
-        window: 0,
-        sink_tokens: 0,
-    };
-    let c = CCache::new(&spec, 4);
+    let c = CCache::new(&int4_values_spec(1, 1), 4);
     let cache = c.cache;
     let mut seed = 11u64;
     let len = 40u32;
@@ -1473,29 +1460,14 @@ fn exact_values_flag_selects_the_value_sums() {
         out
     };
     let run_rust = |exact_values: bool| -> Vec<f32> {
-        // SAFETY: a live handle, not mutated meanwhile.
-        let rust_cache = unsafe { &*cache };
-        let entries = [kvcache::attention::BatchEntry {
-            seq: kvcache::SeqId::from_raw(seq),
-            first_position: len as usize - 1,
-            tokens: 1,
-        }];
         let options = kvcache::attention::AttentionOptions {
             splits: 2,
             query_tile: 1,
             exact_values,
             ..Default::default()
         };
-        let plan =
-            kvcache::attention::AttentionPlan::new(rust_cache, 0, &entries, &options).unwrap();
-        let mut partials = vec![0.0f32; plan.work_items() * plan.partial_len()];
-        let mut scratch = vec![0.0f32; plan.scratch_len()];
-        for (i, partial) in partials.chunks_mut(plan.partial_len()).enumerate() {
-            plan.run_item(i, &queries, partial, &mut scratch).unwrap();
-        }
-        let mut out = vec![0.0f32; 3 * 32];
-        plan.merge(&partials, &mut out).unwrap();
-        out
+        // SAFETY: a live handle, not mutated meanwhile.
+        unsafe { rust_work_items(cache, &[entry], &options, &queries) }
     };
     let (integer, exact) = (run_c(0), run_c(KVC_ATTN_EXACT_VALUES));
     assert_eq!(integer, run_rust(false));
@@ -1513,20 +1485,7 @@ fn exact_values_flag_selects_the_value_sums() {
 /// refused, and leave the output as it was.
 #[test]
 fn one_shot_attention_takes_options() {
-    let spec = KvcSpec {
-        layers: 1,
-        q_heads: 3,
-        kv_heads: 1,
-        head_dim: 32,
-        block_tokens: 16,
-        k_format: 3,
-        v_format: 4,
-        max_seqs: 2,
-        max_seq_tokens: 64,
-        window: 0,
-        sink_tokens: 0,
-    };
-    let c = CCache::new(&spec, 8);
+    let c = CCache::new(&int4_values_spec(3, 2), 8);
     let cache = c.cache;
     let mut seed = 23u64;
     let lens = [40u32, 29];
@@ -1642,14 +1601,7 @@ fn one_shot_attention_takes_options() {
         kvcache::attention::attention_scratch_len(rust_cache, &rust_options)
     );
     assert_ne!(len, default_len, "the options changed no scratch length");
-    let rust_entries: Vec<_> = entries
-        .iter()
-        .map(|e| kvcache::attention::BatchEntry {
-            seq: kvcache::SeqId::from_raw(e.seq),
-            first_position: e.first_position as usize,
-            tokens: e.tokens as usize,
-        })
-        .collect();
+    let rust_entries: Vec<_> = entries.iter().map(rust_entry).collect();
     let mut want = vec![0.0f32; n];
     let mut scratch = vec![0.0f32; len];
     kvcache::attention::attention(
@@ -1666,16 +1618,8 @@ fn one_shot_attention_takes_options() {
     assert_eq!(status, KvcStatus::Ok);
     assert_same_bits(&got, &want, "options against the Rust call");
     // And against the same options' work items, merged: the same bits.
-    let plan = kvcache::attention::AttentionPlan::new(rust_cache, 0, &rust_entries, &rust_options)
-        .unwrap();
-    let mut partials = vec![0.0f32; plan.work_items() * plan.partial_len()];
-    let mut item_scratch = vec![0.0f32; plan.scratch_len()];
-    for (i, partial) in partials.chunks_mut(plan.partial_len()).enumerate() {
-        plan.run_item(i, &queries, partial, &mut item_scratch)
-            .unwrap();
-    }
-    let mut merged = vec![0.0f32; n];
-    plan.merge(&partials, &mut merged).unwrap();
+    // SAFETY: a live handle, not mutated meanwhile.
+    let merged = unsafe { rust_work_items(cache, &entries, &rust_options, &queries) };
     assert_same_bits(&got, &merged, "options against the work items");
     assert_ne!(got, defaults, "the options changed nothing");
 
@@ -1745,4 +1689,55 @@ fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
     if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
         panic!("{what}: element {i}: {} vs {}", got[i], want[i]);
     }
+}
+
+/// One layer, 3 query heads on 1 KV head of 32 elements, blocks of 16, int4 values, keys of
+/// `k_format`.
+fn int4_values_spec(k_format: u32, max_seqs: u32) -> KvcSpec {
+    KvcSpec {
+        layers: 1,
+        q_heads: 3,
+        kv_heads: 1,
+        head_dim: 32,
+        block_tokens: 16,
+        k_format,
+        v_format: 4,
+        max_seqs,
+        max_seq_tokens: 64,
+        window: 0,
+        sink_tokens: 0,
+    }
+}
+
+fn rust_entry(e: &KvcBatchEntry) -> kvcache::attention::BatchEntry {
+    kvcache::attention::BatchEntry {
+        seq: kvcache::SeqId::from_raw(e.seq),
+        first_position: e.first_position as usize,
+        tokens: e.tokens as usize,
+    }
+}
+
+/// Layer 0's attention through the Rust work items (every item in order, then the merge).
+///
+/// # Safety
+///
+/// `cache` is a live handle that nothing mutates meanwhile.
+unsafe fn rust_work_items(
+    cache: *mut KvcCache,
+    entries: &[KvcBatchEntry],
+    options: &kvcache::attention::AttentionOptions,
+    queries: &[f32],
+) -> Vec<f32> {
+    // SAFETY: the function's contract.
+    let cache = unsafe { &*cache };
+    let entries: Vec<_> = entries.iter().map(rust_entry).collect();
+    let plan = kvcache::attention::AttentionPlan::new(cache, 0, &entries, options).unwrap();
+    let mut partials = vec![0.0f32; plan.work_items() * plan.partial_len()];
+    let mut scratch = vec![0.0f32; plan.scratch_len()];
+    for (i, partial) in partials.chunks_mut(plan.partial_len()).enumerate() {
+        plan.run_item(i, queries, partial, &mut scratch).unwrap();
+    }
+    let mut out = vec![0.0f32; queries.len()];
+    plan.merge(&partials, &mut out).unwrap();
+    out
 }
