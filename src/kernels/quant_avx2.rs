@@ -1292,9 +1292,11 @@ unsafe fn tile_params<const FMT: u8>(
 /// holds row `r`: each 4-byte word of a prepared query is broadcast and multiplied into all 8
 /// rows at once (`vpmaddubsw` as in [`pdot_block`], then `vpmaddwd` with ones), and the lanes
 /// end as the rows' exact group sums `S_g` with no horizontal reduction. int8 takes the group
-/// in two halves of 16 bytes; int4 loads its 16 packed bytes once and splits low nibbles (even
-/// elements, matched with the first 16 prepared bytes) from high ones (odd, the last 16).
-/// The float part is `quant_scalar::prepared_dot`'s, lane by lane.
+/// in two halves of 16 bytes and widens each product pair; int4 loads its 16 packed bytes
+/// once, splits low nibbles (even elements, matched with the first 16 prepared bytes) from
+/// high ones (odd, the last 16), and sums the whole group's pairs in 16 bits before widening
+/// them once. The rows' scales come straight into lanes ([`tile_params`]). The float part is
+/// `quant_scalar::prepared_dot`'s, lane by lane.
 ///
 /// # Safety
 ///
