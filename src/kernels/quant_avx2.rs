@@ -856,11 +856,18 @@ unsafe fn int4_weights<const G: usize>(
     for h in 0..G {
         // SAFETY: rows `first..first + n` of head `h`; masked lanes are not read, and the
         // second half's pointer is formed with `wrapping_add` as it may lie past the slice.
+        // Whole halves take plain loads: a masked load costs several times more on Zen 1
+        // (the values kernel took 20.5 ns per token with masked loads throughout, 19.4 so).
         let wh = w.add(h * shape.per_head);
-        let wv = [
-            _mm256_maskload_ps(wh, masks[0]),
-            _mm256_maskload_ps(wh.wrapping_add(8), masks[1]),
-        ];
+        let half = |i: usize| {
+            let p = wh.wrapping_add(8 * i);
+            if n >= 8 * (i + 1) {
+                _mm256_loadu_ps(p)
+            } else {
+                _mm256_maskload_ps(p, masks[i])
+            }
+        };
+        let wv = [half(0), half(1)];
         u[h] = [
             _mm256_mul_ps(wv[0], scale[0]),
             _mm256_mul_ps(wv[1], scale[1]),
