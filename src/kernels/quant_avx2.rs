@@ -926,15 +926,14 @@ unsafe fn int4_weights<const G: usize>(
     // SAFETY: 8 floats into `lanes`.
     _mm256_storeu_ps(lanes.as_mut_ptr(), c);
     let mut min_terms = [lanes[0], lanes[4], lanes[1], lanes[5]];
-    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let mut q = [[0u8; 16]; G];
     for (h, q) in q.iter_mut().enumerate() {
         let invv = _mm256_set1_ps(inv[h]);
         let ints = u[h].map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, invv)));
-        // Saturating packs: rows 0-3, 8-11 | 4-7, 12-15 as `i16`, then as `u8`, then in order.
-        let words = _mm256_packs_epi32(ints[0], ints[1]);
-        let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words, words), order);
-        let bytes = _mm256_castsi256_si128(bytes);
+        // Saturating packs in 128-bit halves: rows 0-7 and 8-15 as `i16`, then all 16 as `u8`.
+        let words = ints
+            .map(|i| _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256::<1>(i)));
+        let bytes = _mm_packus_epi16(words[0], words[1]);
         // SAFETY: 16 bytes into `q`.
         _mm_storeu_si128(q.as_mut_ptr().cast(), bytes);
         // `Σ q` over all 16 lanes.
