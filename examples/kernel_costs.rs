@@ -4,7 +4,7 @@
 //! For each KV format it times, on one thread and best of 25 rounds, the three kernels one KV
 //! head runs per block of 16 tokens for `GROUP` query heads (default 3, SmolLM2's): the scores
 //! (`dot_rows`, or `dot_rows_prepared` for int8 / int4 keys), the softmax of each query row
-//! (`max_rows` + `exp_shifted_rows`, as attention calls them) and the weighted sum of values
+//! (`softmax_rows`, as attention calls it) and the weighted sum of values
 //! (`accumulate_rows_int`: integer weights for int4, exact `accumulate_rows` otherwise; int4's
 //! exact sums are printed too). It prints
 //! nanoseconds per token and the same as a multiple of the FMA floor: the time
@@ -80,12 +80,12 @@ fn main() {
             black_box(&mut scores);
         }) / TOKENS as f64;
         let template = scores.clone();
+        let running = vec![f32::NEG_INFINITY; group];
         let mut maxima = vec![0.0f32; group];
         let mut sums = vec![0.0f32; group];
         let softmax_ns = best_ns(|| {
             scores.copy_from_slice(&template);
-            kernels::max_rows(&scores, TOKENS, &mut maxima);
-            kernels::exp_shifted_rows(&mut scores, TOKENS, &maxima, &mut sums);
+            kernels::softmax_rows(&mut scores, TOKENS, &running, &mut maxima, &mut sums);
             black_box(&mut sums);
         }) / TOKENS as f64;
         let weights: Vec<f32> = (0..group * TOKENS).map(|i| 1.0 / (1 + i) as f32).collect();

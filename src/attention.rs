@@ -398,30 +398,29 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
             for first in (0..rows).step_by(SOFTMAX_ROWS) {
                 let n = (rows - first).min(SOFTMAX_ROWS);
                 let chunk = &mut scores[first * block_tokens..(first + n) * block_tokens];
-                let mut block_max = [0.0f32; SOFTMAX_ROWS];
-                kernels::max_rows(chunk, block_tokens, &mut block_max[..n]);
-                // A row with nothing visible (max -inf) keeps its state; its shift only has
-                // to keep the `exp` call harmless, and its weights are zeroed below.
-                let mut new_max = [0.0f32; SOFTMAX_ROWS];
-                for i in 0..n {
-                    if block_max[i] != f32::NEG_INFINITY {
-                        new_max[i] = block_max[i].max(running_max[first + i]);
-                    }
-                }
-                let mut sums = [0.0f32; SOFTMAX_ROWS];
-                kernels::exp_shifted_rows(chunk, block_tokens, &new_max[..n], &mut sums[..n]);
+                let (mut block_max, mut sums) = ([0.0f32; SOFTMAX_ROWS], [0.0f32; SOFTMAX_ROWS]);
+                kernels::softmax_rows(
+                    chunk,
+                    block_tokens,
+                    &running_max[first..first + n],
+                    &mut block_max[..n],
+                    &mut sums[..n],
+                );
                 for i in 0..n {
                     let r = first + i;
+                    // A row with nothing visible (max -inf) keeps its state; its shift only
+                    // kept the `exp` harmless, and its weights are zeroed.
                     if block_max[i] == f32::NEG_INFINITY {
                         chunk[i * block_tokens..(i + 1) * block_tokens].fill(0.0);
                         continue;
                     }
+                    let new_max = kernels::softmax_shift(block_max[i], running_max[r]);
                     // The max rarely moves after the first blocks: `exp(0)` is exactly 1, so
                     // skip the call (not for an infinite max, whose difference is NaN).
-                    let correction = if running_max[r] == new_max[i] && new_max[i].is_finite() {
+                    let correction = if running_max[r] == new_max && new_max.is_finite() {
                         1.0
                     } else {
-                        kernels::scalar::exp(running_max[r] - new_max[i])
+                        kernels::scalar::exp(running_max[r] - new_max)
                     };
                     if correction != 1.0 {
                         for value in &mut acc[r * head_dim..(r + 1) * head_dim] {
@@ -429,7 +428,7 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
                         }
                     }
                     running_sum[r] = running_sum[r] * correction + sums[i];
-                    running_max[r] = new_max[i];
+                    running_max[r] = new_max;
                 }
             }
             // The weights of the stored keys only: `[rows][keys]` (stale slots never reach V).
@@ -802,7 +801,7 @@ pub fn auto_splits(batch: usize, kv_heads: usize, threads: usize, blocks: usize)
     splits.min(blocks.max(1))
 }
 
-/// Query rows whose softmax update one [`kernels::exp_shifted_rows`] call makes (a stack
+/// Query rows whose softmax update one [`kernels::softmax_rows`] call makes (a stack
 /// buffer of this many maxima and sums; more rows take more calls).
 const SOFTMAX_ROWS: usize = 16;
 

@@ -921,3 +921,146 @@ fn scalar_exp_of_zero_is_exactly_one() {
     assert_eq!(scalar::exp(-0.0).to_bits(), 1.0f32.to_bits());
     assert!(scalar::exp(f32::INFINITY - f32::INFINITY).is_nan());
 }
+
+type SoftmaxRowsFn<'a> = &'a dyn Fn(&mut [f32], usize, &[f32], &mut [f32], &mut [f32]);
+
+/// The fused softmax update is bitwise `max_rows`, then `exp_shifted_rows` with
+/// `softmax_shift` of each row's maximum and running maximum, for every row length up to 40
+/// and up to 9 rows (whole groups of 4 and every remainder), with running maxima of `-inf`,
+/// NaN, below and above the rows', rows of `-inf` and NaN entries; and it writes nothing past
+/// the shortest of its slices.
+fn check_softmax_rows(
+    name: &str,
+    softmax: SoftmaxRowsFn,
+    max_rows: MaxRowsFn,
+    exp_rows: ExpRowsFn,
+) {
+    let mut rng = Rng(0x50f8);
+    // Clean rows (finite scores within a few dozen of the running maxima: `exp`'s short path,
+    // every block but a sequence's last) and dirty ones (`-inf`, NaN and signed zeros among
+    // them, running maxima far above, a row with nothing visible).
+    for (n, rows, dirty) in (0..=40usize)
+        .flat_map(|n| (0..=9usize).flat_map(move |rows| [(n, rows, false), (n, rows, true)]))
+    {
+        let mut values: Vec<f32> = (0..rows * n)
+            .map(|i| match rng.next() % 13 {
+                0 if dirty => f32::NEG_INFINITY,
+                1 if dirty && i % 3 == 0 => f32::NAN,
+                2 if dirty => 0.0,
+                3 if dirty => -0.0,
+                _ => rng.value() * if dirty { 20.0 } else { 2.0 },
+            })
+            .collect();
+        if dirty && rows >= 2 {
+            // One row with nothing visible.
+            values[n..2 * n].fill(f32::NEG_INFINITY);
+        }
+        let running: Vec<f32> = (0..rows)
+            .map(|r| match (dirty, r % 4) {
+                (_, 0) => f32::NEG_INFINITY,
+                (true, 1) => f32::NAN,
+                (true, 3) => 100.0 * rng.value(),
+                _ => rng.value() * 2.0,
+            })
+            .collect();
+        // The reference: the two kernels attention called before.
+        let mut want = values.clone();
+        let mut want_max = vec![0.0f32; rows];
+        max_rows(&want, n, &mut want_max);
+        let shifts: Vec<f32> = (0..rows)
+            .map(|r| kernels::softmax_shift(want_max[r], running[r]))
+            .collect();
+        let mut want_sums = vec![0.0f32; rows];
+        exp_rows(&mut want, n, &shifts, &mut want_sums);
+        // Each output slice one longer than the rows, to catch a write past them.
+        let mut got = values.clone();
+        got.extend_from_slice(&[5.0; 16]);
+        let (mut got_max, mut got_sums) = (vec![7.0f32; rows + 1], vec![7.0f32; rows + 1]);
+        softmax(&mut got, n, &running, &mut got_max, &mut got_sums);
+        if n == 0 {
+            assert!(
+                got_max.iter().chain(&got_sums).all(|&v| v == 7.0),
+                "{name}: n 0 wrote"
+            );
+            continue;
+        }
+        assert_eq!(
+            got_max[rows], 7.0,
+            "{name}: n {n} rows {rows}: max past the rows"
+        );
+        assert_eq!(
+            got_sums[rows], 7.0,
+            "{name}: n {n} rows {rows}: sum past the rows"
+        );
+        assert!(
+            got[rows * n..].iter().all(|&v| v == 5.0),
+            "{name}: wrote past the rows"
+        );
+        for r in 0..rows {
+            assert_eq!(
+                got_max[r].to_bits(),
+                want_max[r].to_bits(),
+                "{name}: n {n} row {r} max"
+            );
+            assert_eq!(
+                got_sums[r].to_bits(),
+                want_sums[r].to_bits(),
+                "{name}: n {n} row {r} sum"
+            );
+        }
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{name}: n {n} rows {rows} element {i}"
+            );
+        }
+    }
+    // Fewer running maxima than rows: only those rows are touched.
+    let mut values = vec![2.0f32; 4 * 16];
+    let (mut m, mut sums) = ([0.0f32; 4], [0.0f32; 4]);
+    softmax(&mut values, 16, &[2.0, 2.0], &mut m, &mut sums);
+    assert!(
+        values[..32].iter().all(|&v| v == 1.0),
+        "{name}: exp(0) is 1"
+    );
+    assert!(
+        values[32..].iter().all(|&v| v == 2.0),
+        "{name}: touched a row past the maxima"
+    );
+    assert_eq!(sums, [16.0, 16.0, 0.0, 0.0], "{name}: sums");
+    assert_eq!(m, [2.0, 2.0, 0.0, 0.0], "{name}: maxima");
+}
+
+#[test]
+fn scalar_softmax_rows_match_the_two_kernels() {
+    check_softmax_rows(
+        "scalar",
+        &scalar::softmax_rows,
+        &scalar::max_rows,
+        &scalar::exp_shifted_rows,
+    );
+}
+
+#[test]
+fn dispatched_softmax_rows_match_the_two_kernels() {
+    check_softmax_rows(
+        "dispatch",
+        &kernels::softmax_rows,
+        &kernels::max_rows,
+        &kernels::exp_shifted_rows,
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_softmax_rows_match_the_two_kernels() {
+    if let Some(t) = avx2() {
+        check_softmax_rows(
+            "avx2",
+            &|v, n, m, b, s| t.softmax_rows(v, n, m, b, s),
+            &|v, n, o| t.max_rows(v, n, o),
+            &|v, n, s, o| t.exp_shifted_rows(v, n, s, o),
+        );
+    }
+}

@@ -141,6 +141,21 @@ impl Avx2 {
         unsafe { exp_shifted_rows(values, n, shifts, sums) }
     }
 
+    /// See [`super::softmax_rows`].
+    #[inline]
+    pub fn softmax_rows(
+        self,
+        values: &mut [f32],
+        n: usize,
+        running_max: &[f32],
+        block_max: &mut [f32],
+        sums: &mut [f32],
+    ) {
+        // SAFETY: the token exists, so the CPU has the features `softmax_rows` is compiled
+        // for.
+        unsafe { softmax_rows(values, n, running_max, block_max, sums) }
+    }
+
     /// See [`super::fma_burn`].
     #[inline]
     pub fn fma_burn(self, chunks: usize) -> f32 {
@@ -1011,6 +1026,174 @@ unsafe fn exp_shifted_rows(values: &mut [f32], n: usize, shifts: &[f32], sums: &
         }
         *sum = hsum(_mm256_add_ps(sum0, sum1));
     }
+}
+
+/// See [`super::softmax_rows`]. Rows of 16 (the default block) take one pass per row with
+/// everything in registers: [`max`]'s reduction, the shift, two [`exp8`] and
+/// [`exp_shifted_rows`]'s sum, in the same order, so the same bits. Other lengths call
+/// [`max_rows`] and [`exp_shifted_rows`], up to 16 rows at a time.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn softmax_rows(
+    values: &mut [f32],
+    n: usize,
+    running_max: &[f32],
+    block_max: &mut [f32],
+    sums: &mut [f32],
+) {
+    if n == 0 {
+        return;
+    }
+    let rows = (values.len() / n)
+        .min(running_max.len())
+        .min(block_max.len())
+        .min(sums.len());
+    if n != 16 {
+        const CHUNK: usize = 16;
+        let mut shifts = [0.0f32; CHUNK];
+        for first in (0..rows).step_by(CHUNK) {
+            let k = (rows - first).min(CHUNK);
+            let chunk = &mut values[first * n..(first + k) * n];
+            max_rows(chunk, n, &mut block_max[first..first + k]);
+            for i in 0..k {
+                shifts[i] = super::softmax_shift(block_max[first + i], running_max[first + i]);
+            }
+            exp_shifted_rows(chunk, n, &shifts[..k], &mut sums[first..first + k]);
+        }
+        return;
+    }
+    let p = values.as_mut_ptr();
+    let mut r = 0;
+    while r < rows {
+        // SAFETY: rows `r..r + take` are whole (`r + take <= rows <= values.len() / 16`).
+        let row = p.add(16 * r);
+        let take = (rows - r).min(4);
+        match take {
+            1 => softmax_16::<1>(row, running_max, block_max, sums, r),
+            2 => softmax_16::<2>(row, running_max, block_max, sums, r),
+            3 => softmax_16::<3>(row, running_max, block_max, sums, r),
+            _ => softmax_16::<4>(row, running_max, block_max, sums, r),
+        }
+        r += take;
+    }
+}
+
+/// [`softmax_rows`] of `R` rows of 16 from `row` (rows `first..first + R` of the other
+/// slices): the rows' steps interleaved, so that their dependency chains overlap.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2, FMA and F16C.
+/// - `row` must point at `R` whole rows of 16 values, and `first + R` must not exceed the
+///   other slices' lengths.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn softmax_16<const R: usize>(
+    row: *mut f32,
+    running_max: &[f32],
+    block_max: &mut [f32],
+    sums: &mut [f32],
+    first: usize,
+) {
+    let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
+    // SAFETY: the `R` rows are whole.
+    let v: [[__m256; 2]; R] = core::array::from_fn(|i| {
+        [
+            _mm256_loadu_ps(row.add(16 * i)),
+            _mm256_loadu_ps(row.add(16 * i + 8)),
+        ]
+    });
+    // `max`'s reduction for 16 values (a NaN input loses every `vmaxps` against the running
+    // maximum), and its empty tail, `-inf`, never above it.
+    let m = v.map(|v| _mm256_max_ps(_mm256_max_ps(v[0], neg_inf), _mm256_max_ps(v[1], neg_inf)));
+    let m = m.map(|m| _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m)));
+    let m = m.map(|m| _mm_max_ps(m, _mm_movehl_ps(m, m)));
+    let m = m.map(|m| _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))));
+    let mut x = [_mm256_setzero_ps(); 8];
+    for i in 0..R {
+        block_max[first + i] = m[i];
+        let shift = _mm256_set1_ps(super::softmax_shift(m[i], running_max[first + i]));
+        x[2 * i] = _mm256_sub_ps(v[i][0], shift);
+        x[2 * i + 1] = _mm256_sub_ps(v[i][1], shift);
+    }
+    let e = exp8_many::<R>(&x);
+    let zero = _mm256_setzero_ps();
+    for i in 0..R {
+        // SAFETY: as above.
+        _mm256_storeu_ps(row.add(16 * i), e[2 * i]);
+        _mm256_storeu_ps(row.add(16 * i + 8), e[2 * i + 1]);
+        // `exp_shifted_rows`'s sum: each chunk added to a zero sum, then the two together.
+        sums[first + i] = hsum(_mm256_add_ps(
+            _mm256_add_ps(zero, e[2 * i]),
+            _mm256_add_ps(zero, e[2 * i + 1]),
+        ));
+    }
+}
+
+/// [`exp8`] of the first `2R` vectors of `x` (`R` at most 4), each step done for all of them
+/// before the next, so that their chains overlap; the same bits as one [`exp8`] each.
+///
+/// # Safety
+///
+/// - The CPU must support AVX2 and FMA.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp8_many<const R: usize>(x: &[__m256; 8]) -> [__m256; 8] {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let n = 2 * R;
+    let (lo, hi) = (_mm256_set1_ps(-86.0), _mm256_set1_ps(88.0));
+    let mut inside = 0xff;
+    for &x in &x[..n] {
+        let ok = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_GE_OQ>(x, lo),
+            _mm256_cmp_ps::<_CMP_LE_OQ>(x, hi),
+        );
+        inside &= _mm256_movemask_ps(ok);
+    }
+    let mut out = [_mm256_setzero_ps(); 8];
+    if inside != 0xff {
+        for i in 0..n {
+            out[i] = exp8(x[i]);
+        }
+        return out;
+    }
+    // `exp8`'s short path, step by step.
+    let mut kf = [_mm256_setzero_ps(); 8];
+    let mut r = [_mm256_setzero_ps(); 8];
+    for i in 0..n {
+        kf[i] = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x[i], _mm256_set1_ps(core::f32::consts::LOG2_E)),
+        );
+    }
+    for i in 0..n {
+        r[i] = _mm256_fnmadd_ps(kf[i], _mm256_set1_ps(LN2_HI), x[i]);
+    }
+    for i in 0..n {
+        r[i] = _mm256_fnmadd_ps(kf[i], _mm256_set1_ps(LN2_LO), r[i]);
+    }
+    let mut y = [_mm256_set1_ps(1.987_569_1e-4); 8];
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        for i in 0..n {
+            y[i] = _mm256_fmadd_ps(y[i], r[i], _mm256_set1_ps(c));
+        }
+    }
+    for i in 0..n {
+        let r2 = _mm256_mul_ps(r[i], r[i]);
+        let yi = _mm256_add_ps(_mm256_fmadd_ps(y[i], r2, r[i]), _mm256_set1_ps(1.0));
+        let k = _mm256_slli_epi32::<23>(_mm256_cvtps_epi32(kf[i]));
+        out[i] = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(yi), k));
+    }
+    out
 }
 
 /// See [`super::fma_burn`].

@@ -267,6 +267,37 @@ pub fn exp_shifted_rows(values: &mut [f32], n: usize, shifts: &[f32], sums: &mut
     dispatch!(exp_shifted_rows(values, n, shifts, sums))
 }
 
+/// The shift [`softmax_rows`] gives a row whose largest value is `block_max`, with the
+/// row's running maximum `running_max` from earlier blocks: the larger of the two (as
+/// [`f32::max`]: a NaN running maximum is ignored), or `0.0` when the row has nothing visible
+/// (`block_max == -inf`), which only keeps its `exp` harmless (its values all become 0).
+#[inline]
+pub fn softmax_shift(block_max: f32, running_max: f32) -> f32 {
+    if block_max == f32::NEG_INFINITY {
+        0.0
+    } else {
+        block_max.max(running_max)
+    }
+}
+
+/// One block's online-softmax update of each row of `values` seen as rows of `n` (a query
+/// row's scores against the block's `n` token slots): `block_max[r]` becomes the row's
+/// [`max`], and the row becomes `exp(x - shift)` with `shift =`
+/// [`softmax_shift`]`(block_max[r], running_max[r])`, `sums[r]` their sum; for
+/// `r < min(values.len() / n, running_max.len(), block_max.len(), sums.len())`. Bitwise
+/// [`max_rows`] then [`exp_shifted_rows`] with those shifts, in one pass over the rows (a
+/// decode block's rows are 16 values: the two calls' reductions and loop set-up cost about as
+/// much as the `exp` itself). `n == 0` writes nothing.
+pub fn softmax_rows(
+    values: &mut [f32],
+    n: usize,
+    running_max: &[f32],
+    block_max: &mut [f32],
+    sums: &mut [f32],
+) {
+    dispatch!(softmax_rows(values, n, running_max, block_max, sums))
+}
+
 /// Name of the kernel set in use (`"scalar"` or `"avx2"`), for reports.
 pub fn active_isa() -> &'static str {
     #[cfg(all(target_arch = "x86_64", not(feature = "force-scalar")))]

@@ -166,6 +166,24 @@ pub fn exp_shifted_rows(values: &mut [f32], n: usize, shifts: &[f32], sums: &mut
     }
 }
 
+/// See [`super::softmax_rows`].
+pub fn softmax_rows(
+    values: &mut [f32],
+    n: usize,
+    running_max: &[f32],
+    block_max: &mut [f32],
+    sums: &mut [f32],
+) {
+    if n == 0 {
+        return;
+    }
+    let rows = values.chunks_exact_mut(n).zip(running_max);
+    for ((row, &running), (m, sum)) in rows.zip(block_max.iter_mut().zip(sums.iter_mut())) {
+        *m = max(row);
+        *sum = exp_shifted_sum(row, super::softmax_shift(*m, running));
+    }
+}
+
 /// `e^x` for `f32` without `std`: range reduction `x = k·ln2 + r`, |r| ≤ ln2/2, then a degree-7
 /// polynomial for `e^r` (relative error below 2e-7 over the whole normal range), scaled by `2^k`.
 #[inline]
