@@ -317,90 +317,135 @@ proptest! {
 
 #[test]
 fn chunked_prefill_equals_one_call_over_the_prompt() {
-    for (q_heads, kv_heads, head_dim, chunk) in
-        [(9, 3, 64, 7), (4, 4, 33, 16), (8, 1, 128, 5), (6, 2, 16, 1)]
-    {
-        let mut spec = CacheSpec::new(1, q_heads, kv_heads, head_dim);
-        spec.k_format = KvFormat::F32;
-        spec.v_format = KvFormat::F32;
-        spec.max_seq_tokens = 100;
-        let layout = Layout::new(spec).unwrap();
-        let mut arena = vec![0u8; layout.arena_bytes(20).unwrap()];
-        let mut cache = KvCache::new(spec, &mut arena).unwrap();
-        let mut rng = Rng(7);
-        let prompt = 61;
-        let kv_elems = prompt * kv_heads * head_dim;
-        let (keys, values) = (rng.vec(kv_elems), rng.vec(kv_elems));
-        let queries = rng.vec(prompt * q_heads * head_dim);
-        let token_q = q_heads * head_dim;
-        let token_kv = kv_heads * head_dim;
-        let options = AttentionOptions::default();
-        let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
+    // Bit for bit, in every format whose rows do not depend on the write they came in (int4
+    // keys do: their channel offsets come from a sequence's first write), and for int4
+    // values with the integer weights as well as the exact sums.
+    let formats = [
+        (KvFormat::F32, KvFormat::F32, false),
+        (KvFormat::F16, KvFormat::F16, false),
+        (KvFormat::Bf16, KvFormat::Bf16, false),
+        (KvFormat::Int8, KvFormat::Int8, false),
+        (KvFormat::Int8, KvFormat::Int4, false),
+        (KvFormat::F16, KvFormat::Int4, false),
+        (KvFormat::F16, KvFormat::Int4, true),
+    ];
+    for (k_format, v_format, exact_values) in formats {
+        for (q_heads, kv_heads, head_dim, chunk) in
+            [(9, 3, 64, 7), (4, 4, 33, 16), (8, 1, 128, 5), (6, 2, 16, 1)]
+        {
+            chunked_prefill_case(
+                k_format,
+                v_format,
+                exact_values,
+                q_heads,
+                kv_heads,
+                head_dim,
+                chunk,
+            );
+        }
+    }
+}
 
-        let whole = cache.add_sequence().unwrap();
-        cache.reserve(whole, prompt).unwrap();
-        cache.write_run(whole, 0, 0, &keys, &values).unwrap();
-        let mut expect = vec![0.0; prompt * token_q];
+fn chunked_prefill_case(
+    k_format: KvFormat,
+    v_format: KvFormat,
+    exact_values: bool,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    chunk: usize,
+) {
+    let mut spec = CacheSpec::new(1, q_heads, kv_heads, head_dim);
+    spec.k_format = k_format;
+    spec.v_format = v_format;
+    spec.max_seq_tokens = 100;
+    let layout = Layout::new(spec).unwrap();
+    let mut arena = vec![0u8; layout.arena_bytes(20).unwrap()];
+    let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    let mut rng = Rng(7);
+    let prompt = 61;
+    let kv_elems = prompt * kv_heads * head_dim;
+    let (keys, values) = (rng.vec(kv_elems), rng.vec(kv_elems));
+    let queries = rng.vec(prompt * q_heads * head_dim);
+    let token_q = q_heads * head_dim;
+    let token_kv = kv_heads * head_dim;
+    let options = AttentionOptions {
+        exact_values,
+        ..AttentionOptions::default()
+    };
+    let mut scratch = vec![0.0; attention_scratch_len(&cache, &options)];
+
+    let whole = cache.add_sequence().unwrap();
+    cache.reserve(whole, prompt).unwrap();
+    cache.write_run(whole, 0, 0, &keys, &values).unwrap();
+    let mut expect = vec![0.0; prompt * token_q];
+    let entry = BatchEntry {
+        seq: whole,
+        first_position: 0,
+        tokens: prompt,
+    };
+    attention(
+        &cache,
+        0,
+        &[entry],
+        &queries,
+        &mut expect,
+        &mut scratch,
+        &options,
+    )
+    .unwrap();
+
+    let chunked = cache.add_sequence().unwrap();
+    let mut got = vec![0.0; prompt * token_q];
+    for start in (0..prompt).step_by(chunk) {
+        let n = chunk.min(prompt - start);
+        cache.reserve(chunked, n).unwrap();
+        cache
+            .write_run(
+                chunked,
+                0,
+                start,
+                &keys[start * token_kv..(start + n) * token_kv],
+                &values[start * token_kv..(start + n) * token_kv],
+            )
+            .unwrap();
         let entry = BatchEntry {
-            seq: whole,
-            first_position: 0,
-            tokens: prompt,
+            seq: chunked,
+            first_position: start,
+            tokens: n,
         };
+        let range = start * token_q..(start + n) * token_q;
         attention(
             &cache,
             0,
             &[entry],
-            &queries,
-            &mut expect,
+            &queries[range.clone()],
+            &mut got[range],
             &mut scratch,
             &options,
         )
         .unwrap();
-
-        let chunked = cache.add_sequence().unwrap();
-        let mut got = vec![0.0; prompt * token_q];
-        for start in (0..prompt).step_by(chunk) {
-            let n = chunk.min(prompt - start);
-            cache.reserve(chunked, n).unwrap();
-            cache
-                .write_run(
-                    chunked,
-                    0,
-                    start,
-                    &keys[start * token_kv..(start + n) * token_kv],
-                    &values[start * token_kv..(start + n) * token_kv],
-                )
-                .unwrap();
-            let entry = BatchEntry {
-                seq: chunked,
-                first_position: start,
-                tokens: n,
-            };
-            let range = start * token_q..(start + n) * token_q;
-            attention(
-                &cache,
-                0,
-                &[entry],
-                &queries[range.clone()],
-                &mut got[range],
-                &mut scratch,
-                &options,
-            )
-            .unwrap();
-        }
-        for (a, b) in got.iter().zip(&expect) {
-            assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
-        }
-        let worst = check_against_oracle(
-            &cache,
-            0,
-            &[entry],
-            &queries,
-            &expect,
-            1.0 / (head_dim as f64).sqrt(),
-        );
-        assert!(worst < 1e-5, "{worst}");
     }
+    let case = (k_format, v_format, exact_values, q_heads, head_dim, chunk);
+    for (i, (a, b)) in got.iter().zip(&expect).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "{a} vs {b} at {i}, {case:?}");
+    }
+    // The float formats against the oracle on their stored rows; the quantized ones
+    // round their queries (int8 keys) or their weights (int4 values) on the way.
+    let bound = match (k_format, v_format, exact_values) {
+        (KvFormat::Int8, _, _) => 3e-3,
+        (_, KvFormat::Int4, false) => 3e-3,
+        _ => 1e-5,
+    };
+    let worst = check_against_oracle(
+        &cache,
+        0,
+        &[entry],
+        &queries,
+        &expect,
+        1.0 / (head_dim as f64).sqrt(),
+    );
+    assert!(worst < bound, "{worst} for {case:?}");
 }
 
 #[test]
