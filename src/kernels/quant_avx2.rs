@@ -21,10 +21,11 @@
 //!   this took the int8 scores from 24.2 to 16.4 ns per token for 3 heads, int4 from 30.6 to
 //!   17.5). Other rows reduce each score's 8 lanes exactly instead; both give the same bits.
 //! - [`accumulate_rows`] keeps one group (4 chunks) of `out` for `G <= 3` heads in registers
-//!   while it walks the rows (int4 with 3 heads: half a group). For int8 the group scale is folded into the softmax weight
-//!   (`w·s`, one scalar multiply per head, row and group), so the chunk needs no multiply; for
-//!   int4 the chunk is dequantized once (`m + s·q`) and shared by the heads (folding `m` out as
-//!   a per-head constant would save one FMA per chunk but adds cancellation error).
+//!   while it walks the rows (int4 with 3 heads: half a group). For int8 the group scale is
+//!   folded into the softmax weight (`w·s`, one multiply per head, row and group), so the
+//!   chunk needs no multiply; for int4 the chunk is dequantized once (`m + s·q`) and shared
+//!   by the heads (folding `m` out as a per-head constant would save one FMA per chunk but
+//!   adds cancellation error).
 //! - [`accumulate_rows_int`] (the attention path for int4 values) rounds each run of 16 rows'
 //!   `weight · scale` to 8-bit integers and sums the nibbles against them with `vpmaddubsw`
 //!   in 16-bit lanes, two rows interleaved byte by byte; the weights of up to 4 groups are
@@ -636,7 +637,6 @@ unsafe fn acc_block<const FMT: u8, const C: usize, const G: usize>(
     }
     let mut row = shape.rows;
     for r in 0..n_rows {
-        // SAFETY: row `r < n_rows` is whole.
         // SAFETY: row `r < n_rows` is whole.
         let (sv, mv) = params8::<FMT>(row, head_dim, g);
         let mut wv = [_mm256_setzero_ps(); G];
