@@ -59,6 +59,7 @@ typedef struct kvc_spec {
     uint32_t max_seq_tokens; /* tokens per sequence at most */
     uint32_t window;         /* sliding window in tokens, 0 = none */
     uint32_t sink_tokens;    /* first tokens always visible with a window */
+    uint32_t key_tail_tokens; /* int8/int4 keys: last keys kept in f16 per sequence, 0 = none */
 } kvc_spec;
 
 typedef struct kvc_batch_entry {
@@ -173,6 +174,13 @@ kvc_status kvc_block_storage(const kvc_cache *cache, const uint8_t **out_data, s
 kvc_status kvc_seq_len(const kvc_cache *cache, uint64_t seq, uint32_t *out_len);
 kvc_status kvc_page_table(const kvc_cache *cache, uint64_t seq, uint32_t *out, size_t cap,
                           size_t *out_entries);
+/* The key tail of (seq, layer, kv_head) when the spec has one: the ring's address and bytes
+ * (key_tail_tokens f16 rows of head_dim, position p in row p % key_tail_tokens, stored basis
+ * minus the int4 key offsets) and the positions [first, end) it holds; attention scores those
+ * from the ring. Without a tail: NULL, 0 and first == end == the sequence's length. */
+kvc_status kvc_key_tail(const kvc_cache *cache, uint64_t seq, uint32_t layer, uint32_t kv_head,
+                        const uint8_t **out_ring, size_t *out_len, uint32_t *out_first,
+                        uint32_t *out_end);
 /* Copies a NUL-terminated message into buf (len bytes); returns its full length. */
 /* Saving and restoring one sequence (for example a system prompt kept in flash): the stored
  * rows, bit for bit, and the int4 state, with a checksum. kvc_seq_export with out NULL and

@@ -24,6 +24,7 @@
 
 use crate::cache::{KvCache, SeqId};
 use crate::error::Error;
+use crate::format::KvFormat;
 use crate::kernels;
 use crate::spec::Kind;
 
@@ -173,7 +174,7 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
         items.checked_mul(partial_len).ok_or(Error::SizeOverflow)?;
         let prepared = kernels::prepared_query_len(spec.k_format, spec.head_dim, max_rows);
         let scratch_len = max_rows
-            .checked_mul(spec.head_dim + spec.block_tokens)
+            .checked_mul(spec.head_dim + spec.block_tokens + spec.key_tail_tokens)
             .filter(|_| prepared != usize::MAX)
             .and_then(|n| n.checked_add(prepared.div_ceil(4)))
             .ok_or(Error::SizeOverflow)?;
@@ -210,8 +211,8 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
         self.partial_len
     }
 
-    /// `f32` scratch one worker needs to run items: gathered queries, one block of scores and,
-    /// for quantized keys, the prepared (quantized) queries.
+    /// `f32` scratch one worker needs to run items: gathered queries, one block of scores, the
+    /// key tail's scores and, for quantized keys, the prepared (quantized) queries.
     pub fn scratch_len(&self) -> usize {
         self.scratch_len
     }
@@ -285,8 +286,11 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
         let rows = item.tokens * group;
         let (query_buf, rest) = scratch.split_at_mut(self.max_rows() * head_dim);
         let query_buf = &mut query_buf[..rows * head_dim];
-        let (scores_buf, prepared_buf) = rest.split_at_mut(self.max_rows() * block_tokens);
+        let (scores_buf, rest) = rest.split_at_mut(self.max_rows() * block_tokens);
         let scores_buf = &mut scores_buf[..rows * block_tokens];
+        let tail_tokens = spec.key_tail_tokens;
+        let (tail_scores, prepared_buf) = rest.split_at_mut(self.max_rows() * tail_tokens);
+        let tail_scores = &mut tail_scores[..rows * tail_tokens];
         let prepared_len = kernels::prepared_query_len(spec.k_format, head_dim, rows);
         let prepared = &mut kernels::scratch_bytes(prepared_buf)[..prepared_len];
         let (state, acc) = partial.split_at_mut(2 * self.max_rows());
@@ -334,6 +338,13 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
         let lookup = |list_index: usize| self.cache.block(entry.seq, needed.logical(list_index));
         // Each block is looked up once, one iteration ahead, so that its rows can be prefetched
         // while the current block is processed; a failed look-up is reported when its turn comes.
+        // Key tail: the positions it holds are scored from their full-precision copies, all
+        // at once on the first block that has any (`tail_scores`: `[rows][key_tail_tokens]`).
+        let tail = self
+            .cache
+            .tail_rows(entry.seq, self.layer, item.kv_head)
+            .filter(|(_, held)| !held.is_empty());
+        let mut tail_scored = false;
         let mut next = (from < to).then(|| lookup(from));
         for list_index in from..to {
             let block = match next.take() {
@@ -365,6 +376,30 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
                 kernels::dot_rows(spec.k_format, k_rows, head_dim, query_buf, rows, scores);
             } else {
                 kernels::dot_rows_prepared(spec.k_format, k_rows, head_dim, prepared, rows, scores);
+            }
+            if let Some((ring, held)) = &tail {
+                let slots = block.first_position..block.first_position + keys;
+                let start = held.start.max(slots.start);
+                let end = held.end.min(slots.end);
+                if start < end {
+                    if !tail_scored {
+                        kernels::dot_rows(
+                            KvFormat::F16,
+                            ring,
+                            head_dim,
+                            query_buf,
+                            rows,
+                            tail_scores,
+                        );
+                        tail_scored = true;
+                    }
+                    for r in 0..rows {
+                        for position in start..end {
+                            scores[r * block_tokens + position - block.first_position] =
+                                tail_scores[r * tail_tokens + position % tail_tokens];
+                        }
+                    }
+                }
             }
             // int4 keys: the sequence's first key is held exact (it draws most of the
             // attention); its score comes from it, in the same f32 order on every path.
@@ -575,13 +610,17 @@ pub fn attention_scratch_len(cache: &KvCache<'_>, options: &AttentionOptions) ->
     } else {
         prepared.div_ceil(4)
     };
-    rows.saturating_mul(spec.head_dim + spec.block_tokens)
-        .saturating_add(prepared)
-        .saturating_add(
-            rows.saturating_mul(spec.head_dim + 2)
-                .saturating_mul(options.splits.max(1))
-                .saturating_mul(2),
-        )
+    rows.saturating_mul(
+        spec.head_dim
+            .saturating_add(spec.block_tokens)
+            .saturating_add(spec.key_tail_tokens),
+    )
+    .saturating_add(prepared)
+    .saturating_add(
+        rows.saturating_mul(spec.head_dim + 2)
+            .saturating_mul(options.splits.max(1))
+            .saturating_mul(2),
+    )
 }
 
 /// Attention for a batch on the calling thread, in caller scratch (no allocation).

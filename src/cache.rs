@@ -20,6 +20,11 @@
 //! [`KvCache::key_offsets`] and [`crate::quant`]. A sequence's results never depend on other
 //! sequences. For the best offsets, write a layer's first keys as a multi-token run (a
 //! prefill) rather than one token: a single token's key is a poor estimate of the mean.
+//!
+//! With a key tail ([`CacheSpec::key_tail_tokens`], quantized keys only), each sequence also
+//! keeps `f16` copies of its last `key_tail_tokens` keys in a ring beside the blocks, and
+//! attention and [`KvCache::read_row`] use them for those positions; see
+//! [`KvCache::tail_rows`] for exactly which positions a ring holds.
 
 use core::ops::Range;
 
@@ -41,6 +46,9 @@ const GENERATION: usize = 0;
 const LIVE: usize = 1;
 const LEN: usize = 2;
 const EVICT_END: usize = 3;
+/// Key tail: the ring holds every written position from `max(TAIL_FROM, len - key_tail_tokens)`
+/// to `len` (see [`KvCache::tail_rows`]).
+const TAIL_FROM: usize = 4;
 
 /// Handle of a sequence: a slot index and the slot's generation, so that an id kept after
 /// [`KvCache::remove`] is refused instead of naming the slot's next occupant. Each cache starts
@@ -177,7 +185,10 @@ pub struct KvCache<'a> {
     /// `blocks × block_bytes`, block `b` at `b·block_bytes`.
     data: &'a mut [u8],
     pool: BlockPool<'a>,
-    /// `max_seqs × SEQ_WORDS`: generation, live flag, length, window eviction end.
+    /// Key tail rings ([`Layout::tail_bytes`]): per sequence slot, layer and KV head,
+    /// `key_tail_tokens` `f16` rows; empty without a tail.
+    tail: &'a mut [u8],
+    /// `max_seqs × SEQ_WORDS`: generation, live flag, length, window eviction end, tail start.
     seq_table: &'a mut [u32],
     /// `max_seqs × max_blocks_per_seq` physical block ids (`NO_BLOCK` when none).
     page_tables: &'a mut [u32],
@@ -228,7 +239,7 @@ impl<'a> KvCache<'a> {
         }
         let needed = layout.arena_bytes(blocks)?;
         let available = arena.len();
-        let data_bytes = blocks * layout.block_bytes();
+        let data_bytes = blocks * layout.block_bytes() + layout.tail_bytes();
         let seq_words = spec.max_seqs * SEQ_WORDS;
         let table_words = spec.max_seqs * layout.max_blocks_per_seq();
         let offset_words = layout.key_offset_words().ok_or(Error::SizeOverflow)?;
@@ -252,7 +263,7 @@ impl<'a> KvCache<'a> {
         let (offsets_set, rest) = offsets.split_at_mut(flags);
         let (key_offsets, first_keys) = rest.split_at_mut(rest.len() / 2);
         for words in seq_table.chunks_exact_mut(SEQ_WORDS) {
-            words.copy_from_slice(&[salt, 0, 0, 0]);
+            words.copy_from_slice(&[salt, 0, 0, 0, 0]);
         }
         page_tables.fill(NO_BLOCK);
         offsets_set.fill(0);
@@ -264,9 +275,11 @@ impl<'a> KvCache<'a> {
         } else {
             spec.sink_tokens.div_ceil(spec.block_tokens)
         };
+        let (data, tail) = regions.data.split_at_mut(blocks * layout.block_bytes());
         Ok(KvCache {
             layout,
-            data: regions.data,
+            data,
+            tail,
             pool: BlockPool::new(refcounts, free_stack),
             seq_table,
             page_tables,
@@ -359,7 +372,7 @@ impl<'a> KvCache<'a> {
         let slot = self.free_slot()?;
         let words = self.words_mut(slot);
         let generation = words[GENERATION].wrapping_add(1);
-        words.copy_from_slice(&[generation, 1, 0, 0]);
+        words.copy_from_slice(&[generation, 1, 0, 0, 0]);
         self.reset_int4_state(slot, None);
         self.live += 1;
         Ok(SeqId {
@@ -602,12 +615,17 @@ impl<'a> KvCache<'a> {
             .key_offsets
             .get(offsets_at..offsets_at + spec.kv_heads * spec.head_dim)
             .unwrap_or(&[]);
+        // Positions the key tail ring keeps: the last `key_tail_tokens` of the sequence.
+        let tail_first = self.len_of(slot).saturating_sub(spec.key_tail_tokens);
+        let ring_at = self.ring_offset(slot, layer, 0);
+        let (ring_bytes, tail_row_bytes) = (self.layout.tail_ring_bytes(), 2 * spec.head_dim);
         for (t, (k_token, v_token)) in k
             .chunks_exact(token_elems)
             .zip(v.chunks_exact(token_elems))
             .enumerate()
         {
             let position = first + t;
+            let in_tail = spec.key_tail_tokens != 0 && position >= tail_first;
             let block = self.table(slot)[position / spec.block_tokens] as usize;
             let base = block * self.layout.block_bytes();
             let slot_in_block = position % spec.block_tokens;
@@ -631,6 +649,14 @@ impl<'a> KvCache<'a> {
                     } else {
                         row
                     };
+                    if kind == Kind::K && in_tail {
+                        let at = ring_at
+                            + head * ring_bytes
+                            + position % spec.key_tail_tokens * tail_row_bytes;
+                        let offsets = (format == KvFormat::Int4)
+                            .then(|| &layer_offsets[head * spec.head_dim..][..spec.head_dim]);
+                        encode_tail_row(stored, offsets, &mut self.tail[at..at + tail_row_bytes]);
+                    }
                     if kind == Kind::K && format == KvFormat::Int4 {
                         let offsets = &layer_offsets[head * spec.head_dim..][..spec.head_dim];
                         if position == 0 {
@@ -664,7 +690,8 @@ impl<'a> KvCache<'a> {
         Ok(())
     }
 
-    /// Reads one stored row back as `f32` (`out.len() == head_dim`).
+    /// Reads one stored row back as `f32` (`out.len() == head_dim`): the values attention
+    /// uses (for a key the key tail holds, its `f16` copy rather than its quantized row).
     pub fn read_row(
         &self,
         seq: SeqId,
@@ -697,6 +724,13 @@ impl<'a> KvCache<'a> {
             &self.data[at..at + self.layout.row_bytes(kind)],
             out,
         );
+        if kind == Kind::K && spec.key_tail_tokens != 0 && position >= self.tail_start(slot) {
+            // Held in the key tail: the full-precision copy (minus the int4 offsets).
+            let row_bytes = 2 * spec.head_dim;
+            let at = self.ring_offset(slot, layer, kv_head)
+                + position % spec.key_tail_tokens * row_bytes;
+            kernels::decode_row(KvFormat::F16, &self.tail[at..at + row_bytes], out);
+        }
         if kind == Kind::K && format == KvFormat::Int4 {
             let at = self.offsets_index(slot, layer).1 + kv_head * spec.head_dim;
             if position == 0 {
@@ -768,6 +802,51 @@ impl<'a> KvCache<'a> {
         }
         let at = self.offsets_index(slot, layer).1 + kv_head * spec.head_dim;
         rows.get(at..at + spec.head_dim)
+    }
+
+    /// Bytes of one sequence slot's key tail rings (every layer and KV head).
+    fn slot_tail_bytes(&self) -> usize {
+        self.layout.tail_ring_bytes() * self.spec().layers * self.spec().kv_heads
+    }
+
+    /// Byte offset in `tail` of the ring of (`slot`, `layer`, `kv_head`).
+    fn ring_offset(&self, slot: usize, layer: usize, kv_head: usize) -> usize {
+        let spec = self.spec();
+        ((slot * spec.layers + layer) * spec.kv_heads + kv_head) * self.layout.tail_ring_bytes()
+    }
+
+    /// The first position whose key the ring of `slot` holds (see [`KvCache::tail_rows`]).
+    fn tail_start(&self, slot: usize) -> usize {
+        let len = self.len_of(slot);
+        let from = self.words(slot)[TAIL_FROM] as usize;
+        from.max(len.saturating_sub(self.spec().key_tail_tokens))
+    }
+
+    /// The key tail of `seq`'s `layer` and `kv_head` (see [`CacheSpec::key_tail_tokens`]):
+    /// the ring's bytes (`key_tail_tokens` `f16` rows of `head_dim`, the key at position `p`
+    /// in row `p mod key_tail_tokens`, in the stored basis minus the int4 key offsets) and the
+    /// positions it holds. `None` without a tail or for a bad id or index.
+    ///
+    /// The ring holds the last `key_tail_tokens` positions of the sequence, `len -
+    /// key_tail_tokens .. len`: a write keeps a full-precision copy of each key it stores at
+    /// one of those positions. After [`KvCache::truncate`] the positions whose copies later
+    /// writes overwrote are left out until the sequence grows past them again.
+    ///
+    /// [`CacheSpec::key_tail_tokens`]: crate::CacheSpec::key_tail_tokens
+    pub fn tail_rows(
+        &self,
+        seq: SeqId,
+        layer: usize,
+        kv_head: usize,
+    ) -> Option<(&[u8], Range<usize>)> {
+        let spec = self.spec();
+        if spec.key_tail_tokens == 0 || layer >= spec.layers || kv_head >= spec.kv_heads {
+            return None;
+        }
+        let slot = self.slot_of(seq).ok()?;
+        let at = self.ring_offset(slot, layer, kv_head);
+        let ring = self.tail.get(at..at + self.layout.tail_ring_bytes())?;
+        Some((ring, self.tail_start(slot)..self.len_of(slot)))
     }
 
     /// Index of the "offsets set" flag and of the first key offset of (`slot`, `layer`).
@@ -1004,11 +1083,19 @@ impl<'a> KvCache<'a> {
                 self.pool.retain(BlockId(block));
             }
         }
-        let (len, evict_end) = (self.words(parent)[LEN], self.words(parent)[EVICT_END]);
+        let parent_words = self.words(parent);
+        let (len, evict_end, tail_from) = (
+            parent_words[LEN],
+            parent_words[EVICT_END],
+            parent_words[TAIL_FROM],
+        );
         let words = self.words_mut(child);
         let generation = words[GENERATION].wrapping_add(1);
-        words.copy_from_slice(&[generation, 1, len, evict_end]);
+        words.copy_from_slice(&[generation, 1, len, evict_end, tail_from]);
         self.reset_int4_state(child, Some(parent));
+        let ring = self.slot_tail_bytes();
+        self.tail
+            .copy_within(parent * ring..(parent + 1) * ring, child * ring);
         self.live += 1;
         Ok(SeqId {
             slot: child as u32,
@@ -1047,7 +1134,11 @@ impl<'a> KvCache<'a> {
                 self.pool.release(BlockId(block));
             }
         }
-        self.words_mut(slot)[LEN] = new_len as u32;
+        // The ring still holds `tail_start(slot)..new_len`; later writes keep it so.
+        let tail_from = self.tail_start(slot).min(new_len);
+        let words = self.words_mut(slot);
+        words[LEN] = new_len as u32;
+        words[TAIL_FROM] = tail_from as u32;
         if new_len == 0 {
             // Nothing of the sequence is left: its next write starts over, as in a new one.
             self.reset_int4_state(slot, None);
@@ -1063,6 +1154,7 @@ impl<'a> KvCache<'a> {
         words[LIVE] = 0;
         words[LEN] = 0;
         words[EVICT_END] = 0;
+        words[TAIL_FROM] = 0;
         self.live -= 1;
         Ok(())
     }
@@ -1192,7 +1284,8 @@ impl<'a> KvCache<'a> {
     ///   hold no block;
     /// - each block's reference count equals the number of entries pointing at it;
     /// - the free stack holds exactly the blocks with count zero, each once;
-    /// - the live-sequence count matches the table.
+    /// - the live-sequence count matches the table;
+    /// - no key tail starts past its sequence's end.
     ///
     /// Linear in blocks plus page-table entries; uses the arena's scratch words.
     pub fn check_invariants(&mut self) -> Result<(), &'static str> {
@@ -1215,6 +1308,9 @@ impl<'a> KvCache<'a> {
                 if self.len_of(slot) > self.spec().max_seq_tokens {
                     return Err("sequence longer than max_seq_tokens");
                 }
+            }
+            if words[TAIL_FROM] as usize > self.len_of(slot) {
+                return Err("key tail starts past the sequence's end");
             }
             let evicted = self.evicted_range(slot);
             for logical in 0..per {
@@ -1254,6 +1350,24 @@ impl<'a> KvCache<'a> {
             *seen = u32::MAX;
         }
         Ok(())
+    }
+}
+
+/// Largest finite `f16`.
+const F16_MAX: f32 = 65504.0;
+
+/// Writes one key tail row (`f16`, `2 × row.len()` bytes): `row` (in the stored basis) minus
+/// `offsets` (int4 keys; `None` for int8), saturated to `±65504`.
+fn encode_tail_row(row: &[f32], offsets: Option<&[u32]>, dst: &mut [u8]) {
+    const PIECE: usize = 64;
+    let mut shifted = [0.0f32; PIECE];
+    for (i, (piece, dst)) in row.chunks(PIECE).zip(dst.chunks_mut(2 * PIECE)).enumerate() {
+        let shifted = &mut shifted[..piece.len()];
+        for (d, (s, &x)) in shifted.iter_mut().zip(piece).enumerate() {
+            let offset = offsets.map_or(0.0, |o| f32::from_bits(o[i * PIECE + d]));
+            *s = (x - offset).clamp(-F16_MAX, F16_MAX);
+        }
+        kernels::encode_row(KvFormat::F16, shifted, dst);
     }
 }
 

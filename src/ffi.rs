@@ -118,6 +118,8 @@ pub struct KvcSpec {
     pub window: u32,
     /// Sink tokens kept with a window.
     pub sink_tokens: u32,
+    /// Recent keys kept at full precision per sequence (quantized keys only; 0: none).
+    pub key_tail_tokens: u32,
 }
 
 /// One sequence's part of an attention batch.
@@ -216,6 +218,7 @@ fn spec_from(spec: &KvcSpec) -> Result<CacheSpec, KvcStatus> {
         max_seq_tokens: spec.max_seq_tokens as usize,
         window: spec.window as usize,
         sink_tokens: spec.sink_tokens as usize,
+        key_tail_tokens: spec.key_tail_tokens as usize,
     })
 }
 
@@ -712,6 +715,74 @@ pub unsafe extern "C" fn kvc_seq_len(
                 KvcStatus::Ok
             }
             Err(e) => e.into(),
+        })
+    }
+}
+
+/// The key tail of `seq`'s `layer` and `kv_head` (`KvCache::tail_rows`): `*out_ring` and
+/// `*out_len` receive the ring's address and length in bytes (`key_tail_tokens` `f16` rows of
+/// `head_dim`, the key at position `p` in row `p mod key_tail_tokens`, in the stored basis
+/// minus the int4 key offsets; inside the arena, readable while no call changes the cache),
+/// and `*out_first` and `*out_end` the positions it holds. Without a tail: NULL, 0 and an
+/// empty range at the sequence's length.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_key_tail(
+    cache: *const KvcCache,
+    seq: u64,
+    layer: u32,
+    kv_head: u32,
+    out_ring: *mut *const u8,
+    out_len: *mut usize,
+    out_first: *mut u32,
+    out_end: *mut u32,
+) -> KvcStatus {
+    if cache.is_null()
+        || out_ring.is_null()
+        || out_len.is_null()
+        || out_first.is_null()
+        || out_end.is_null()
+    {
+        return KvcStatus::NullPointer;
+    }
+    let writes = [
+        Span::of(out_ring, 1),
+        Span::of(out_len, 1),
+        Span::of(out_first, 1),
+        Span::of(out_end, 1),
+    ];
+    // SAFETY: `cache` is a non-NULL handle (the header's contract).
+    if let Err(e) = unsafe { check_disjoint(cache, &[], &writes) } {
+        return e;
+    }
+    // SAFETY: see `with_cache_ref`; the outputs are non-NULL, aligned, disjoint and outside the
+    // handle and the arena (checked).
+    unsafe {
+        with_cache_ref(cache, |c| {
+            let seq = SeqId::from_raw(seq);
+            let len = match c.len(seq) {
+                Ok(len) => len as u32,
+                Err(e) => return e.into(),
+            };
+            let spec = c.spec();
+            if layer as usize >= spec.layers {
+                return Error::BadIndex("layer").into();
+            }
+            if kv_head as usize >= spec.kv_heads {
+                return Error::BadIndex("kv_head").into();
+            }
+            let (ring, first, end) = match c.tail_rows(seq, layer as usize, kv_head as usize) {
+                Some((ring, held)) => (ring.as_ptr(), held.start as u32, held.end as u32),
+                None => (core::ptr::null(), len, len),
+            };
+            out_ring.write(ring);
+            out_len.write(if ring.is_null() {
+                0
+            } else {
+                c.layout().tail_ring_bytes()
+            });
+            out_first.write(first);
+            out_end.write(end);
+            KvcStatus::Ok
         })
     }
 }

@@ -68,6 +68,14 @@ pub struct CacheSpec {
     /// With a window, the first `sink_tokens` positions stay visible to every query and are
     /// never evicted. Ignored without a window.
     pub sink_tokens: usize,
+    /// Quantized keys (int8, int4) only: each sequence also keeps its last `key_tail_tokens`
+    /// keys of every layer and KV head at full precision (`f16`, in a ring beside the blocks),
+    /// and attention scores those positions from them instead of from their quantized rows:
+    /// a decode step sees its most recent keys almost exact. Costs
+    /// `layers × kv_heads × key_tail_tokens × head_dim × 2` bytes per sequence slot
+    /// ([`Layout::tail_bytes`]). `0` (the default) keeps none; must be `0` for float keys and
+    /// at most `max_seq_tokens`. See [`crate::cache`] for which positions it covers.
+    pub key_tail_tokens: usize,
 }
 
 impl CacheSpec {
@@ -86,6 +94,7 @@ impl CacheSpec {
             max_seq_tokens: 4096,
             window: 0,
             sink_tokens: 0,
+            key_tail_tokens: 0,
         }
     }
 
@@ -125,10 +134,12 @@ pub struct Layout {
     layer_bytes: usize,
     block_bytes: usize,
     max_blocks_per_seq: usize,
+    /// Bytes of every sequence slot's key tail ring (see [`CacheSpec::key_tail_tokens`]).
+    tail_bytes: usize,
 }
 
 /// `u32` words of metadata per sequence slot (see [`crate::cache`]).
-pub(crate) const SEQ_WORDS: usize = 4;
+pub(crate) const SEQ_WORDS: usize = 5;
 
 fn round_up(value: usize, align: usize) -> Option<usize> {
     value.checked_add(align - 1).map(|v| v / align * align)
@@ -169,6 +180,11 @@ impl Layout {
         if spec.window != 0 && spec.sink_tokens > spec.max_seq_tokens {
             return Err(Error::InvalidSpec("sink_tokens"));
         }
+        if spec.key_tail_tokens != 0
+            && (spec.k_format.is_float() || spec.key_tail_tokens > spec.max_seq_tokens)
+        {
+            return Err(Error::InvalidSpec("key_tail_tokens"));
+        }
         let overflow = Error::SizeOverflow;
         let k_row_bytes = spec.k_format.row_bytes(spec.head_dim).ok_or(overflow)?;
         let v_row_bytes = spec.v_format.row_bytes(spec.head_dim).ok_or(overflow)?;
@@ -186,6 +202,14 @@ impl Layout {
             .ok_or(overflow)?;
         let block_bytes = layer_bytes.checked_mul(spec.layers).ok_or(overflow)?;
         let max_blocks_per_seq = spec.max_seq_tokens.div_ceil(spec.block_tokens);
+        let tail_bytes = KvFormat::F16
+            .row_bytes(spec.head_dim)
+            .and_then(|b| b.checked_mul(spec.key_tail_tokens))
+            .and_then(|b| b.checked_mul(spec.kv_heads))
+            .and_then(|b| b.checked_mul(spec.layers))
+            .and_then(|b| b.checked_mul(spec.max_seqs))
+            .and_then(|b| round_up(b, SEGMENT_ALIGN))
+            .ok_or(overflow)?;
         let layout = Layout {
             spec,
             k_row_bytes,
@@ -195,6 +219,7 @@ impl Layout {
             layer_bytes,
             block_bytes,
             max_blocks_per_seq,
+            tail_bytes,
         };
         // The metadata for zero blocks must be representable; block counts are checked later.
         layout.arena_bytes(0)?;
@@ -259,6 +284,20 @@ impl Layout {
         self.segment_offset(layer, kind, kv_head) + slot * self.row_bytes(kind)
     }
 
+    /// Bytes of the key tail rings of all sequence slots, after the blocks in the arena:
+    /// slot by slot, layer by layer, KV head by KV head, `key_tail_tokens` `f16` rows of
+    /// `head_dim` (position `p` in row `p mod key_tail_tokens`), padded to 64 bytes in all;
+    /// `0` without a tail.
+    pub const fn tail_bytes(&self) -> usize {
+        self.tail_bytes
+    }
+
+    /// Bytes of one (sequence slot, layer, KV head) key tail ring:
+    /// `key_tail_tokens × head_dim × 2`.
+    pub const fn tail_ring_bytes(&self) -> usize {
+        self.spec.key_tail_tokens * self.spec.head_dim * 2
+    }
+
     /// Cache bytes per token at full blocks: K and V rows of every layer and head, with the
     /// segment padding spread over the block's slots.
     pub fn bytes_per_token(&self) -> f64 {
@@ -313,6 +352,7 @@ impl Layout {
         }
         let data = blocks
             .checked_mul(self.block_bytes)
+            .and_then(|b| b.checked_add(self.tail_bytes))
             .ok_or(Error::SizeOverflow)?;
         let words = self.metadata_words(blocks).ok_or(Error::SizeOverflow)?;
         words

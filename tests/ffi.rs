@@ -17,6 +17,7 @@ fn spec() -> KvcSpec {
         max_seq_tokens: 64,
         window: 0,
         sink_tokens: 0,
+        key_tail_tokens: 0,
     }
 }
 
@@ -316,6 +317,7 @@ fn attention_work_items_from_c_threads_match() {
         max_seq_tokens: 64,
         window: 0,
         sink_tokens: 0,
+        key_tail_tokens: 0,
     };
     let c = CCache::new(&spec, 32);
     let cache = c.cache;
@@ -916,6 +918,7 @@ fn block_storage_and_page_tables_locate_every_row() {
             max_seq_tokens: 64,
             window: 12,
             sink_tokens: 2,
+            key_tail_tokens: 0,
         };
         let mut owner = CCache::new(&spec, 40);
         let cache = owner.cache;
@@ -1706,6 +1709,7 @@ fn int4_values_spec(k_format: u32, max_seqs: u32) -> KvcSpec {
         max_seq_tokens: 64,
         window: 0,
         sink_tokens: 0,
+        key_tail_tokens: 0,
     }
 }
 
@@ -1740,4 +1744,112 @@ unsafe fn rust_work_items(
     let mut out = vec![0.0f32; queries.len()];
     plan.merge(&partials, &mut out).unwrap();
     out
+}
+
+#[test]
+fn the_key_tail_through_the_c_abi() {
+    // int8 keys (stored as given, no offsets), a 4-token tail; values exact in f16.
+    let mut s = spec();
+    s.k_format = 3;
+    s.key_tail_tokens = 4;
+    let c = CCache::new(&s, 8);
+    let (cache, elems) = (c.cache, (s.kv_heads * s.head_dim) as usize);
+    unsafe {
+        let (mut seq, mut first) = (0u64, 0u32);
+        assert_eq!(kvc_add_sequence(cache, &mut seq), KvcStatus::Ok);
+        assert_eq!(kvc_reserve(cache, seq, 6, &mut first), KvcStatus::Ok);
+        let keys: Vec<f32> = (0..6 * elems)
+            .map(|i| (i % 13) as f32 * 0.25 - 1.5)
+            .collect();
+        for layer in 0..s.layers {
+            assert_eq!(
+                kvc_write(
+                    cache,
+                    seq,
+                    layer,
+                    0,
+                    keys.as_ptr(),
+                    keys.as_ptr(),
+                    keys.len()
+                ),
+                KvcStatus::Ok
+            );
+        }
+        let (mut ring, mut len, mut from, mut end) = (null(), 0usize, 0u32, 0u32);
+        let call = |layer: u32,
+                    head: u32,
+                    ring: &mut *const u8,
+                    len: &mut usize,
+                    from: &mut u32,
+                    end: &mut u32| {
+            kvc_key_tail(cache, seq, layer, head, ring, len, from, end)
+        };
+        assert_eq!(
+            call(1, 1, &mut ring, &mut len, &mut from, &mut end),
+            KvcStatus::Ok
+        );
+        assert_eq!((len, from, end), (4 * s.head_dim as usize * 2, 2, 6));
+        let bytes = std::slice::from_raw_parts(ring, len);
+        for position in 2..6usize {
+            let row = &bytes[position % 4 * s.head_dim as usize * 2..];
+            for d in 0..s.head_dim as usize {
+                let got =
+                    kvcache::half::f16_to_f32(u16::from_le_bytes([row[2 * d], row[2 * d + 1]]));
+                assert_eq!(got, keys[position * elems + s.head_dim as usize + d]);
+            }
+        }
+        // Bad input.
+        assert_eq!(
+            call(2, 0, &mut ring, &mut len, &mut from, &mut end),
+            KvcStatus::BadIndex
+        );
+        assert_eq!(
+            call(0, 2, &mut ring, &mut len, &mut from, &mut end),
+            KvcStatus::BadIndex
+        );
+        assert_eq!(
+            kvc_key_tail(
+                cache,
+                seq ^ (1 << 40),
+                0,
+                0,
+                &mut ring,
+                &mut len,
+                &mut from,
+                &mut end
+            ),
+            KvcStatus::UnknownSequence
+        );
+        assert_eq!(
+            kvc_key_tail(cache, seq, 0, 0, null_mut(), &mut len, &mut from, &mut end),
+            KvcStatus::NullPointer
+        );
+        assert_eq!(
+            kvc_key_tail(null(), seq, 0, 0, &mut ring, &mut len, &mut from, &mut end),
+            KvcStatus::NullPointer
+        );
+        // A tail with float keys is refused; no tail gives an empty range.
+        let mut f = spec();
+        f.key_tail_tokens = 2;
+        let mut bytes = 0usize;
+        assert_eq!(kvc_arena_bytes(&f, 4, &mut bytes), KvcStatus::BadSpec);
+        let plain = CCache::new(&spec(), 4);
+        assert_eq!(kvc_add_sequence(plain.cache, &mut seq), KvcStatus::Ok);
+        assert_eq!(kvc_reserve(plain.cache, seq, 3, &mut first), KvcStatus::Ok);
+        assert_eq!(
+            kvc_key_tail(
+                plain.cache,
+                seq,
+                0,
+                0,
+                &mut ring,
+                &mut len,
+                &mut from,
+                &mut end
+            ),
+            KvcStatus::Ok
+        );
+        assert!(ring.is_null());
+        assert_eq!((len, from, end), (0, 3, 3));
+    }
 }

@@ -95,7 +95,12 @@ fn the_core_allocates_nothing_after_construction() {
         (KvFormat::Int4, KvFormat::Int4, 0),
         (KvFormat::Int8, KvFormat::Int4, 24),
     ];
-    for (k_format, v_format, window) in formats {
+    // Quantized keys run once more with a key tail.
+    let tails = formats.iter().map(|&f| (f, 0)).chain([
+        ((KvFormat::Int4, KvFormat::Int4, 0), 5),
+        ((KvFormat::Int8, KvFormat::Int4, 24), 7),
+    ]);
+    for ((k_format, v_format, window), key_tail) in tails {
         let mut spec = CacheSpec::new(2, 6, 2, 32);
         spec.block_tokens = 8;
         spec.k_format = k_format;
@@ -104,6 +109,7 @@ fn the_core_allocates_nothing_after_construction() {
         spec.max_seq_tokens = 96;
         spec.window = window;
         spec.sink_tokens = if window > 0 { 4 } else { 0 };
+        spec.key_tail_tokens = key_tail;
         let layout = Layout::new(spec).unwrap();
         let mut arena = vec![0u8; layout.arena_bytes(24).unwrap()];
         let row = spec.kv_heads * spec.head_dim;
@@ -269,7 +275,7 @@ fn the_core_allocates_nothing_after_construction() {
         });
         assert_eq!(
             n, 0,
-            "{k_format}/{v_format}, window {window}: {n} allocations"
+            "{k_format}/{v_format}, window {window}, key tail {key_tail}: {n} allocations"
         );
     }
 }
@@ -325,6 +331,7 @@ fn the_c_abi_allocates_nothing() {
         max_seq_tokens: 64,
         window: 0,
         sink_tokens: 0,
+        key_tail_tokens: 0,
     };
     let mut bytes = 0usize;
     // SAFETY (every call): valid pointers and lengths; the arena and handle memory outlive the

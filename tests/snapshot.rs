@@ -274,8 +274,9 @@ fn bad_snapshots_are_refused_and_change_nothing() {
     ));
     assert_eq!(row_bytes, 68);
     let mut nan_state = good.clone();
-    let n = nan_state.len();
-    nan_state[n - 4..].copy_from_slice(&f32::NAN.to_bits().to_le_bytes());
+    // The last state word, before the key tail's count (0: int8 keys here have no tail).
+    let n = nan_state.len() - 4;
+    nan_state[n - 4..n].copy_from_slice(&f32::NAN.to_bits().to_le_bytes());
     reseal(&mut nan_state);
     assert!(matches!(
         b.import_sequence(&nan_state),
@@ -469,4 +470,143 @@ fn streaming_save_and_restore_match_the_slice_forms_and_undo_failures() {
         assert_eq!((b.stats(), rows(&b, resident)), before);
         b.check_invariants().unwrap();
     }
+}
+
+/// `spec` with a key tail of `tail` tokens.
+fn tail_spec(k: KvFormat, v: KvFormat, tail: usize) -> CacheSpec {
+    let mut spec = spec(k, v, 16);
+    spec.key_tail_tokens = tail;
+    spec
+}
+
+#[test]
+fn the_key_tail_survives_a_snapshot() {
+    for (k, v, tail) in [(Int4, Int4, 12), (Int8, F16, 5), (Int4, F32, 1)] {
+        for truncate_to in [None, Some(33)] {
+            let what = format!("{k:?}/{v:?} tail {tail} truncated {truncate_to:?}");
+            let s = tail_spec(k, v, tail);
+            let mut a_arena = arena(s, 40);
+            let mut a = KvCache::with_blocks(s, 40, &mut a_arena).unwrap();
+            let mut seed = 11;
+            let original = a.add_sequence().unwrap();
+            grow(&mut a, original, 37, 3, &mut seed);
+            if let Some(len) = truncate_to {
+                a.truncate(original, len).unwrap();
+            }
+            let held = a.tail_rows(original, 1, 1).unwrap().1;
+            let bytes = export(&a, original);
+
+            // The same tail: the same rows, held range, attention and bytes.
+            let mut b_arena = arena(s, 40);
+            let mut b = KvCache::with_blocks(s, 40, &mut b_arena).unwrap();
+            let restored = b.import_sequence(&bytes).unwrap();
+            assert_eq!(b.tail_rows(restored, 1, 1).unwrap().1, held, "{what}");
+            assert_eq!(rows(&b, restored), rows(&a, original), "{what}");
+            assert_eq!(
+                bits(&attend(&b, restored, 3)),
+                bits(&attend(&a, original, 3)),
+                "{what}"
+            );
+            assert_eq!(export(&b, restored), bytes, "{what}");
+            b.check_invariants().unwrap();
+
+            // No tail: every key reads as its quantized row, as in a cache that never had one.
+            let none = tail_spec(k, v, 0);
+            let mut c_arena = arena(none, 40);
+            let mut c = KvCache::with_blocks(none, 40, &mut c_arena).unwrap();
+            let plain = c.import_sequence(&bytes).unwrap();
+            let mut d_arena = arena(none, 40);
+            let mut d = KvCache::with_blocks(none, 40, &mut d_arena).unwrap();
+            let twin = d.add_sequence().unwrap();
+            let mut seed_d = 11;
+            grow(&mut d, twin, 37, 3, &mut seed_d);
+            if let Some(len) = truncate_to {
+                d.truncate(twin, len).unwrap();
+            }
+            assert_eq!(rows(&c, plain), rows(&d, twin), "{what}: no tail");
+            assert!(c.tail_rows(plain, 0, 0).is_none());
+
+            // A shorter tail keeps the latest positions; the rest read as quantized rows.
+            if tail > 1 {
+                let short = tail_spec(k, v, tail / 2);
+                let mut e_arena = arena(short, 40);
+                let mut e = KvCache::with_blocks(short, 40, &mut e_arena).unwrap();
+                let cut = e.import_sequence(&bytes).unwrap();
+                let kept = held.end - held.len().min(tail / 2)..held.end;
+                assert_eq!(e.tail_rows(cut, 0, 1).unwrap().1, kept, "{what}");
+                let len = held.end;
+                let mut row = vec![0.0; 64];
+                for p in 0..len {
+                    let want = if kept.contains(&p) {
+                        (&b, restored)
+                    } else {
+                        (&c, plain)
+                    };
+                    for layer in 0..2 {
+                        e.read_row(cut, layer, Kind::K, 1, p, &mut row).unwrap();
+                        let got = bits(&row);
+                        want.0
+                            .read_row(want.1, layer, Kind::K, 1, p, &mut row)
+                            .unwrap();
+                        assert_eq!(got, bits(&row), "{what}: position {p}");
+                    }
+                }
+            }
+
+            // Both grow the same way.
+            let (mut seed_a, mut seed_b) = (5, 5);
+            grow(&mut a, original, 0, 4, &mut seed_a);
+            grow(&mut b, restored, 0, 4, &mut seed_b);
+            assert_eq!(rows(&b, restored), rows(&a, original), "{what}: grown");
+            assert_eq!(
+                bits(&attend(&b, restored, 4)),
+                bits(&attend(&a, original, 4)),
+                "{what}: grown"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_key_tails_are_refused() {
+    let s = tail_spec(Int4, Int4, 6);
+    let mut a_arena = arena(s, 20);
+    let mut a = KvCache::with_blocks(s, 20, &mut a_arena).unwrap();
+    let mut seed = 3;
+    let seq = a.add_sequence().unwrap();
+    grow(&mut a, seq, 20, 2, &mut seed);
+    let good = export(&a, seq);
+    let mut b_arena = arena(s, 20);
+    let mut b = KvCache::with_blocks(s, 20, &mut b_arena).unwrap();
+    let tail_bytes = 6 * 2 * 2 * 64 * 2; // held × layers × KV heads × head_dim × 2
+    let count_at = good.len() - tail_bytes - 4;
+    assert_eq!(&good[count_at..count_at + 4], &6u32.to_le_bytes());
+    // An infinite element, sealed.
+    let mut inf = good.clone();
+    inf[count_at + 4 + 130..count_at + 4 + 132].copy_from_slice(&0x7c00u16.to_le_bytes());
+    reseal(&mut inf);
+    assert!(matches!(
+        b.import_sequence(&inf),
+        Err(Error::BadSnapshot(m)) if m.contains("key tail")
+    ));
+    // A count past the sequence's length, and one that disagrees with the length.
+    for count in [23u32, 5] {
+        let mut wrong = good.clone();
+        wrong[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+        reseal(&mut wrong);
+        assert!(
+            matches!(b.import_sequence(&wrong), Err(Error::BadSnapshot(_))),
+            "{count}"
+        );
+    }
+    // The version before the key tail.
+    let mut v1 = good.clone();
+    v1[..8].copy_from_slice(b"KVCSEQ01");
+    assert!(matches!(
+        b.import_sequence(&v1),
+        Err(Error::BadSnapshot(m)) if m.contains("version 1")
+    ));
+    assert_eq!(b.sequences(), 0);
+    b.check_invariants().unwrap();
+    assert!(b.import_sequence(&good).is_ok());
 }

@@ -47,7 +47,7 @@ static int flash_read(void *user, size_t offset, uint8_t *buf, size_t len) {
 }
 
 int main(void) {
-    kvc_spec spec = {2, 4, 2, 8, 16, KVC_F16, KVC_F16, 4, 256, 0, 0};
+    kvc_spec spec = {2, 4, 2, 8, 16, KVC_F16, KVC_F16, 4, 256, 0, 0, 0};
     kvc_cache *cache = NULL;
     if (kvc_cache_size() > sizeof handle_memory) return 1;
     CHECK(kvc_cache_init(handle_memory, sizeof handle_memory, &spec, arena, sizeof arena, &cache));

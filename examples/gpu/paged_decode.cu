@@ -963,7 +963,7 @@ struct Timing {
  * once per pipeline depth in `stage_list` (0: the default). */
 static void time_config(uint32_t format, int batch, uint32_t ctx, const std::vector<int> &stage_list,
                         const std::vector<float> &pool, uint64_t *rng, std::vector<Timing> *timings) {
-    kvc_spec spec = {30, 9, 3, 64, 16, format, format, (uint32_t)batch, ctx, 0, 0};
+    kvc_spec spec = {30, 9, 3, 64, 16, format, format, (uint32_t)batch, ctx, 0, 0, 0};
     const uint32_t blocks = (uint32_t)batch * ((ctx + 15) / 16);
     HostCache c(spec, blocks);
     std::vector<uint64_t> seqs(batch);

@@ -2,7 +2,9 @@
 //! included) and checks after every step: the structural invariants, and every stored row of
 //! every sequence against a plain model (a `Vec` of token tags per sequence, with the window's
 //! evictions replayed). A failed operation must change nothing. Sequences are also saved and
-//! restored (`export_sequence` / `import_sequence`), intact or damaged.
+//! restored (`export_sequence` / `import_sequence`), intact or damaged. With int8 keys and a
+//! key tail, the keys the model says the tail holds must read back exact (the values are exact
+//! in `f16`), the others within int8's half step.
 #![no_main]
 
 use kvcache::cache::NO_BLOCK;
@@ -22,6 +24,8 @@ struct ModelSeq {
     tags: Vec<u32>,
     /// Logical blocks `sink_blocks..evict_end` were evicted by the window.
     evict_end: usize,
+    /// The key tail holds `max(tail_from, len - key_tail_tokens)..len`.
+    tail_from: usize,
 }
 
 struct Fuzz<'a> {
@@ -35,6 +39,11 @@ struct Fuzz<'a> {
 impl Fuzz<'_> {
     fn sink_blocks(&self) -> usize {
         if self.spec.window == 0 { 0 } else { self.spec.sink_tokens.div_ceil(self.spec.block_tokens) }
+    }
+
+    fn held(&self, seq: &ModelSeq) -> core::ops::Range<usize> {
+        let len = seq.tags.len();
+        seq.tail_from.max(len.saturating_sub(self.spec.key_tail_tokens))..len
     }
 
     fn evicted(&self, seq: &ModelSeq, position: usize) -> bool {
@@ -86,7 +95,8 @@ impl Fuzz<'_> {
                 let got = match self.spec.k_format {
                     KvFormat::F32 => f32::from_le_bytes(bytes[..4].try_into().unwrap()),
                     KvFormat::F16 => f16_to_f32(u16::from_le_bytes([bytes[0], bytes[1]])),
-                    _ => bf16_to_f32(u16::from_le_bytes([bytes[0], bytes[1]])),
+                    KvFormat::Bf16 => bf16_to_f32(u16::from_le_bytes([bytes[0], bytes[1]])),
+                    _ => continue,
                 };
                 assert_eq!(got, value(tag, 0, Kind::K, 0));
             }
@@ -103,6 +113,11 @@ impl Fuzz<'_> {
         let mut row = vec![0.0f32; elems];
         for seq in &self.seqs {
             assert_eq!(self.cache.len(seq.id), Ok(seq.tags.len()));
+            let held = self.held(seq);
+            if self.spec.key_tail_tokens > 0 {
+                let (_, range) = self.cache.tail_rows(seq.id, self.spec.layers - 1, 0).expect("a tail");
+                assert_eq!(range, held);
+            }
             for (position, &tag) in seq.tags.iter().enumerate() {
                 for layer in 0..self.spec.layers {
                     for kind in [Kind::K, Kind::V] {
@@ -113,8 +128,18 @@ impl Fuzz<'_> {
                                 continue;
                             }
                             result.expect("read");
+                            // int8 keys outside the tail: within half a step of their group's
+                            // scale (at most 32 / 127).
+                            let quantized = kind == Kind::K
+                                && self.spec.k_format == KvFormat::Int8
+                                && !held.contains(&position);
                             for (d, &got) in row.iter().enumerate() {
-                                assert_eq!(got, value(tag, layer, kind, head * elems + d));
+                                let want = value(tag, layer, kind, head * elems + d);
+                                if quantized {
+                                    assert!((got - want).abs() <= 32.0 / 127.0 / 2.0 * 1.0001, "{got} vs {want}");
+                                } else {
+                                    assert_eq!(got, want);
+                                }
                             }
                         }
                     }
@@ -137,6 +162,11 @@ fuzz_target!(|data: &[u8]| {
     spec.q_heads = spec.kv_heads * (1 + data[1] as usize / 2 % 3);
     spec.block_tokens = 1 + data[3] as usize % 5;
     spec.k_format = formats[data[4] as usize % 3];
+    // int8 keys with a key tail of 1..=6 tokens for some inputs.
+    if data[3] >= 0xc0 {
+        spec.k_format = KvFormat::Int8;
+        spec.key_tail_tokens = 1 + data[3] as usize % 6;
+    }
     spec.v_format = formats[data[4] as usize / 3 % 3];
     spec.max_seqs = 4;
     spec.max_seq_tokens = 24;
@@ -159,7 +189,7 @@ fuzz_target!(|data: &[u8]| {
         let pick = |n: usize| if n == 0 { 0 } else { arg % n };
         match op % 9 {
             0 => match fuzz.cache.add_sequence() {
-                Ok(id) => fuzz.seqs.push(ModelSeq { id, tags: Vec::new(), evict_end: 0 }),
+                Ok(id) => fuzz.seqs.push(ModelSeq { id, tags: Vec::new(), evict_end: 0, tail_from: 0 }),
                 Err(e) => assert_eq!(e, Error::TooManySequences),
             },
             1 | 2 if !fuzz.seqs.is_empty() => {
@@ -201,8 +231,9 @@ fuzz_target!(|data: &[u8]| {
                 let index = pick(fuzz.seqs.len());
                 match fuzz.cache.fork(fuzz.seqs[index].id) {
                     Ok(id) => {
-                        let (tags, evict_end) = (fuzz.seqs[index].tags.clone(), fuzz.seqs[index].evict_end);
-                        fuzz.seqs.push(ModelSeq { id, tags, evict_end });
+                        let parent = &fuzz.seqs[index];
+                        let (tags, evict_end, tail_from) = (parent.tags.clone(), parent.evict_end, parent.tail_from);
+                        fuzz.seqs.push(ModelSeq { id, tags, evict_end, tail_from });
                     }
                     Err(e) => assert_eq!(e, Error::TooManySequences),
                 }
@@ -212,7 +243,12 @@ fuzz_target!(|data: &[u8]| {
                 let len = fuzz.seqs[index].tags.len();
                 let keep = arg / 4 % (len + 3);
                 match fuzz.cache.truncate(fuzz.seqs[index].id, keep) {
-                    Ok(()) => fuzz.seqs[index].tags.truncate(keep),
+                    Ok(()) => {
+                        // Positions whose ring rows later writes overwrote leave the tail.
+                        let from = fuzz.held(&fuzz.seqs[index]).start.min(keep);
+                        fuzz.seqs[index].tail_from = from;
+                        fuzz.seqs[index].tags.truncate(keep);
+                    }
                     Err(Error::BadPosition { .. }) => assert!(keep > len),
                     Err(Error::Evicted { .. }) => assert!(fuzz.seqs[index].evict_end > fuzz.sink_blocks()),
                     Err(e) => panic!("truncate: {e}"),
@@ -266,7 +302,9 @@ fuzz_target!(|data: &[u8]| {
                             Ok(restored) => {
                                 assert!(!flip && cut == 0, "damaged bytes restored");
                                 let tags = fuzz.seqs[source].tags.clone();
-                                fuzz.seqs.push(ModelSeq { id: restored, tags, evict_end: 0 });
+                                // The restored tail holds what the source's held.
+                                let tail_from = fuzz.held(&fuzz.seqs[source]).start;
+                                fuzz.seqs.push(ModelSeq { id: restored, tags, evict_end: 0, tail_from });
                             }
                             Err(Error::TooManySequences | Error::OutOfBlocks { .. }) => {}
                             Err(e) => assert!(flip || cut > 0, "intact bytes refused: {e}"),

@@ -72,6 +72,7 @@ fuzz_target!(|data: &[u8]| {
         max_seq_tokens: bytes.word(),
         window: if bytes.below_u32(3) == 0 { bytes.word() } else { 0 },
         sink_tokens: bytes.below_u32(4),
+        key_tail_tokens: if bytes.below_u32(3) == 0 { bytes.below_u32(9) } else { 0 },
     };
     let mut arena_len = 0usize;
     // SAFETY (every call below): pointers are NULL or point at live buffers of at least the
@@ -215,6 +216,21 @@ fuzz_target!(|data: &[u8]| {
                     }
                 } else {
                     assert_eq!(entries, usize::MAX, "a failed page-table call wrote its count");
+                }
+                // The key tail: a held range inside the sequence, at most the tail long, and a
+                // ring inside the arena.
+                let (mut ring, mut ring_len, mut from, mut end) = (core::ptr::null::<u8>(), 0usize, 0u32, 0u32);
+                let (layer, head) = (bytes.below_u32(spec.layers + 1), bytes.below_u32(spec.kv_heads + 1));
+                let t = unsafe { kvc_key_tail(cache, seq, layer, head, &mut ring, &mut ring_len, &mut from, &mut end) };
+                if t as u32 == 0 {
+                    unsafe { kvc_seq_len(cache, seq, &mut len) };
+                    assert!(from <= end && end == len && end - from <= spec.key_tail_tokens);
+                    assert_eq!(ring.is_null(), spec.key_tail_tokens == 0);
+                    if !ring.is_null() {
+                        let (a, n) = (arena_ptr as usize, arena_bytes);
+                        assert!(ring as usize >= a && ring as usize + ring_len <= a + n);
+                        assert_eq!(ring_len, (spec.key_tail_tokens * spec.head_dim * 2) as usize);
+                    }
                 }
                 (s, false)
             }

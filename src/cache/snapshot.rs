@@ -14,13 +14,17 @@
 //!
 //! | bytes | field |
 //! | --- | --- |
-//! | 0..8 | magic `KVCSEQ01` |
+//! | 0..8 | magic `KVCSEQ02` |
 //! | 8..28 | layers, KV heads, head dim, K format, V format (`u32` each; formats as `KvFormat as u32`) |
 //! | 28..32 | tokens (`u32`) |
 //! | 32..40 | checksum of every byte from 40 on (FNV-1a's step over 64-bit words in 4 lanes: see `checksum`) |
 //! | 40.. | rows: per layer, K then V, per KV head, the `tokens` stored rows in position order |
 //! | then | int4 keys only: per layer a word (1 once the layer's offsets are set), then `kv_heads × head_dim` key offsets, then as many exact first-key elements (`f32` bits) |
 //! | then | int4 values only: per layer, `kv_heads × head_dim` exact first-value elements |
+//! | then | key tail: a `u32` count `T` (0 for float keys), then per layer, per KV head, the `f16` copies of the keys at positions `tokens - T .. tokens` (see [`KvCache::tail_rows`]) |
+//!
+//! A cache with a shorter key tail than the snapshot's `T` restores the latest positions that
+//! fit (none without a tail); version 1 snapshots (`KVCSEQ01`, before the key tail) are refused.
 
 use super::{KvCache, SeqId};
 use crate::error::Error;
@@ -28,7 +32,9 @@ use crate::format::KvFormat;
 use crate::quant;
 use crate::spec::Kind;
 
-const MAGIC: &[u8; 8] = b"KVCSEQ01";
+const MAGIC: &[u8; 8] = b"KVCSEQ02";
+/// The magic of the version before the key tail.
+const MAGIC_V1: &[u8; 8] = b"KVCSEQ01";
 /// Bytes before the rows.
 const HEADER: usize = 40;
 const SUM_AT: usize = 32;
@@ -137,7 +143,7 @@ impl KvCache<'_> {
     /// Bytes [`KvCache::export_sequence`] writes for `seq`.
     pub fn exported_len(&self, seq: SeqId) -> Result<usize, Error> {
         let slot = self.slot_of(seq)?;
-        self.snapshot_len(self.len_of(slot))
+        self.snapshot_len(self.len_of(slot), self.tail_held(slot).len())
             .ok_or(Error::SizeOverflow)
     }
 
@@ -199,7 +205,9 @@ impl KvCache<'_> {
                 position: evicted.start * self.spec().block_tokens,
             });
         }
-        let needed = self.snapshot_len(tokens).ok_or(Error::SizeOverflow)?;
+        let needed = self
+            .snapshot_len(tokens, self.tail_held(slot).len())
+            .ok_or(Error::SizeOverflow)?;
         let mut header = [0u8; HEADER];
         header[..8].copy_from_slice(MAGIC);
         for (i, word) in self.header_words(tokens)?.iter().enumerate() {
@@ -245,7 +253,42 @@ impl KvCache<'_> {
                 filled = 0;
             }
         }
-        filled == 0 || f(&buffer[..filled])
+        if filled != 0 && !f(&buffer[..filled]) {
+            return false;
+        }
+        let held = self.tail_held(slot);
+        if !f(&(held.len() as u32).to_le_bytes()) {
+            return false;
+        }
+        let (tail_tokens, row_bytes) = (spec.key_tail_tokens, 2 * spec.head_dim);
+        for layer in 0..spec.layers {
+            for head in 0..spec.kv_heads {
+                let ring = self.ring_offset(slot, layer, head);
+                for position in held.clone() {
+                    let at = ring + position % tail_tokens * row_bytes;
+                    if !f(&self.tail[at..at + row_bytes]) {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// The positions `slot`'s key tail holds (empty without a tail).
+    fn tail_held(&self, slot: usize) -> core::ops::Range<usize> {
+        if self.spec().key_tail_tokens == 0 {
+            return 0..0;
+        }
+        self.tail_start(slot)..self.len_of(slot)
+    }
+
+    /// Bytes of a snapshot's key tail rows for `held` positions, `None` on overflow.
+    fn tail_section_bytes(&self, held: usize) -> Option<usize> {
+        let spec = self.spec();
+        held.checked_mul(2 * spec.head_dim)?
+            .checked_mul(spec.kv_heads)?
+            .checked_mul(spec.layers)
     }
 
     /// Restores a sequence saved by [`KvCache::export_sequence`] as a new sequence of this
@@ -283,6 +326,11 @@ impl KvCache<'_> {
         if !read(0, &mut header) {
             return Err(Error::Interrupted);
         }
+        if &header[..8] == MAGIC_V1 {
+            return Err(Error::BadSnapshot(
+                "a version 1 snapshot (before the key tail); export it again",
+            ));
+        }
         if &header[..8] != MAGIC {
             return Err(Error::BadSnapshot("not a sequence snapshot (magic)"));
         }
@@ -299,14 +347,29 @@ impl KvCache<'_> {
                 max: spec.max_seq_tokens,
             });
         }
-        let needed = self.snapshot_len(tokens).ok_or(Error::SizeOverflow)?;
+        // The key tail's count follows the rows and int4 state.
+        let count_at = self.snapshot_len(tokens, 0).ok_or(Error::SizeOverflow)? - 4;
+        if len < count_at + 4 {
+            return Err(Error::BadSnapshot(
+                "length differs from what its header implies",
+            ));
+        }
+        let mut count = [0u8; 4];
+        if !read(count_at, &mut count) {
+            return Err(Error::Interrupted);
+        }
+        let held = le_u32(&count, 0) as usize;
+        if held > tokens || (held > 0 && spec.k_format.is_float()) {
+            return Err(Error::BadSnapshot("key tail longer than the sequence"));
+        }
+        let needed = self.snapshot_len(tokens, held).ok_or(Error::SizeOverflow)?;
         if len != needed {
             return Err(Error::BadSnapshot(
                 "length differs from what its header implies",
             ));
         }
         let sum = le_u64(&header, SUM_AT);
-        self.check_snapshot(tokens, sum, &mut read)?;
+        self.check_snapshot(tokens, held, sum, &mut read)?;
         let free_slot = (0..spec.max_seqs).any(|slot| self.words(slot)[super::LIVE] == 0);
         if !free_slot {
             return Err(Error::TooManySequences);
@@ -323,7 +386,7 @@ impl KvCache<'_> {
         let seq = self.add_sequence()?;
         let slot = seq.slot();
         self.apply_reserve(slot, tokens);
-        match self.fill_snapshot(slot, tokens, sum, &mut read) {
+        match self.fill_snapshot(slot, tokens, held, sum, &mut read) {
             Ok(()) => Ok(seq),
             Err(e) => {
                 let _ = self.remove(seq);
@@ -337,6 +400,7 @@ impl KvCache<'_> {
     fn check_snapshot(
         &self,
         tokens: usize,
+        held: usize,
         sum: u64,
         read: &mut dyn FnMut(usize, &mut [u8]) -> bool,
     ) -> Result<(), Error> {
@@ -388,6 +452,25 @@ impl KvCache<'_> {
             at += piece.len();
             word += n;
         }
+        // The key tail: its count (read before), then `f16` rows, every element finite.
+        let mut rest = 4 + self.tail_section_bytes(held).ok_or(Error::SizeOverflow)?;
+        let mut skip = 4;
+        while rest > 0 {
+            let piece = &mut buffer[..rest.min(CHUNK)];
+            if !read(at, piece) {
+                return Err(Error::Interrupted);
+            }
+            checksum.update(piece);
+            let finite = piece[skip..]
+                .chunks_exact(2)
+                .all(|h| crate::half::f16_to_f32(u16::from_le_bytes([h[0], h[1]])).is_finite());
+            if !finite {
+                return Err(Error::BadSnapshot("a key tail element is not finite"));
+            }
+            skip = 0;
+            at += piece.len();
+            rest -= piece.len();
+        }
         if checksum.finish() != sum {
             return Err(Error::BadSnapshot(
                 "checksum mismatch (corrupted or truncated)",
@@ -402,6 +485,7 @@ impl KvCache<'_> {
         &mut self,
         slot: usize,
         tokens: usize,
+        held: usize,
         sum: u64,
         read: &mut dyn FnMut(usize, &mut [u8]) -> bool,
     ) -> Result<(), Error> {
@@ -441,6 +525,41 @@ impl KvCache<'_> {
             at += piece.len();
             word += n;
         }
+        // The key tail: the latest positions that fit this cache's ring go into it; the rest
+        // are read for the checksum only.
+        let count = &mut buffer[..4];
+        if !read(at, count) {
+            return Err(Error::Interrupted);
+        }
+        checksum.update(count);
+        at += 4;
+        let (tail_tokens, row_bytes) = (spec.key_tail_tokens, 2 * spec.head_dim);
+        let kept = held.min(tail_tokens);
+        for layer in 0..spec.layers {
+            for head in 0..spec.kv_heads {
+                let ring = self.ring_offset(slot, layer, head);
+                for position in tokens - held..tokens {
+                    let piece = if position >= tokens - kept {
+                        let row = ring + position % tail_tokens * row_bytes;
+                        &mut self.tail[row..row + row_bytes]
+                    } else {
+                        &mut buffer[..row_bytes.min(256)]
+                    };
+                    let mut done = 0;
+                    while done < row_bytes {
+                        let part_len = (row_bytes - done).min(piece.len());
+                        let part = &mut piece[..part_len];
+                        if !read(at, part) {
+                            return Err(Error::Interrupted);
+                        }
+                        checksum.update(part);
+                        at += part.len();
+                        done += part.len();
+                    }
+                }
+            }
+        }
+        self.words_mut(slot)[super::TAIL_FROM] = (tokens - kept) as u32;
         if checksum.finish() != sum {
             return Err(Error::BadSnapshot("changed while it was being read"));
         }
@@ -546,8 +665,9 @@ impl KvCache<'_> {
         keys + values
     }
 
-    /// Snapshot bytes for a sequence of `tokens` tokens, `None` on overflow.
-    fn snapshot_len(&self, tokens: usize) -> Option<usize> {
+    /// Snapshot bytes for a sequence of `tokens` tokens whose key tail holds `held`
+    /// positions, `None` on overflow.
+    fn snapshot_len(&self, tokens: usize, held: usize) -> Option<usize> {
         let spec = self.spec();
         let token_bytes = (self.layout.row_bytes(Kind::K) + self.layout.row_bytes(Kind::V))
             .checked_mul(spec.kv_heads)?
@@ -555,7 +675,9 @@ impl KvCache<'_> {
         token_bytes
             .checked_mul(tokens)?
             .checked_add(HEADER)?
-            .checked_add(self.state_words().checked_mul(4)?)
+            .checked_add(self.state_words().checked_mul(4)?)?
+            .checked_add(4)?
+            .checked_add(self.tail_section_bytes(held)?)
     }
 
     /// The bytes, in `data`, of the rows (`layer`, `kind`, `kv_head`) that logical block

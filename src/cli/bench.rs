@@ -32,6 +32,7 @@ pub fn attention(args: &Args) -> Result<(), String> {
     let steps_arg: usize = args.value("steps", 0)?;
     let block_tokens: usize = args.value("block-tokens", spec.block_tokens)?;
     let exact_values = args.flag("exact-values");
+    let key_tail = super::key_tail(args, format)?;
     args.reject_unknown()?;
     if ctx == 0 || batch == 0 || threads == 0 {
         return Err("--ctx, --batch and --threads must be positive".into());
@@ -41,6 +42,7 @@ pub fn attention(args: &Args) -> Result<(), String> {
     spec.block_tokens = block_tokens;
     spec.max_seqs = batch;
     spec.max_seq_tokens = ctx;
+    spec.key_tail_tokens = key_tail.min(ctx);
     let layout = Layout::new(spec).map_err(|e| e.to_string())?;
     let blocks_per_seq = ctx.div_ceil(spec.block_tokens);
     let arena_bytes = layout

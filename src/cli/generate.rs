@@ -39,7 +39,7 @@ pub fn cache_arena(
     cache_arena_kv(
         model,
         (format, format),
-        crate::CacheSpec::new(1, 1, 1, 1).block_tokens,
+        (crate::CacheSpec::new(1, 1, 1, 1).block_tokens, 0),
         seqs,
         tokens,
     )
@@ -49,13 +49,14 @@ pub fn cache_arena(
 pub fn cache_arena_kv(
     model: &Model,
     (k_format, v_format): (KvFormat, KvFormat),
-    block_tokens: usize,
+    (block_tokens, key_tail): (usize, usize),
     seqs: usize,
     tokens: usize,
 ) -> Result<(crate::CacheSpec, HeapArena), String> {
     let mut spec = model.cache_spec(k_format, seqs, tokens.max(1));
     spec.v_format = v_format;
     spec.block_tokens = block_tokens;
+    spec.key_tail_tokens = key_tail.min(spec.max_seq_tokens);
     let layout = Layout::new(spec).map_err(|e| e.to_string())?;
     let blocks = tokens.max(1).div_ceil(spec.block_tokens) * seqs;
     let bytes = layout.arena_bytes(blocks).map_err(|e| e.to_string())?;
@@ -74,6 +75,7 @@ pub fn generate(args: &Args) -> Result<(), String> {
         .to_string();
     let n: usize = args.value("n", 64)?;
     let (format, v_format) = super::kv_formats(args)?;
+    let key_tail = super::key_tail(args, format)?;
     let block_tokens: usize = args.value(
         "block-tokens",
         crate::CacheSpec::new(1, 1, 1, 1).block_tokens,
@@ -134,7 +136,7 @@ pub fn generate(args: &Args) -> Result<(), String> {
     let (spec, mut arena) = cache_arena_kv(
         &model,
         (format, v_format),
-        block_tokens,
+        (block_tokens, key_tail),
         1,
         prompt_ids.len() + n,
     )?;
@@ -393,16 +395,22 @@ pub fn ppl(args: &Args) -> Result<(), String> {
     let max_chunks: usize = args.value("chunks", usize::MAX)?;
     let max_chars: usize = args.value("chars", usize::MAX)?;
     let (format, v_format) = super::kv_formats(args)?;
+    let key_tail = super::key_tail(args, format)?;
     let block_tokens: usize = args.value(
         "block-tokens",
         crate::CacheSpec::new(1, 1, 1, 1).block_tokens,
     )?;
     let threads = threads(args)?;
     let exact_values = args.flag("exact-values");
+    let decode_from: usize = args.value("decode-from", usize::MAX)?;
     args.reject_unknown()?;
     if ctx < 4 {
         return Err("--ctx must be at least 4".into());
     }
+    if decode_from == 0 {
+        return Err("--decode-from must be at least 1 (the prefill before decoding)".into());
+    }
+    let prefill = decode_from.min(ctx);
     let text = std::fs::read_to_string(&file).map_err(|e| format!("{file}: {e}"))?;
     let text: String = text.chars().take(max_chars).collect();
     let model = Model::load(&path).map_err(|e| e.to_string())?;
@@ -414,7 +422,8 @@ pub fn ppl(args: &Args) -> Result<(), String> {
             ids.len()
         ));
     }
-    let (spec, mut arena) = cache_arena_kv(&model, (format, v_format), block_tokens, 1, ctx)?;
+    let (spec, mut arena) =
+        cache_arena_kv(&model, (format, v_format), (block_tokens, key_tail), 1, ctx)?;
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
     let mut runner = Runner::new(&model, threads).with_exact_values(exact_values);
     let vocab = model.config().vocab;
@@ -424,16 +433,22 @@ pub fn ppl(args: &Args) -> Result<(), String> {
     for c in 0..chunks {
         let window = &ids[c * ctx..(c + 1) * ctx];
         let seq = cache.add_sequence().map_err(|e| e.to_string())?;
-        runner
-            .forward_all(
-                &mut cache,
-                &[Step {
-                    seq,
-                    tokens: window,
-                }],
-                &mut logits,
-            )
-            .map_err(|e| e.to_string())?;
+        // The prefill in one call, then (with --decode-from) one token per call.
+        let mut fed = 0;
+        while fed < ctx {
+            let n = if fed == 0 { prefill } else { 1 };
+            runner
+                .forward_all(
+                    &mut cache,
+                    &[Step {
+                        seq,
+                        tokens: &window[fed..fed + n],
+                    }],
+                    &mut logits[fed * vocab..(fed + n) * vocab],
+                )
+                .map_err(|e| e.to_string())?;
+            fed += n;
+        }
         for j in ctx / 2..ctx - 1 {
             nll -= log_softmax_at(&logits[j * vocab..(j + 1) * vocab], window[j + 1] as usize);
             count += 1;
@@ -442,8 +457,8 @@ pub fn ppl(args: &Args) -> Result<(), String> {
         outln!("[{}] {:.4}", c + 1, (nll / count as f64).exp());
     }
     let ppl = (nll / count as f64).exp();
-    outln!("perplexity: {ppl:.4} over {chunks} windows of {ctx} tokens ({count} scored), kv {format}/{v_format}, {:.1} s", start.elapsed().as_secs_f64());
-    outln!("{{\"ppl\":{ppl:.5},\"ctx\":{ctx},\"chunks\":{chunks},\"kv\":\"{format}\",\"kv_v\":\"{v_format}\",\"scored\":{count}}}");
+    outln!("perplexity: {ppl:.4} over {chunks} windows of {ctx} tokens ({count} scored), kv {format}/{v_format}, key tail {key_tail}, prefill {prefill}, {:.1} s", start.elapsed().as_secs_f64());
+    outln!("{{\"ppl\":{ppl:.5},\"ctx\":{ctx},\"chunks\":{chunks},\"kv\":\"{format}\",\"kv_v\":\"{v_format}\",\"key_tail\":{key_tail},\"prefill\":{prefill},\"scored\":{count}}}");
     Ok(())
 }
 
@@ -459,6 +474,7 @@ pub fn bench_decode(args: &Args) -> Result<(), String> {
     let depth: usize = args.value("depth", 0)?;
     let n: usize = args.value("n", 64)?;
     let (format, v_format) = super::kv_formats(args)?;
+    let key_tail = super::key_tail(args, format)?;
     let block_tokens: usize = args.value(
         "block-tokens",
         crate::CacheSpec::new(1, 1, 1, 1).block_tokens,
@@ -477,7 +493,13 @@ pub fn bench_decode(args: &Args) -> Result<(), String> {
         .checked_add(n)
         .and_then(|t| t.checked_add(1))
         .ok_or("--depth plus -n is too large")?;
-    let (spec, mut arena) = cache_arena_kv(&model, (format, v_format), block_tokens, 1, tokens)?;
+    let (spec, mut arena) = cache_arena_kv(
+        &model,
+        (format, v_format),
+        (block_tokens, key_tail),
+        1,
+        tokens,
+    )?;
     let mut cache = KvCache::new(spec, arena.as_mut_slice()).map_err(|e| e.to_string())?;
     let seq: SeqId = cache.add_sequence().map_err(|e| e.to_string())?;
     let mut runner = Runner::new(&model, threads).with_exact_values(exact_values);

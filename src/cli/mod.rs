@@ -34,7 +34,9 @@ usage:
                    [--top-k K] [--top-p P] [--seed S] [--ctx 8192] [--chunk 256]
                    [--prompt-cache FILE]  restore the prompt's cache from FILE when it
                    holds a prefix of this prompt; save it there after the prompt
-  kvcache ppl --file TEXT [--ctx 512] [--chunks N] [--chars N]
+  kvcache ppl --file TEXT [--ctx 512] [--chunks N] [--chars N] [--decode-from N]
+                             (--decode-from: prefill N tokens of each window, then
+                             feed the rest one token at a time, as decoding does)
   kvcache bench decode [--depth 0] [-n 64] [--chunk 512] [--no-cache]
   kvcache bench attention [--shape smollm2|llama3-8b|llama2-7b] [--ctx 2048] [--batch 1] [--steps S]
   kvcache demo               the built-in synthetic model through the cache
@@ -46,6 +48,8 @@ options of generate, ppl and the benches:
   --kv-v FORMAT     value storage when it differs from the keys' (not bench attention)
   --block-tokens N  token slots per block (default 16)
   --exact-values    int4 values summed exactly in f32, not with 8-bit integer weights
+  --key-tail N      int8/int4 keys: each sequence's last N keys also kept in f16, and
+                    attention scores them from there (default 32 for int4 keys, else 0)
   --threads T       threads (default: every core)
   --model PATH      the GGUF file (default $KVCACHE_MODEL, else
                     models/SmolLM2-135M-Instruct.Q4_1.gguf; not bench attention)
@@ -127,6 +131,25 @@ pub(crate) fn kv_format(args: &Args) -> Result<crate::KvFormat, String> {
     let name = args.string("kv").unwrap_or("f16");
     crate::KvFormat::from_name(name).ok_or_else(|| format!("unknown --kv format `{name}`"))
 }
+
+/// `--key-tail N`: recent keys kept at full precision per sequence (see
+/// `CacheSpec::key_tail_tokens`); by default 32 for int4 keys and 0 for the others.
+pub(crate) fn key_tail(args: &Args, k_format: crate::KvFormat) -> Result<usize, String> {
+    let default = if k_format == crate::KvFormat::Int4 {
+        DEFAULT_INT4_KEY_TAIL
+    } else {
+        0
+    };
+    let tail: usize = args.value("key-tail", default)?;
+    if tail != 0 && k_format.is_float() {
+        return Err("--key-tail needs int8 or int4 keys".into());
+    }
+    Ok(tail)
+}
+
+/// The key tail `--key-tail` gives int4 keys by default: 32 tokens (see the README's
+/// "Accuracy" for how it was chosen).
+pub(crate) const DEFAULT_INT4_KEY_TAIL: usize = 32;
 
 /// `--kv` (both formats) and `--kv-v` (the values' format, when it should differ).
 pub(crate) fn kv_formats(args: &Args) -> Result<(crate::KvFormat, crate::KvFormat), String> {
