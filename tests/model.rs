@@ -728,3 +728,55 @@ fn prompt_cache_restores_the_prompt_and_changes_no_output() {
     assert!(note.contains("not a prompt cache of this model"), "{note}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn decode_steps_do_not_depend_on_the_thread_count() {
+    // Past 256 tokens decode steps split their keys (split-K); the split count must follow
+    // the context, not the threads, or the rounding of the merge (and so the tokens) would
+    // change with `--threads`. (An f32 cache: with f16 rows the old thread-sized splits
+    // happened to round alike here.)
+    let Some(model) = load() else { return };
+    let text = "The cache keeps every layer's keys and values, so each new token reads them once. "
+        .repeat(24);
+    let prompt = model.tokenizer().encode(&text);
+    assert!(prompt.len() > 300, "{} tokens", prompt.len());
+    let vocab = model.config().vocab;
+    let mut results = Vec::new();
+    for threads in [1, 2, 3] {
+        let mut runner = Runner::new(&model, threads);
+        let (spec, mut arena) =
+            kvcache::cli::generate::cache_arena(&model, KvFormat::F32, 1, prompt.len()).unwrap();
+        let mut cache = KvCache::new(spec, arena.as_mut_slice()).unwrap();
+        let seq = cache.add_sequence().unwrap();
+        let mut logits = vec![0.0; vocab];
+        let decode = 4;
+        let split = prompt.len() - decode;
+        runner
+            .forward(
+                &mut cache,
+                &[Step {
+                    seq,
+                    tokens: &prompt[..split],
+                }],
+                &mut logits,
+            )
+            .unwrap();
+        let mut steps = Vec::new();
+        for t in split..prompt.len() {
+            runner
+                .forward(
+                    &mut cache,
+                    &[Step {
+                        seq,
+                        tokens: &prompt[t..t + 1],
+                    }],
+                    &mut logits,
+                )
+                .unwrap();
+            steps.push(logits.iter().map(|x| x.to_bits()).collect::<Vec<u32>>());
+        }
+        results.push(steps);
+    }
+    assert!(results[1] == results[0], "2 threads differ from 1");
+    assert!(results[2] == results[0], "3 threads differ from 1");
+}

@@ -621,12 +621,7 @@ impl<'m> Runner<'m> {
                 )?;
                 offset += entry.tokens;
             }
-            let splits = attention_splits(
-                entries,
-                config.kv_heads,
-                self.pool.threads(),
-                cache.spec().block_tokens,
-            );
+            let splits = attention_splits(entries, config.kv_heads, cache.spec().block_tokens);
             let plan = AttentionPlan::new(
                 cache,
                 layer_index,
@@ -716,30 +711,32 @@ fn token_counts(steps: &[Step<'_>], all: bool) -> (usize, usize) {
     (total, if all { total } else { steps.len() })
 }
 
-/// Key splits so that each thread has work even for one sequence: none when the batch already
-/// has enough (sequence, head) pairs or the context is short.
-fn attention_splits(
-    entries: &[BatchEntry],
-    kv_heads: usize,
-    threads: usize,
-    block_tokens: usize,
-) -> usize {
+/// Key splits so that each thread has work even for one sequence: none when the context is
+/// short or the step is not all decode. The count depends on the batch and the context only,
+/// never on the thread count (as if for [`SPLIT_THREADS`] threads): splits change how the
+/// softmax sums round, so a count that followed the threads would make the tokens depend on
+/// `--threads`.
+fn attention_splits(entries: &[BatchEntry], kv_heads: usize, block_tokens: usize) -> usize {
     let longest = entries
         .iter()
         .map(|e| e.first_position + e.tokens)
         .max()
         .unwrap_or(0);
     let decode_only = entries.iter().all(|e| e.tokens == 1);
-    if threads <= 1 || !decode_only || longest < 16 * block_tokens {
+    if !decode_only || longest < 16 * block_tokens {
         return 1;
     }
     crate::attention::auto_splits(
         entries.len(),
         kv_heads,
-        threads,
+        SPLIT_THREADS,
         longest.div_ceil(block_tokens),
     )
 }
+
+/// The thread count decode splits are sized for (see [`attention_splits`]): enough work items
+/// for up to this many threads, evenly, whatever the runner's own count.
+const SPLIT_THREADS: usize = 8;
 
 /// `outs[i] = x · Wᵢᵀ` for matrices that share their input (Q, K, V; gate, up): `x` is
 /// quantized once and, when every matrix is a block type, all of them run in one pass over
