@@ -8,6 +8,9 @@ use kvcache::spec::Kind;
 use kvcache::{CacheSpec, Error, KvCache, KvFormat, Layout, SeqId};
 use proptest::prelude::*;
 
+mod common;
+use common::naive_attention;
+
 /// Small deterministic generator (SplitMix64) for test data.
 struct Rng(u64);
 impl Rng {
@@ -25,45 +28,6 @@ impl Rng {
     fn vec(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| self.value()).collect()
     }
-}
-
-/// The oracle: three plain loops in f64 over contiguous K and V (`[position][head_dim]`).
-fn naive_attention(
-    query: &[f32],
-    keys: &[Vec<f32>],
-    values: &[Vec<f32>],
-    visible: &[bool],
-    scale: f64,
-) -> Vec<f64> {
-    let scores: Vec<f64> = keys
-        .iter()
-        .map(|k| {
-            k.iter()
-                .zip(query)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum::<f64>()
-                * scale
-        })
-        .collect();
-    let max = scores
-        .iter()
-        .zip(visible)
-        .filter(|(_, &v)| v)
-        .map(|(s, _)| *s)
-        .fold(f64::NEG_INFINITY, f64::max);
-    let weights: Vec<f64> = scores
-        .iter()
-        .zip(visible)
-        .map(|(s, &v)| if v { (s - max).exp() } else { 0.0 })
-        .collect();
-    let total: f64 = weights.iter().sum();
-    let mut out = vec![0.0f64; query.len()];
-    for (w, v) in weights.iter().zip(values) {
-        for (o, &x) in out.iter_mut().zip(v) {
-            *o += w / total * x as f64;
-        }
-    }
-    out
 }
 
 /// A sequence's tokens as stored (read back from the cache), per layer and KV head.

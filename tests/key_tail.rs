@@ -8,6 +8,9 @@ use kvcache::spec::Kind;
 use kvcache::{CacheSpec, Error, KvCache, KvFormat, Layout, SeqId};
 use proptest::prelude::*;
 
+mod common;
+use common::naive_attention;
+
 /// splitmix64.
 struct Rng(u64);
 
@@ -48,40 +51,6 @@ fn arena_for(spec: CacheSpec) -> Vec<u8> {
 fn row(cache: &KvCache, seq: SeqId, layer: usize, kind: Kind, head: usize, p: usize) -> Vec<f32> {
     let mut out = vec![0.0; cache.spec().head_dim];
     cache.read_row(seq, layer, kind, head, p, &mut out).unwrap();
-    out
-}
-
-/// The f64 oracle over the rows as read back, for one query row against `0..=position`.
-fn oracle(query: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], visible: &[bool]) -> Vec<f64> {
-    let scale = 1.0 / (query.len() as f64).sqrt();
-    let scores: Vec<f64> = keys
-        .iter()
-        .map(|k| {
-            k.iter()
-                .zip(query)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum::<f64>()
-                * scale
-        })
-        .collect();
-    let max = scores
-        .iter()
-        .zip(visible)
-        .filter(|(_, &v)| v)
-        .map(|(s, _)| *s)
-        .fold(f64::NEG_INFINITY, f64::max);
-    let weights: Vec<f64> = scores
-        .iter()
-        .zip(visible)
-        .map(|(s, &v)| if v { (s - max).exp() } else { 0.0 })
-        .collect();
-    let total: f64 = weights.iter().sum();
-    let mut out = vec![0.0; query.len()];
-    for (w, v) in weights.iter().zip(values) {
-        for (o, &x) in out.iter_mut().zip(v) {
-            *o += w / total * x as f64;
-        }
-    }
     out
 }
 
@@ -129,26 +98,20 @@ fn worst_error(cache: &KvCache, seq: SeqId, tokens: usize, rng: &mut Rng) -> f64
             let visible: Vec<bool> = (0..=position).map(|k| k >= from).collect();
             for head in 0..spec.q_heads {
                 let kv_head = head / spec.group();
-                let keys: Vec<Vec<f32>> = (0..=position)
-                    .map(|p| {
-                        if p >= from {
-                            row(cache, seq, layer, Kind::K, kv_head, p)
-                        } else {
-                            vec![0.0; spec.head_dim]
-                        }
-                    })
-                    .collect();
-                let values: Vec<Vec<f32>> = (0..=position)
-                    .map(|p| {
-                        if p >= from {
-                            row(cache, seq, layer, Kind::V, kv_head, p)
-                        } else {
-                            vec![0.0; spec.head_dim]
-                        }
-                    })
-                    .collect();
+                // Rows before the window are never seen (and may be evicted): zeros.
+                let rows = |kind: Kind| -> Vec<Vec<f32>> {
+                    (0..=position)
+                        .map(|p| match p >= from {
+                            true => row(cache, seq, layer, kind, kv_head, p),
+                            false => vec![0.0; spec.head_dim],
+                        })
+                        .collect()
+                };
+                let (keys, values) = (rows(Kind::K), rows(Kind::V));
                 let at = (t * spec.q_heads + head) * spec.head_dim;
-                let want = oracle(&queries[at..at + spec.head_dim], &keys, &values, &visible);
+                let query = &queries[at..at + spec.head_dim];
+                let scale = 1.0 / (spec.head_dim as f64).sqrt();
+                let want = naive_attention(query, &keys, &values, &visible, scale);
                 for (&got, want) in out[at..at + spec.head_dim].iter().zip(want) {
                     worst = worst.max((got as f64 - want).abs());
                 }
