@@ -9,26 +9,7 @@ use kvcache::{CacheSpec, Error, KvCache, KvFormat, Layout, SeqId};
 use proptest::prelude::*;
 
 mod common;
-use common::naive_attention;
-
-/// Small deterministic generator (SplitMix64) for test data.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    fn value(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.value()).collect()
-    }
-}
+use common::{naive_attention, Rng};
 
 /// A sequence's tokens as stored (read back from the cache), per layer and KV head.
 fn stored(cache: &KvCache, seq: SeqId, layer: usize, kind: Kind, head: usize) -> Vec<Vec<f32>> {

@@ -9,28 +9,14 @@ use kvcache::{CacheSpec, Error, KvCache, KvFormat, Layout, SeqId};
 use proptest::prelude::*;
 
 mod common;
-use common::naive_attention;
+use common::{naive_attention, Rng};
 
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[-1, 1)`, plus a per-channel bias so that int4 keys get offsets to remove.
-    fn key(&mut self, d: usize) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0 + (d % 5) as f32 * 0.5
-    }
-
-    fn vec(&mut self, n: usize, head_dim: usize) -> Vec<f32> {
-        (0..n).map(|i| self.key(i % head_dim)).collect()
-    }
+/// `n` values in `[-1, 1)` plus a per-channel bias (element `i` is channel `i mod head_dim`),
+/// so that int4 keys get offsets to remove.
+fn biased(rng: &mut Rng, n: usize, head_dim: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| rng.value() + (i % head_dim % 5) as f32 * 0.5)
+        .collect()
 }
 
 fn spec(k_format: KvFormat, head_dim: usize, tail: usize) -> CacheSpec {
@@ -65,7 +51,7 @@ fn worst_error(cache: &KvCache, seq: SeqId, tokens: usize, rng: &mut Rng) -> f64
         tokens,
     }];
     let elems = tokens * spec.q_heads * spec.head_dim;
-    let queries: Vec<f32> = rng.vec(elems, spec.head_dim);
+    let queries: Vec<f32> = rng.vec(elems);
     let options = AttentionOptions {
         splits: 2,
         query_tile: 3,
@@ -151,8 +137,8 @@ fn attention_over_held_keys_matches_the_oracle_tightly() {
                     }
                     cache.reserve(seq, n).unwrap();
                     for layer in 0..spec.layers {
-                        let k = rng.vec(n * elems, head_dim);
-                        let v = rng.vec(n * elems, head_dim);
+                        let k = biased(&mut rng, n * elems, head_dim);
+                        let v = biased(&mut rng, n * elems, head_dim);
                         cache.write_run(seq, layer, written, &k, &v).unwrap();
                     }
                     written += n;
@@ -267,8 +253,8 @@ fn run_ops(
                 b.reserve(*y, tokens).unwrap();
                 model.len += tokens;
                 for layer in 0..with.layers {
-                    let k = rng.vec(tokens * elems, head_dim);
-                    let v = rng.vec(tokens * elems, head_dim);
+                    let k = biased(&mut rng, tokens * elems, head_dim);
+                    let v = biased(&mut rng, tokens * elems, head_dim);
                     a.write_run(*x, layer, start, &k, &v).unwrap();
                     b.write_run(*y, layer, start, &k, &v).unwrap();
                     if layer == 0 {
@@ -303,8 +289,8 @@ fn run_ops(
                     continue;
                 }
                 let at = at % model.len;
-                let k = rng.vec(elems, head_dim);
-                let v = rng.vec(elems, head_dim);
+                let k = biased(&mut rng, elems, head_dim);
+                let v = biased(&mut rng, elems, head_dim);
                 a.write(*x, 0, at, &k, &v).unwrap();
                 b.write(*y, 0, at, &k, &v).unwrap();
                 keys[at] = k;
@@ -387,8 +373,8 @@ fn a_truncation_keeps_only_the_copies_later_writes_left() {
                 seq,
                 layer,
                 0,
-                &rng.vec(30 * elems, 16),
-                &rng.vec(30 * elems, 16),
+                &biased(&mut rng, 30 * elems, 16),
+                &biased(&mut rng, 30 * elems, 16),
             )
             .unwrap();
     }
