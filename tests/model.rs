@@ -594,15 +594,27 @@ fn compressed_caches_agree_with_f16_on_greedy_tokens() {
         "def fibonacci(n):",
     ];
     let steps = 64;
-    let mut agree = [0usize; 2];
+    let mut agree = [0usize; 3];
     let mut total = 0;
+    // int8, int4, and int4 with the CLI's default key tail.
+    let tail = kvcache::cli::DEFAULT_INT4_KEY_TAIL;
+    let cases = [
+        (KvFormat::Int8, 0),
+        (KvFormat::Int4, 0),
+        (KvFormat::Int4, tail),
+    ];
     for text in prompts {
         let prompt = tokenizer.encode(text);
         let (reference, _) = decode_with_cache(&mut runner, &prompt, steps);
-        for (i, format) in [KvFormat::Int8, KvFormat::Int4].into_iter().enumerate() {
-            let (spec, mut arena) =
-                kvcache::cli::generate::cache_arena(&model, format, 1, prompt.len() + steps)
-                    .unwrap();
+        for (i, (format, key_tail)) in cases.into_iter().enumerate() {
+            let (spec, mut arena) = kvcache::cli::generate::cache_arena_kv(
+                &model,
+                (format, format),
+                (kvcache::CacheSpec::new(1, 1, 1, 1).block_tokens, key_tail),
+                1,
+                prompt.len() + steps,
+            )
+            .unwrap();
             let mut cache = KvCache::new(spec, arena.as_mut_slice()).unwrap();
             let seq = cache.add_sequence().unwrap();
             let mut logits = vec![0.0; vocab];
@@ -633,9 +645,19 @@ fn compressed_caches_agree_with_f16_on_greedy_tokens() {
         total += steps;
     }
     let rate = |a: usize| a as f64 / total as f64;
-    eprintln!("greedy agreement with the f16 cache over {total} teacher-forced steps: int8 {:.3}, int4 {:.3}", rate(agree[0]), rate(agree[1]));
+    eprintln!(
+        "greedy agreement with the f16 cache over {total} teacher-forced steps: int8 {:.3}, int4 {:.3}, int4 with a {tail}-token key tail {:.3}",
+        rate(agree[0]),
+        rate(agree[1]),
+        rate(agree[2])
+    );
     assert!(rate(agree[0]) >= 0.9, "int8 agreement {}", rate(agree[0]));
     assert!(rate(agree[1]) >= 0.7, "int4 agreement {}", rate(agree[1]));
+    assert!(
+        rate(agree[2]) >= 0.7,
+        "int4 + tail agreement {}",
+        rate(agree[2])
+    );
 }
 
 /// `(restored, prompt tokens)` from generate's "prompt cache: A of B prompt tokens restored".

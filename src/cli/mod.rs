@@ -149,7 +149,7 @@ pub(crate) fn key_tail(args: &Args, k_format: crate::KvFormat) -> Result<usize, 
 
 /// The key tail `--key-tail` gives int4 keys by default: 32 tokens (see the README's
 /// "Accuracy" for how it was chosen).
-pub(crate) const DEFAULT_INT4_KEY_TAIL: usize = 32;
+pub const DEFAULT_INT4_KEY_TAIL: usize = 32;
 
 /// `--kv` (both formats) and `--kv-v` (the values' format, when it should differ).
 pub(crate) fn kv_formats(args: &Args) -> Result<(crate::KvFormat, crate::KvFormat), String> {
