@@ -192,10 +192,10 @@ kvc_status kvc_seq_export(const kvc_cache *cache, uint64_t seq, uint8_t *out, si
                           size_t *out_len);
 kvc_status kvc_seq_import(kvc_cache *cache, const uint8_t *bytes, size_t len, uint64_t *out_seq);
 /* The same without a buffer of the snapshot's size (flash that is not memory-mapped, a file):
- * kvc_seq_export_to hands the bytes to `write` in order, in pieces (`data` points into the
- * cache's blocks: copy it, do not keep it); kvc_seq_import_from reads the `len` bytes through
- * `read(user, offset, buf, len)` twice, once to check them all and once into the new
- * sequence's blocks, and undoes the sequence if a read fails (KVC_INTERRUPTED) or the bytes
+ * kvc_seq_export_to hands the bytes to `write` in order, in pieces (`data` may point into the
+ * cache's blocks or key tail: copy it, do not keep it); kvc_seq_import_from reads the `len`
+ * bytes through `read(user, offset, buf, len)` twice, once to check them all and once into
+ * the new sequence's blocks and key tail, and undoes the sequence if a read fails (KVC_INTERRUPTED) or the bytes
  * changed between the two passes (KVC_BAD_SNAPSHOT). Callbacks return 0 for success, nonzero
  * to stop, and must not call into the cache. */
 typedef int (*kvc_write_fn)(void *user, const uint8_t *data, size_t len);

@@ -4,10 +4,11 @@
 //! buffer, a stack array, memory-mapped SRAM, or under the `alloc` feature a [`HeapArena`]
 //! obtained through the crate's own [`ArenaAllocator`] trait). The slice may have any
 //! alignment; `carve` aligns the start to [`SEGMENT_ALIGN`] and splits the rest into the block
-//! data region and the `u32` metadata words.
+//! data region (the blocks, then the key tail rings if the spec has a key tail) and the `u32`
+//! metadata words.
 //!
 //! ```text
-//! [pad to 64][block 0][block 1]…[block N-1][metadata u32 words …][unused]
+//! [pad to 64][block 0][block 1]…[block N-1][key tail rings][metadata u32 words …][unused]
 //! ```
 
 use crate::error::Error;
@@ -15,7 +16,8 @@ use crate::spec::SEGMENT_ALIGN;
 
 /// The two regions carved out of an arena.
 pub(crate) struct Regions<'a> {
-    /// `blocks × block_bytes` bytes, starting on a [`SEGMENT_ALIGN`] boundary.
+    /// The bytes asked for (the cache's `blocks × block_bytes` and its key tail rings),
+    /// starting on a [`SEGMENT_ALIGN`] boundary.
     pub data: &'a mut [u8],
     /// Metadata words (reference counts, free stack, sequence table, page tables, int4 key
     /// offsets).

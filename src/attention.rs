@@ -173,8 +173,11 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
             .ok_or(Error::SizeOverflow)?;
         items.checked_mul(partial_len).ok_or(Error::SizeOverflow)?;
         let prepared = kernels::prepared_query_len(spec.k_format, spec.head_dim, max_rows);
-        let scratch_len = max_rows
-            .checked_mul(spec.head_dim + spec.block_tokens + spec.key_tail_tokens)
+        let scratch_len = spec
+            .head_dim
+            .checked_add(spec.block_tokens)
+            .and_then(|n| n.checked_add(spec.key_tail_tokens))
+            .and_then(|n| n.checked_mul(max_rows))
             .filter(|_| prepared != usize::MAX)
             .and_then(|n| n.checked_add(prepared.div_ceil(4)))
             .ok_or(Error::SizeOverflow)?;
@@ -368,7 +371,9 @@ impl<'c, 'a, 'b> AttentionPlan<'c, 'a, 'b> {
             let keys = block.tokens.min(last_query + 1 - block.first_position);
             // Scores are computed for every slot of the block and the slots past `keys` masked,
             // so that each key's score comes out of the same kernel path whatever the tile and
-            // batch: results do not depend on how a prompt was chunked or batched.
+            // batch: results do not depend on how a prompt was chunked or batched (except
+            // through what the cache holds: int4 keys' offsets come from the first write, and a
+            // key tail holds the last positions at the time of the call).
             let k_rows = block.segment(self.layer, Kind::K, item.kv_head);
             let v_rows = &block.rows(self.layer, Kind::V, item.kv_head)[..keys * v_row_bytes];
             let scores = &mut scores_buf[..rows * block_tokens];

@@ -276,6 +276,8 @@ impl<'a> KvCache<'a> {
             spec.sink_tokens.div_ceil(spec.block_tokens)
         };
         let (data, tail) = regions.data.split_at_mut(blocks * layout.block_bytes());
+        // Zeros, so that a held position reserved but never written reads finite.
+        tail.fill(0);
         Ok(KvCache {
             layout,
             data,

@@ -263,7 +263,7 @@ fuzz_target!(|data: &[u8]| {
                         (saved.as_ptr(), len - bytes.below(2).min(len))
                     }
                     1 => {
-                        made.extend_from_slice(b"KVCSEQ01");
+                        made.extend_from_slice(b"KVCSEQ02");
                         for w in [spec.layers, spec.kv_heads, spec.head_dim, spec.k_format, spec.v_format, bytes.below_u32(4)] {
                             made.extend_from_slice(&w.to_le_bytes());
                         }

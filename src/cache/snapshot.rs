@@ -190,7 +190,8 @@ impl KvCache<'_> {
 
     /// [`KvCache::export_sequence`] without a buffer of the snapshot's size: the bytes go to
     /// `write` in order, in pieces (the header, then runs of rows straight from the blocks,
-    /// then the int4 state), e.g. to flash page by page. `write` returns `false` to stop (a
+    /// then the int4 state, then the key tail's count and rows straight from its rings), e.g.
+    /// to flash page by page. `write` returns `false` to stop (a
     /// failed write), which gives [`Error::Interrupted`]. Returns the bytes written.
     pub fn export_sequence_to(
         &self,
@@ -311,7 +312,7 @@ impl KvCache<'_> {
     /// `buf` with the `len`-byte snapshot's bytes from `offset` (flash that is not mapped, a
     /// file) and returns `false` if it cannot, which gives [`Error::Interrupted`]. The bytes
     /// are read twice: once in 4 KiB pieces to check them all, then straight into the new
-    /// sequence's blocks. If they differ the second time (checksum again), or a read fails
+    /// sequence's blocks (and key tail rings). If they differ the second time (checksum again), or a read fails
     /// then, the half-made sequence is removed: on any error the cache is as it was.
     pub fn import_sequence_from(
         &mut self,
