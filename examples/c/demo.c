@@ -142,6 +142,30 @@ int main(void) {
     CHECK(kvc_remove(cache, restored));
     saved[saved_len / 2] ^= 1;
     if (kvc_seq_import(cache, saved, saved_len, &restored) != KVC_BAD_SNAPSHOT) return 1;
+    /* int8 keys with a key tail of 4 tokens: each sequence keeps its last 4 keys in f16 too,
+     * and attention and kvc_read use those copies (the values here are exact in f16). */
+    static uint8_t tail_arena[1 << 18];
+    static alignas(64) uint8_t tail_handle[512];
+    kvc_spec tail_spec = {2, 4, 2, 8, 16, KVC_INT8, KVC_F16, 2, 64, 0, 0, 4};
+    kvc_cache *tailed = NULL;
+    CHECK(kvc_cache_init(tail_handle, sizeof tail_handle, &tail_spec, tail_arena, sizeof tail_arena, &tailed));
+    uint64_t tseq;
+    CHECK(kvc_add_sequence(tailed, &tseq));
+    CHECK(kvc_reserve(tailed, tseq, 5, &first));
+    for (uint32_t layer = 0; layer < 2; layer++) CHECK(kvc_write(tailed, tseq, layer, first, k, v, 80));
+    const uint8_t *ring;
+    size_t ring_len;
+    uint32_t held_first, held_end;
+    CHECK(kvc_key_tail(tailed, tseq, 1, 0, &ring, &ring_len, &held_first, &held_end));
+    if (held_first != 1 || held_end != 5 || ring_len != 4 * 8 * 2) return 1;
+    CHECK(kvc_read(tailed, tseq, 1, 4, k_row, v_row, 16));
+    if (memcmp(k_row, k + 4 * 16, sizeof k_row) != 0) { fprintf(stderr, "a held key is not exact\n"); return 1; }
+    CHECK(kvc_attention_scratch_len(tailed, &scratch_len));
+    if (scratch_len > 4096) return 1;
+    entry.seq = tseq;
+    CHECK(kvc_attention(tailed, 0, &entry, 1, q, out, 32, scratch, scratch_len));
+    for (int i = 0; i < 32; i++)
+        if (fabsf(out[i] - 1.0f) > 1e-3f) { fprintf(stderr, "tail attention out[%d] = %f\n", i, out[i]); return 1; }
     /* Bad input: errors, not crashes. */
     if (kvc_reserve(cache, seq + 99, 1, NULL) != KVC_UNKNOWN_SEQUENCE) return 1;
     if (kvc_truncate(cache, seq, 6) != KVC_BAD_POSITION) return 1;
