@@ -1,4 +1,5 @@
-//! Bytes → a small cache (geometry, formats, window and sinks from the first bytes), a few
+//! Bytes → a small cache (geometry, formats, window and sinks, a key tail for quantized keys,
+//! from the first bytes), a few
 //! sequences of stored tokens (a fork among them, values mostly moderate, raw bits
 //! sometimes), then attention calls with batches built from the bytes: stale and unknown
 //! sequence ids, positions and token counts up to `usize::MAX`, zero or huge splits and
@@ -43,6 +44,10 @@ fuzz_target!(|data: &[u8]| {
             spec.sink_tokens = bytes.below(spec.max_seq_tokens + 1);
         }
         _ => {}
+    }
+    // Quantized keys: half the time a key tail of 1..=12 tokens.
+    if !spec.k_format.is_float() && bytes.below(2) == 0 {
+        spec.key_tail_tokens = 1 + bytes.below(12);
     }
     let Ok(layout) = Layout::new(spec) else { return };
     let Ok(arena_bytes) = layout.arena_bytes(1 + bytes.below(24)) else { return };
