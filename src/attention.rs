@@ -839,7 +839,7 @@ pub fn auto_splits(batch: usize, kv_heads: usize, threads: usize, blocks: usize)
     let base = batch.saturating_mul(kv_heads).max(1);
     let threads = threads.max(1);
     let mut splits = (4 * threads).div_ceil(base).max(1);
-    while (base * splits) % threads != 0 {
+    while !(base * splits).is_multiple_of(threads) {
         splits += 1;
     }
     splits.min(blocks.max(1))

@@ -420,7 +420,7 @@ impl<'a> KvCache<'a> {
             })?;
         let old_blocks = self.blocks_for(len);
         let mut cost = self.blocks_for(new_len) - old_blocks;
-        if n > 0 && len % self.spec().block_tokens != 0 {
+        if n > 0 && !len.is_multiple_of(self.spec().block_tokens) {
             let tail = self.table(slot)[old_blocks - 1];
             if self.pool.refcount(BlockId(tail)) > 1 {
                 cost += 1;
@@ -473,7 +473,7 @@ impl<'a> KvCache<'a> {
     fn apply_reserve(&mut self, slot: usize, new_len: usize) -> Range<usize> {
         let len = self.len_of(slot);
         let old_blocks = self.blocks_for(len);
-        if new_len > len && len % self.spec().block_tokens != 0 {
+        if new_len > len && !len.is_multiple_of(self.spec().block_tokens) {
             // Cannot fail: counted in the cost.
             let _ = self.make_private(slot, old_blocks - 1);
         }
@@ -582,7 +582,7 @@ impl<'a> KvCache<'a> {
             return Err(Error::BadIndex("layer"));
         }
         let token_elems = spec.kv_heads * spec.head_dim;
-        if k.len() % token_elems != 0 || k.is_empty() {
+        if !k.len().is_multiple_of(token_elems) || k.is_empty() {
             return Err(Error::BadShape("k"));
         }
         if v.len() != k.len() {
@@ -1240,7 +1240,7 @@ impl<'a> KvCache<'a> {
             let len = self.len_of(slot);
             stats.tokens += len;
             // Only a sequence's last block can be partly filled.
-            if len % block_tokens == 0 {
+            if len.is_multiple_of(block_tokens) {
                 continue;
             }
             let tail_logical = len / block_tokens;

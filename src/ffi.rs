@@ -251,7 +251,7 @@ impl Span {
         Span {
             start,
             end: end.unwrap_or(usize::MAX),
-            valid: start % align_of::<T>() == 0
+            valid: start.is_multiple_of(align_of::<T>())
                 && end.is_some()
                 && bytes.is_some_and(|b| b <= isize::MAX as usize),
         }
@@ -356,7 +356,9 @@ pub unsafe extern "C" fn kvc_cache_init(
     if handle.is_null() || spec.is_null() || arena.is_null() || out.is_null() {
         return KvcStatus::NullPointer;
     }
-    if handle_len < size_of::<KvcCache>() || (handle as usize) % align_of::<KvcCache>() != 0 {
+    if handle_len < size_of::<KvcCache>()
+        || !(handle as usize).is_multiple_of(align_of::<KvcCache>())
+    {
         return KvcStatus::ArenaTooSmall;
     }
     // The cache will own the arena, the handle and `*out` are written: no two may overlap.

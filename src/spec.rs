@@ -162,7 +162,7 @@ impl Layout {
                 return Err(Error::ZeroDimension(name));
             }
         }
-        if spec.q_heads % spec.kv_heads != 0 {
+        if !spec.q_heads.is_multiple_of(spec.kv_heads) {
             return Err(Error::HeadsNotMultiple {
                 q_heads: spec.q_heads,
                 kv_heads: spec.kv_heads,

@@ -422,7 +422,7 @@ fn check_max(name: &str, max: MaxFn) {
         for offset in 0..3 {
             let mut values = rng.values(n + offset);
             for v in values.iter_mut() {
-                if rng.next() % 9 == 0 {
+                if rng.next().is_multiple_of(9) {
                     *v = f32::NAN;
                 }
             }

@@ -620,7 +620,13 @@ fn q4_extreme_blocks_sum_exactly() {
             for tokens in 1..=6 {
                 // Token t: all +1 or all −1 (quantized to ±127).
                 let x: Vec<f32> = (0..tokens * cols)
-                    .map(|i| if (i / cols) % 2 == 0 { 1.0 } else { -1.0 })
+                    .map(|i| {
+                        if (i / cols).is_multiple_of(2) {
+                            1.0
+                        } else {
+                            -1.0
+                        }
+                    })
                     .collect();
                 quantize_activations(&x, cols, &mut qa).unwrap();
                 for be in backends() {

@@ -622,7 +622,7 @@ unsafe fn dot_block<const FMT: u8, const R: usize, const G: usize>(
         let (h, r) = (i / R, i % R);
         // SAFETY (stores): each score written is for a head `< G` of this run and a row
         // `row + r' < row + R <= n_rows <= per_head`.
-        if R % 4 == 0 {
+        if R.is_multiple_of(4) {
             _mm_storeu_ps(s.add(h * shape.per_head + row + r), v);
         } else if R == 2 {
             _mm_store_sd(s.add(h * shape.per_head + row).cast(), _mm_castps_pd(v));

@@ -658,7 +658,7 @@ unsafe fn acc_block<const FMT: u8, const C: usize, const G: usize>(
             // int4 pair starts at an even `c < C` (so chunk `c + 1` is whole too).
             let ints = if partial {
                 ints_partial::<FMT>(row, at, last)
-            } else if FMT == I4 && C % 2 == 0 {
+            } else if FMT == I4 && C.is_multiple_of(2) {
                 if c % 2 == 0 {
                     pair = int4_pair(row.add(at / 2));
                 }
@@ -1207,7 +1207,7 @@ unsafe fn pdot_group<const FMT: u8, const R: usize, const G: usize>(
     s: *mut f32,
 ) -> usize {
     let mut r = 0;
-    if shape.head_dim % GROUP == 0 {
+    if shape.head_dim.is_multiple_of(GROUP) {
         while r + 8 <= n_rows {
             pdot_tile::<FMT, G>(shape, r, q, s);
             r += 8;

@@ -132,7 +132,7 @@ pub fn integer_weights(format: KvFormat, head_dim: usize, weights: &[f32]) -> bo
 /// The row half of [`integer_weights`]: int4 with `head_dim` a non-zero multiple of 32.
 #[inline]
 pub fn integer_rows(format: KvFormat, head_dim: usize) -> bool {
-    format == KvFormat::Int4 && head_dim > 0 && head_dim % GROUP == 0
+    format == KvFormat::Int4 && head_dim > 0 && head_dim.is_multiple_of(GROUP)
 }
 
 /// `(inv, step)` for a run of weights whose largest magnitude has the `f32` bits `amax_bits`

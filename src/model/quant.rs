@@ -183,7 +183,7 @@ impl WeightType {
     /// Bytes of one row of `cols` elements; `None` when `cols` is not a multiple of the block
     /// size or the size overflows.
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
-        if cols % self.block_size() != 0 {
+        if !cols.is_multiple_of(self.block_size()) {
             return None;
         }
         (cols / self.block_size()).checked_mul(self.block_bytes())
@@ -212,11 +212,13 @@ impl<'a> WeightMatrix<'a> {
         cols: usize,
         data: &'a [u8],
     ) -> Result<Self, QuantError> {
-        let row_bytes = ty.row_bytes(cols).ok_or(if cols % ty.block_size() != 0 {
-            QuantError::ColsNotBlockMultiple { ty, cols }
-        } else {
-            QuantError::SizeOverflow
-        })?;
+        let row_bytes = ty
+            .row_bytes(cols)
+            .ok_or(if !cols.is_multiple_of(ty.block_size()) {
+                QuantError::ColsNotBlockMultiple { ty, cols }
+            } else {
+                QuantError::SizeOverflow
+            })?;
         let expected = row_bytes
             .checked_mul(rows)
             .ok_or(QuantError::SizeOverflow)?;
@@ -619,13 +621,13 @@ fn quantize_activations_on(
     out: &mut QuantizedActivations,
     pool: Option<&ThreadPool>,
 ) -> Result<(), QuantError> {
-    if cols == 0 || cols % QK != 0 {
+    if cols == 0 || !cols.is_multiple_of(QK) {
         return Err(QuantError::ColsNotBlockMultiple {
             ty: WeightType::Q8_0,
             cols,
         });
     }
-    if x.len() % cols != 0 {
+    if !x.len().is_multiple_of(cols) {
         return Err(QuantError::BadShape {
             what: "x",
             expected: (x.len() / cols) * cols,

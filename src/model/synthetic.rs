@@ -213,12 +213,12 @@ pub fn synthetic_gguf(seed: u64) -> Vec<u8> {
         w.u64(offset);
         offset += (data.len() as u64).div_ceil(32) * 32;
     }
-    while w.bytes.len() % 32 != 0 {
+    while !w.bytes.len().is_multiple_of(32) {
         w.bytes.push(0);
     }
     for (_, _, _, _, data) in &tensors {
         w.bytes.extend_from_slice(data);
-        while w.bytes.len() % 32 != 0 {
+        while !w.bytes.len().is_multiple_of(32) {
             w.bytes.push(0);
         }
     }

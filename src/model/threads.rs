@@ -176,7 +176,7 @@ impl ThreadPool {
         let mut spins = 0u32;
         while shared.active.load(Ordering::SeqCst) != 0 {
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 && start.elapsed() > SPIN_TIME {
+            if spins.is_multiple_of(64) && start.elapsed() > SPIN_TIME {
                 thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -237,7 +237,7 @@ fn wait_for_job(shared: &Shared, seen: usize) -> usize {
             return g;
         }
         spins = spins.wrapping_add(1);
-        if spins % 64 == 0 && start.elapsed() > SPIN_TIME {
+        if spins.is_multiple_of(64) && start.elapsed() > SPIN_TIME {
             break;
         }
         std::hint::spin_loop();
