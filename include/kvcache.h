@@ -3,8 +3,9 @@
  * Ownership: a kvc_cache lives in memory you provide (kvc_cache_size() bytes aligned to
  * kvc_cache_align()) and borrows the arena you provide; keep both alive and unmoved while you
  * use the handle, then free them yourself. Nothing here allocates (one exception: with the
- * testing switch KVCACHE_FORCE_SCALAR set in the environment, the first kvc_cache_init of a
- * process copies its value while choosing the kernels). Sequence ids are uint64_t.
+ * testing switches KVCACHE_FORCE_SCALAR or KVCACHE_NO_VNNI set in the environment, the first
+ * kvc_cache_init of a process copies their values while choosing the kernels). Sequence ids
+ * are uint64_t.
  * Every function checks its pointers and lengths and returns a kvc_status; a call that fails
  * changes nothing. A handle is used by one thread at a time, except kvc_attention_run_item.
  * Buffers: what a call writes must not overlap anything else the call is given (inputs may

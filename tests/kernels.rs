@@ -602,6 +602,16 @@ fn avx2_token_matches_cpu() {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
+fn vnni_token_matches_cpu() {
+    let has = Avx2::new().is_some()
+        && std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx512vnni");
+    assert_eq!(kvcache::kernels::quant_avx2::Vnni::new().is_some(), has);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
 fn avx2_dot_rows_matches_scalar() {
     if let Some(t) = avx2() {
         check_dot("avx2", &|f, r, hd, q, g, s| t.dot_rows(f, r, hd, q, g, s));
@@ -791,11 +801,34 @@ fn active_isa_is_consistent() {
     let isa = kernels::active_isa();
     let forced = cfg!(feature = "force-scalar")
         || std::env::var_os("KVCACHE_FORCE_SCALAR").is_some_and(|v| !v.is_empty() && v != "0");
+    let no_vnni = std::env::var_os("KVCACHE_NO_VNNI").is_some_and(|v| !v.is_empty() && v != "0");
     #[cfg(target_arch = "x86_64")]
-    let simd = Avx2::new().is_some();
+    let (simd, vnni) = (
+        Avx2::new().is_some(),
+        kvcache::kernels::quant_avx2::Vnni::new().is_some(),
+    );
     #[cfg(not(target_arch = "x86_64"))]
-    let simd = false;
-    assert_eq!(isa, if simd && !forced { "avx2" } else { "scalar" });
+    let (simd, vnni) = (false, false);
+    let want = match (simd && !forced, vnni && !no_vnni) {
+        (false, _) => "scalar",
+        (true, false) => "avx2",
+        (true, true) => "avx2+vnni",
+    };
+    assert_eq!(isa, want);
+}
+
+/// `KVCACHE_NO_VNNI=1` leaves the AVX2 kernels in use but without `vpdpbusd`: rerun
+/// [`active_isa_is_consistent`] in a child process with the variable set.
+#[test]
+fn no_vnni_env_var() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "active_isa_is_consistent", "--test-threads", "1"])
+        .env("KVCACHE_NO_VNNI", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "child failed: {stdout}");
+    assert!(stdout.contains("1 passed"), "child ran nothing: {stdout}");
 }
 
 /// `KVCACHE_FORCE_SCALAR=1` must switch the dispatcher off: rerun [`active_isa_is_consistent`]

@@ -1224,19 +1224,44 @@ fn avx2_prepared_dot_matches_scalar() {
     sweep_prepared(&|f, r, hd, p, g, s| quant_avx2::dot_rows_prepared(t, f, r, hd, p, g, s));
 }
 
+/// The `vpdpbusd` tiles, where the CPU has AVX-512 VNNI (the dispatched kernel then uses them
+/// too, and `avx2_prepared_dot_matches_scalar` keeps the AVX2 tiles covered).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn vnni_prepared_dot_matches_scalar() {
+    let Some(t) = quant_avx2::Vnni::new() else {
+        eprintln!("CPU lacks AVX-512 VNNI: VNNI kernels not tested");
+        return;
+    };
+    sweep_prepared(&|f, r, hd, p, g, s| quant_avx2::dot_rows_prepared_vnni(t, f, r, hd, p, g, s));
+}
+
 #[test]
 fn dispatched_prepared_dot_matches_scalar() {
     sweep_prepared(&kernels::dot_rows_prepared);
 }
 
 /// Arbitrary bytes as rows and prepared queries (NaN / inf parameters, `-128` keys included):
-/// no panic, and AVX2 equals scalar bit for bit (NaN for NaN); inconsistent lengths process
-/// the same prefix.
+/// no panic, and the AVX2 and VNNI kernels equal scalar bit for bit (NaN for NaN);
+/// inconsistent lengths process the same prefix.
 /// (Release builds only: debug builds stop inconsistent lengths with `debug_assert!`.)
 #[cfg(all(target_arch = "x86_64", not(debug_assertions)))]
 #[test]
-fn avx2_prepared_on_arbitrary_bytes_and_lengths() {
-    let Some(t) = Avx2::new() else { return };
+fn simd_prepared_on_arbitrary_bytes_and_lengths() {
+    if let Some(t) = Avx2::new() {
+        prepared_on_arbitrary_bytes(&|f, r, hd, p, g, s| {
+            quant_avx2::dot_rows_prepared(t, f, r, hd, p, g, s)
+        });
+    }
+    if let Some(t) = quant_avx2::Vnni::new() {
+        prepared_on_arbitrary_bytes(&|f, r, hd, p, g, s| {
+            quant_avx2::dot_rows_prepared_vnni(t, f, r, hd, p, g, s)
+        });
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", not(debug_assertions)))]
+fn prepared_on_arbitrary_bytes(dot: PreparedFn) {
     let mut rng = Rng(0xa4b);
     for format in KvFormat::QUANTIZED {
         for head_dim in [1, 5, 8, 13, 32, 45, 64, 100] {
@@ -1264,7 +1289,7 @@ fn avx2_prepared_on_arbitrary_bytes_and_lengths() {
                 let prepared = &pbytes[1..];
                 let (mut want, mut got) = (vec![0.25f32; s_len], vec![0.25f32; s_len]);
                 quant_scalar::dot_rows_prepared(format, rows, head_dim, prepared, group, &mut want);
-                quant_avx2::dot_rows_prepared(t, format, rows, head_dim, prepared, group, &mut got);
+                dot(format, rows, head_dim, prepared, group, &mut got);
                 for (g, w) in got.iter().zip(&want) {
                     assert!(
                         g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
@@ -1345,6 +1370,19 @@ fn prepared_dot_is_exact_at_the_integer_extremes() {
                 for (i, (&s, &d)) in scalar.iter().zip(&dispatched).enumerate() {
                     assert_eq!(s, want, "{format} k {k} q {q} slot {i}: scalar");
                     assert_eq!(d, want, "{format} k {k} q {q} slot {i}: dispatched");
+                }
+                // The dispatched kernel is the VNNI one where the CPU has it: the AVX2 tiles
+                // (16-bit partial sums) explicitly too.
+                #[cfg(target_arch = "x86_64")]
+                if let Some(t) = Avx2::new() {
+                    let mut avx2 = vec![0.0f32; group * n_rows];
+                    quant_avx2::dot_rows_prepared(
+                        t, format, &rows, head_dim, &prepared, group, &mut avx2,
+                    );
+                    assert!(
+                        avx2.iter().all(|&a| a == want),
+                        "{format} k {k} q {q}: avx2"
+                    );
                 }
             }
         }

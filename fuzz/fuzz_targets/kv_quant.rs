@@ -1,9 +1,11 @@
 //! Random bytes → rows of f32 (every bit pattern, NaN and inf included) → int8 / int4:
 //! encode never panics, decodes to finite values, finite inputs round-trip within half a step
-//! of the stored scale, and the AVX2 kernels agree with the scalar ones on the stored rows:
+//! of the stored scale, and the SIMD kernels agree with the scalar ones on the stored rows:
 //! the integer dot products against prepared queries bit for bit (also with the prepared
 //! bytes taken raw from the input: any scales, NaN included), the weighted sums with integer
-//! weights bit for bit (also on raw input bytes as rows), the float ones within rounding.
+//! weights bit for bit (also on raw input bytes as rows), the float ones within rounding. The
+//! integer dot products are checked on the dispatched path (AVX-512 VNNI where the CPU has it)
+//! and on the plain AVX2 one.
 #![no_main]
 
 use kvcache::kernels::{self, quant_scalar};
@@ -122,6 +124,19 @@ fuzz_target!(|data: &[u8]| {
                 g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
                 "prepared dot {g} vs {w}"
             );
+        }
+        // The dispatched kernel takes the VNNI tiles where the CPU has them: the AVX2 ones too.
+        #[cfg(target_arch = "x86_64")]
+        if let Some(t) = kernels::avx2::Avx2::new() {
+            kernels::quant_avx2::dot_rows_prepared(
+                t, format, rows, head_dim, prepared, group, &mut got,
+            );
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "prepared dot (AVX2) {g} vs {w}"
+                );
+            }
         }
     }
     let weights: Vec<f32> = (0..group * n_rows)

@@ -27,6 +27,11 @@
 //!   variable allocates a copy of its value when it is set: the one allocation the cache ever
 //!   makes, once per process, during construction.
 //!
+//! The integer dot products of the attention path ([`dot_rows_prepared`]) also use the 256-bit
+//! AVX-512 VNNI instruction `vpdpbusd` where the CPU has it ([`quant_avx2::Vnni`]; chosen the
+//! same way, and `KVCACHE_NO_VNNI` set like the variable above keeps them on plain AVX2). The
+//! results are the same bits on every path.
+//!
 //! [`active_isa`] says which set is in use.
 
 use crate::format::KvFormat;
@@ -64,28 +69,57 @@ macro_rules! dispatch_quant {
     }};
 }
 
+/// Kernel sets, as cached by [`isa_state`].
+#[cfg(all(target_arch = "x86_64", not(feature = "force-scalar"), feature = "std"))]
+mod state {
+    pub const UNKNOWN: u8 = 0;
+    pub const SCALAR: u8 = 1;
+    pub const AVX2: u8 = 2;
+    pub const VNNI: u8 = 3;
+}
+
+/// Which kernel set to use, chosen once: scalar when `KVCACHE_FORCE_SCALAR` is set or the CPU
+/// lacks AVX2, FMA or F16C; AVX2 with the AVX-512 VNNI integer dot products when the CPU has
+/// them too and `KVCACHE_NO_VNNI` is not set (to anything but `""` or `"0"`); AVX2 otherwise.
+#[cfg(all(target_arch = "x86_64", not(feature = "force-scalar"), feature = "std"))]
+#[inline]
+fn isa_state() -> u8 {
+    use core::sync::atomic::{AtomicU8, Ordering};
+    // Relaxed is enough: every thread that races on the first call computes the same answer.
+    static STATE: AtomicU8 = AtomicU8::new(state::UNKNOWN);
+    let known = STATE.load(Ordering::Relaxed);
+    if known != state::UNKNOWN {
+        return known;
+    }
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0");
+    let chosen = if set("KVCACHE_FORCE_SCALAR") || avx2::Avx2::new().is_none() {
+        state::SCALAR
+    } else if !set("KVCACHE_NO_VNNI") && quant_avx2::Vnni::new().is_some() {
+        state::VNNI
+    } else {
+        state::AVX2
+    };
+    STATE.store(chosen, Ordering::Relaxed);
+    chosen
+}
+
 /// The AVX2 token when the AVX2 kernels are to be used.
 #[cfg(all(target_arch = "x86_64", not(feature = "force-scalar"), feature = "std"))]
 #[inline]
 fn simd() -> Option<avx2::Avx2> {
-    use core::sync::atomic::{AtomicU8, Ordering};
-    const UNKNOWN: u8 = 0;
-    const SCALAR: u8 = 1;
-    const AVX2: u8 = 2;
-    // Relaxed is enough: every thread that races on the first call computes the same answer.
-    static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
-    match STATE.load(Ordering::Relaxed) {
-        // SAFETY: AVX2 is only stored below after `Avx2::new()` returned `Some`.
-        AVX2 => Some(unsafe { avx2::Avx2::new_unchecked() }),
-        SCALAR => None,
-        _ => {
-            let forced = std::env::var_os("KVCACHE_FORCE_SCALAR")
-                .is_some_and(|value| !value.is_empty() && value != "0");
-            let isa = if forced { None } else { avx2::Avx2::new() };
-            STATE.store(if isa.is_some() { AVX2 } else { SCALAR }, Ordering::Relaxed);
-            isa
-        }
+    match isa_state() {
+        // SAFETY: `isa_state` only answers AVX2 or VNNI after `Avx2::new()` returned `Some`.
+        state::AVX2 | state::VNNI => Some(unsafe { avx2::Avx2::new_unchecked() }),
+        _ => None,
     }
+}
+
+/// The VNNI token when the integer dot products are to use `vpdpbusd`.
+#[cfg(all(target_arch = "x86_64", not(feature = "force-scalar"), feature = "std"))]
+#[inline]
+fn vnni() -> Option<quant_avx2::Vnni> {
+    // SAFETY: `isa_state` only answers VNNI after `Vnni::new()` returned `Some`.
+    (isa_state() == state::VNNI).then(|| unsafe { quant_avx2::Vnni::new_unchecked() })
 }
 
 /// Makes the kernel choice now rather than at the first kernel call: under `std` that choice
@@ -106,6 +140,18 @@ pub(crate) fn choose() {
 #[inline]
 fn simd() -> Option<avx2::Avx2> {
     avx2::Avx2::new()
+}
+
+/// The VNNI token when the integer dot products are to use `vpdpbusd` (without `std`: only
+/// when the target features are enabled at compile time).
+#[cfg(all(
+    target_arch = "x86_64",
+    not(feature = "force-scalar"),
+    not(feature = "std")
+))]
+#[inline]
+fn vnni() -> Option<quant_avx2::Vnni> {
+    quant_avx2::Vnni::new()
 }
 
 /// Writes one row of `src.len()` elements into `dst` in `format` (`dst.len()` must be
@@ -184,6 +230,12 @@ pub fn dot_rows_prepared(
     scores: &mut [f32],
 ) {
     if !format.is_float() {
+        #[cfg(all(target_arch = "x86_64", not(feature = "force-scalar")))]
+        if let Some(token) = vnni() {
+            return quant_avx2::dot_rows_prepared_vnni(
+                token, format, rows, head_dim, prepared, group, scores,
+            );
+        }
         dispatch_quant!(dot_rows_prepared(
             format, rows, head_dim, prepared, group, scores
         ))
@@ -298,10 +350,14 @@ pub fn softmax_rows(
     dispatch!(softmax_rows(values, n, running_max, block_max, sums))
 }
 
-/// Name of the kernel set in use (`"scalar"` or `"avx2"`), for reports.
+/// Name of the kernel set in use (`"scalar"`, `"avx2"`, or `"avx2+vnni"` when the integer dot
+/// products use AVX-512 VNNI), for reports.
 pub fn active_isa() -> &'static str {
     #[cfg(all(target_arch = "x86_64", not(feature = "force-scalar")))]
     {
+        if vnni().is_some() {
+            return "avx2+vnni";
+        }
         if simd().is_some() {
             return "avx2";
         }

@@ -20,6 +20,10 @@
 //!   and the lanes end as the rows' exact group sums, with no horizontal sum per score (in L1
 //!   this took the int8 scores from 24.2 to 16.4 ns per token for 3 heads, int4 from 30.6 to
 //!   17.5). Other rows reduce each score's 8 lanes exactly instead; both give the same bits.
+//!   Where the CPU has AVX-512 VNNI ([`Vnni`]), [`dot_rows_prepared_vnni`] does the tiles'
+//!   products with `vpdpbusd` (4 byte products added straight into an `i32` lane) instead of
+//!   `vpmaddubsw` + `vpmaddwd` + `vpaddd`: the same exact sums in a third of the instructions
+//!   (on a Cascade Lake Xeon, int8 scores 10.3 → 7.5 ns per token for 3 heads, int4 8.9 → 7.8).
 //! - [`accumulate_rows`] keeps one group (4 chunks) of `out` for `G <= 3` heads in registers
 //!   while it walks the rows (int4 with 3 heads: half a group). For int8 the group scale is
 //!   folded into the softmax weight (`w·s`, one multiply per head, row and group), so the
@@ -47,6 +51,79 @@ use crate::quant::{self, GROUP};
 /// Format tags used as const generic parameters.
 const I8: u8 = 0;
 const I4: u8 = 1;
+
+/// A proof that the running CPU has, besides AVX2, FMA and F16C, the 256-bit forms of AVX-512
+/// VNNI (AVX512F, AVX512VL and AVX512_VNNI, as on Intel Cascade Lake and later server cores and
+/// AMD Zen 4): [`dot_rows_prepared_vnni`] then takes `vpdpbusd`, which multiplies 4 byte pairs
+/// and adds them to an `i32` lane in one instruction, in place of `vpmaddubsw`, `vpmaddwd` and
+/// `vpaddd`.
+#[derive(Clone, Copy, Debug)]
+pub struct Vnni {
+    _avx2: Avx2,
+}
+
+impl Vnni {
+    /// The token, or `None` when the CPU lacks any of the six features. Known at compile time
+    /// when the crate is built with them; otherwise detected at run time under the `std`
+    /// feature, and `None` without `std`.
+    #[inline]
+    pub fn new() -> Option<Vnni> {
+        let avx2 = Avx2::new()?;
+        vnni_detected().then_some(Vnni { _avx2: avx2 })
+    }
+
+    /// The token without checking the CPU.
+    ///
+    /// # Safety
+    ///
+    /// - The running CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512_VNNI (for
+    ///   example because [`Vnni::new`] returned `Some` earlier in this process).
+    #[inline]
+    pub unsafe fn new_unchecked() -> Vnni {
+        Vnni {
+            // SAFETY: the caller vouches for AVX2, FMA and F16C among the rest.
+            _avx2: Avx2::new_unchecked(),
+        }
+    }
+}
+
+#[cfg(all(
+    target_feature = "avx512f",
+    target_feature = "avx512vl",
+    target_feature = "avx512vnni"
+))]
+#[inline]
+fn vnni_detected() -> bool {
+    true
+}
+
+#[cfg(all(
+    feature = "std",
+    not(all(
+        target_feature = "avx512f",
+        target_feature = "avx512vl",
+        target_feature = "avx512vnni"
+    ))
+))]
+#[inline]
+fn vnni_detected() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx512vnni")
+}
+
+#[cfg(all(
+    not(feature = "std"),
+    not(all(
+        target_feature = "avx512f",
+        target_feature = "avx512vl",
+        target_feature = "avx512vnni"
+    ))
+))]
+#[inline]
+fn vnni_detected() -> bool {
+    false
+}
 
 /// See [`super::encode_row`]. Quantizing is done once per token and row and is not on the
 /// attention path, so it is the scalar code (which also keeps the bytes identical).
@@ -1101,6 +1178,22 @@ pub fn dot_rows_prepared(
     unsafe { dot_prepared_impl(format, rows, head_dim, prepared, group, scores) }
 }
 
+/// [`dot_rows_prepared`] with `vpdpbusd` for the 8-row tiles; the same bits (the integer
+/// sums are exact either way).
+#[inline]
+pub fn dot_rows_prepared_vnni(
+    _token: Vnni,
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    prepared: &[u8],
+    group: usize,
+    scores: &mut [f32],
+) {
+    // SAFETY: the token exists, so the CPU has AVX2, FMA, F16C and the AVX-512 VNNI set.
+    unsafe { dot_prepared_vnni(format, rows, head_dim, prepared, group, scores) }
+}
+
 /// Geometry of a prepared dot product.
 #[derive(Clone, Copy)]
 struct PShape {
@@ -1120,6 +1213,40 @@ struct PShape {
 /// - The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_prepared_impl(
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    prepared: &[u8],
+    group: usize,
+    scores: &mut [f32],
+) {
+    dot_prepared_body::<false>(format, rows, head_dim, prepared, group, scores)
+}
+
+/// # Safety
+///
+/// - The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512_VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn dot_prepared_vnni(
+    format: KvFormat,
+    rows: &[u8],
+    head_dim: usize,
+    prepared: &[u8],
+    group: usize,
+    scores: &mut [f32],
+) {
+    dot_prepared_body::<true>(format, rows, head_dim, prepared, group, scores)
+}
+
+/// The body of both entry points. It and the functions down to [`pdot_tile`] carry no
+/// `#[target_feature]` of their own but are always inlined, so that they are compiled with
+/// the features of the entry point they land in (`VNNI` requires the AVX-512 VNNI set).
+///
+/// # Safety
+///
+/// - The CPU must support AVX2, FMA and F16C, and with `VNNI` the AVX-512 VNNI set.
+#[inline(always)]
+unsafe fn dot_prepared_body<const VNNI: bool>(
     format: KvFormat,
     rows: &[u8],
     head_dim: usize,
@@ -1154,8 +1281,8 @@ unsafe fn dot_prepared_impl(
     // `heads * per_head <= scores.len()`, which is what the block kernels rely on.
     let (q, s) = (prepared.as_ptr(), scores.as_mut_ptr());
     match format {
-        KvFormat::Int8 => pdot_heads::<I8>(shape, n_rows, q, heads, s),
-        KvFormat::Int4 => pdot_heads::<I4>(shape, n_rows, q, heads, s),
+        KvFormat::Int8 => pdot_heads::<I8, VNNI>(shape, n_rows, q, heads, s),
+        KvFormat::Int4 => pdot_heads::<I4, VNNI>(shape, n_rows, q, heads, s),
         _ => {}
     }
 }
@@ -1164,13 +1291,12 @@ unsafe fn dot_prepared_impl(
 ///
 /// # Safety
 ///
-/// - The CPU must support AVX2, FMA and F16C.
+/// - The CPU must support AVX2, FMA and F16C, and with `VNNI` the AVX-512 VNNI set.
 /// - `shape.rows` must be valid for reading `n_rows` rows of `shape.row_bytes` bytes of `FMT`.
 /// - `q` must be valid for reading `heads * shape.stride` bytes, `s` for writing
 ///   `heads * shape.per_head` floats, and `n_rows <= shape.per_head`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pdot_heads<const FMT: u8>(
+#[inline(always)]
+unsafe fn pdot_heads<const FMT: u8, const VNNI: bool>(
     shape: PShape,
     n_rows: usize,
     q: *const u8,
@@ -1183,10 +1309,10 @@ unsafe fn pdot_heads<const FMT: u8>(
         // the buffers (see the contract above).
         let (q, s) = (q.add(h * shape.stride), s.add(h * shape.per_head));
         h += match heads - h {
-            1 => pdot_group::<FMT, 4, 1>(shape, n_rows, q, s),
-            2 => pdot_group::<FMT, 3, 2>(shape, n_rows, q, s),
-            3 => pdot_group::<FMT, 2, 3>(shape, n_rows, q, s),
-            _ => pdot_group::<FMT, 2, 4>(shape, n_rows, q, s),
+            1 => pdot_group::<FMT, 4, 1, VNNI>(shape, n_rows, q, s),
+            2 => pdot_group::<FMT, 3, 2, VNNI>(shape, n_rows, q, s),
+            3 => pdot_group::<FMT, 2, 3, VNNI>(shape, n_rows, q, s),
+            _ => pdot_group::<FMT, 2, 4, VNNI>(shape, n_rows, q, s),
         };
     }
 }
@@ -1198,9 +1324,8 @@ unsafe fn pdot_heads<const FMT: u8>(
 /// # Safety
 ///
 /// - As for [`pdot_heads`], with `q` / `s` pointing at the first of `G` heads.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pdot_group<const FMT: u8, const R: usize, const G: usize>(
+#[inline(always)]
+unsafe fn pdot_group<const FMT: u8, const R: usize, const G: usize, const VNNI: bool>(
     shape: PShape,
     n_rows: usize,
     q: *const u8,
@@ -1209,7 +1334,7 @@ unsafe fn pdot_group<const FMT: u8, const R: usize, const G: usize>(
     let mut r = 0;
     if shape.head_dim.is_multiple_of(GROUP) {
         while r + 8 <= n_rows {
-            pdot_tile::<FMT, G>(shape, r, q, s);
+            pdot_tile::<FMT, G, VNNI>(shape, r, q, s);
             r += 8;
         }
     }
@@ -1356,9 +1481,8 @@ unsafe fn tile_params<const FMT: u8>(
 ///
 /// - As for [`pdot_heads`], with `head_dim` a multiple of 32, `row + 8 <= n_rows` and `q` /
 ///   `s` at the first of `G` heads.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pdot_tile<const FMT: u8, const G: usize>(
+#[inline(always)]
+unsafe fn pdot_tile<const FMT: u8, const G: usize, const VNNI: bool>(
     shape: PShape,
     row: usize,
     q: *const u8,
@@ -1384,23 +1508,39 @@ unsafe fn pdot_tile<const FMT: u8, const G: usize>(
             for half in 0..2 {
                 let at = d0 + 16 * half;
                 let keys = transpose8x4(base, rb, at);
-                let abs_keys = keys.map(|k| _mm256_abs_epi8(k));
+                let mut abs_keys = keys;
+                for k in &mut abs_keys {
+                    *k = _mm256_abs_epi8(*k);
+                }
                 for (h, sum) in sums.iter_mut().enumerate() {
                     let qh = q.add(h * shape.stride + at);
                     for j in 0..4 {
-                        let qv = broadcast4(qh.add(4 * j));
-                        let pairs =
-                            _mm256_maddubs_epi16(abs_keys[j], _mm256_sign_epi8(qv, keys[j]));
-                        *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                        let signed = _mm256_sign_epi8(broadcast4(qh.add(4 * j)), keys[j]);
+                        *sum = if VNNI {
+                            _mm256_dpbusd_epi32(*sum, abs_keys[j], signed)
+                        } else {
+                            let pairs = _mm256_maddubs_epi16(abs_keys[j], signed);
+                            _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones))
+                        };
                     }
                 }
             }
         } else {
             let packed = transpose8x4(base, rb, d0 / 2);
-            let low = packed.map(|p| _mm256_and_si256(p, nibble));
-            let high = packed.map(|p| _mm256_and_si256(_mm256_srli_epi16::<4>(p), nibble));
+            let (mut low, mut high) = (packed, packed);
+            for j in 0..4 {
+                low[j] = _mm256_and_si256(packed[j], nibble);
+                high[j] = _mm256_and_si256(_mm256_srli_epi16::<4>(packed[j]), nibble);
+            }
             for (h, sum) in sums.iter_mut().enumerate() {
                 let qh = q.add(h * shape.stride + d0);
+                if VNNI {
+                    for j in 0..4 {
+                        *sum = _mm256_dpbusd_epi32(*sum, low[j], broadcast4(qh.add(4 * j)));
+                        *sum = _mm256_dpbusd_epi32(*sum, high[j], broadcast4(qh.add(16 + 4 * j)));
+                    }
+                    continue;
+                }
                 // The group's 8 products of pairs per 16-bit lane summed in 16 bits: each is
                 // at most 2·15·128 in magnitude, so the total (at most 30,720) is exact, and
                 // one `vpmaddwd` per group widens it instead of one per product.
