@@ -686,10 +686,12 @@ pub struct AttentionWorkspace {
 #[derive(Default)]
 struct ThreadBuffers {
     scratch: std::vec::Vec<f32>,
+    /// The partial states of the items this thread ran in the current call, in the order it
+    /// ran them (room for every item of the plan: a thread may end up running all of them).
     partials: std::vec::Vec<f32>,
+    /// The items whose states `partials` holds, in the same order.
+    items: std::vec::Vec<usize>,
     result: Option<Error>,
-    /// This thread index ran all its items in the current call.
-    ran: bool,
 }
 
 #[cfg(feature = "std")]
@@ -706,10 +708,13 @@ impl AttentionWorkspace {
     }
 
     /// Runs every work item of `plan` and merges them into `out`. `execute` must call the
-    /// function it is given once for each thread index `0..n` (with `n` at most the
-    /// workspace's thread count), possibly concurrently, and return when all calls have
-    /// returned: a thread pool's "run on every thread". Thread `i` runs a contiguous share of
-    /// the items; the merge is in item order, so the result is the same for every `n`.
+    /// function it is given for thread indices `0..n` (with `n` at most the workspace's thread
+    /// count), possibly concurrently, and return when all calls have returned: a thread pool's
+    /// "run on every thread". The threads claim items one at a time from a shared counter, so
+    /// a thread that runs slower (a busy core, a late start) takes fewer of them; the merge is
+    /// in item order, so the result is the same bits whichever thread ran which item, and for
+    /// every `n`. Fails with [`Error::IncompleteRun`] when `execute` returned with items unrun
+    /// (it called no thread index of the workspace).
     pub fn run(
         &mut self,
         plan: &AttentionPlan<'_, '_, '_>,
@@ -724,80 +729,83 @@ impl AttentionWorkspace {
             return Err(Error::BadShape("out"));
         }
         let partial_len = plan.partial_len();
-        let max_threads = self.threads.len();
+        let items = plan.work_items();
+        // `items × partial_len` fits (checked by the plan). Sizes from huge options are
+        // refused here rather than aborting on allocation; once warm, nothing allocates.
         for cell in &mut self.threads {
-            cell.get_mut().unwrap_or_else(|e| e.into_inner()).ran = false;
+            let buffers = cell.get_mut().unwrap_or_else(|e| e.into_inner());
+            buffers.result = None;
+            buffers.items.clear();
+            if buffers.items.try_reserve(items).is_err() {
+                return Err(Error::ScratchTooSmall {
+                    needed: items,
+                    available: buffers.items.capacity(),
+                });
+            }
+            for (buffer, needed) in [
+                (&mut buffers.scratch, plan.scratch_len()),
+                (&mut buffers.partials, items * partial_len),
+            ] {
+                let available = buffer.len();
+                if needed > available && buffer.try_reserve(needed - available).is_err() {
+                    return Err(Error::ScratchTooSmall { needed, available });
+                }
+                buffer.resize(needed, 0.0);
+            }
         }
-        let used = std::sync::atomic::AtomicUsize::new(0);
+        let next = std::sync::atomic::AtomicUsize::new(0);
         let buffers = &self.threads;
-        let work = |thread: usize, threads: usize| {
-            let threads = threads.clamp(1, max_threads);
-            used.fetch_max(threads, std::sync::atomic::Ordering::Relaxed);
+        let work = |thread: usize, _threads: usize| {
             let Some(cell) = buffers.get(thread) else {
                 return;
             };
             let Ok(mut guard) = cell.lock() else { return };
             let buffers = &mut *guard;
-            let per_thread = plan.work_items().div_ceil(threads);
-            let items = (thread * per_thread).min(plan.work_items())
-                ..((thread + 1) * per_thread).min(plan.work_items());
-            // `per_thread × partial_len <= items × partial_len`, checked by the plan. Sizes
-            // from huge options are refused here rather than aborting on allocation.
-            buffers.result = None;
-            for (buffer, needed) in [
-                (&mut buffers.scratch, plan.scratch_len()),
-                (&mut buffers.partials, per_thread * partial_len),
-            ] {
-                let available = buffer.len();
-                if needed > available && buffer.try_reserve(needed - available).is_err() {
-                    buffers.result = Some(Error::ScratchTooSmall { needed, available });
-                    return;
+            while buffers.result.is_none() {
+                let item = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if item >= items {
+                    break;
                 }
-                buffer.resize(needed, 0.0);
-            }
-            for (index, item) in items.enumerate() {
-                let partial = &mut buffers.partials[index * partial_len..(index + 1) * partial_len];
-                if let Err(e) = plan.run_item(item, queries, partial, &mut buffers.scratch) {
-                    buffers.result = Some(e);
-                    return;
+                // This thread has run fewer than all the items (it claimed this one), so the
+                // slot is inside `partials`.
+                let at = buffers.items.len() * partial_len;
+                let Some(partial) = buffers.partials.get_mut(at..at + partial_len) else {
+                    buffers.result = Some(Error::IncompleteRun);
+                    break;
+                };
+                match plan.run_item(item, queries, partial, &mut buffers.scratch) {
+                    // Within the capacity reserved above: no allocation.
+                    Ok(()) => buffers.items.push(item),
+                    Err(e) => buffers.result = Some(e),
                 }
             }
-            buffers.ran = true;
         };
         execute(&work);
-        // Every thread has returned: the buffers are reached without locking, and gathered
-        // into one array in item order (no allocation once the workspace is warm).
-        let threads = used.load(std::sync::atomic::Ordering::Relaxed).max(1);
-        let cells = &mut self.threads[..threads];
-        for cell in cells.iter_mut() {
+        // Every call has returned: the buffers are reached without locking, and gathered into
+        // one array in item order (no allocation once the workspace is warm).
+        let needed = items * partial_len;
+        let available = self.partials.len();
+        if needed > available && self.partials.try_reserve(needed - available).is_err() {
+            return Err(Error::ScratchTooSmall { needed, available });
+        }
+        self.partials.resize(needed, 0.0);
+        let mut ran = 0;
+        for cell in &mut self.threads {
             let buffers = cell
                 .get_mut()
                 .map_err(|_| Error::BadIndex("poisoned thread buffer"))?;
             if let Some(error) = buffers.result {
                 return Err(error);
             }
-        }
-        // An `execute` that skipped a thread index would leave its items unrun (and an earlier
-        // call's partial states in place).
-        for cell in cells.iter_mut() {
-            if !cell.get_mut().is_ok_and(|buffers| buffers.ran) {
-                return Err(Error::IncompleteRun);
+            for (k, &item) in buffers.items.iter().enumerate() {
+                self.partials[item * partial_len..(item + 1) * partial_len]
+                    .copy_from_slice(&buffers.partials[k * partial_len..(k + 1) * partial_len]);
             }
+            ran += buffers.items.len();
         }
-        // `work_items × partial_len` fits (checked by the plan).
-        let needed = plan.work_items() * partial_len;
-        let available = self.partials.len();
-        if needed > available && self.partials.try_reserve(needed - available).is_err() {
-            return Err(Error::ScratchTooSmall { needed, available });
-        }
-        self.partials.resize(needed, 0.0);
-        let per_thread = plan.work_items().div_ceil(threads);
-        let chunk_len = (per_thread * partial_len).max(1);
-        for (chunk, cell) in self.partials.chunks_mut(chunk_len).zip(cells) {
-            let buffers = cell
-                .get_mut()
-                .map_err(|_| Error::BadIndex("poisoned thread buffer"))?;
-            chunk.copy_from_slice(&buffers.partials[..chunk.len()]);
+        // Each item is claimed once, so `ran == items` means every one of them ran.
+        if ran != items {
+            return Err(Error::IncompleteRun);
         }
         let partials = &self.partials;
         plan.merge_with(

@@ -74,8 +74,8 @@ pub enum Error {
     },
     /// A value is NaN or infinite where the storage format cannot hold it.
     NonFinite,
-    /// A threaded attention run returned before every thread index had run its work items
-    /// (the `execute` given to `AttentionWorkspace::run` broke its contract).
+    /// A threaded attention run returned before every work item had run (the `execute` given
+    /// to `AttentionWorkspace::run` broke its contract: it called no thread index).
     IncompleteRun,
     /// Bytes given to [`crate::KvCache::import_sequence`] are not a snapshot this cache can
     /// restore (what is wrong with them).
@@ -131,7 +131,7 @@ impl fmt::Display for Error {
             }
             Error::NonFinite => f.write_str("NaN or infinite value"),
             Error::IncompleteRun => {
-                f.write_str("attention returned before every thread ran its work items")
+                f.write_str("attention returned before every work item had run")
             }
             Error::BadSnapshot(what) => write!(f, "not a valid sequence snapshot: {what}"),
             Error::Interrupted => f.write_str("a snapshot read or write callback failed"),

@@ -549,7 +549,7 @@ fn windows_wider_than_any_sequence_equal_no_window() {
 }
 
 #[test]
-fn a_workspace_run_that_skips_threads_is_refused() {
+fn a_workspace_run_needs_some_thread_not_every_thread() {
     use kvcache::attention::AttentionWorkspace;
     let spec = CacheSpec::new(2, 4, 2, 8);
     let layout = Layout::new(spec).unwrap();
@@ -583,26 +583,83 @@ fn a_workspace_run_that_skips_threads_is_refused() {
     )
     .unwrap();
     let mut workspace = AttentionWorkspace::new(2);
-    let mut out = vec![0.0; q.len()];
-    // Nothing run, then only thread 0 of 2 (twice): refused, before and after a good run.
+    // Thread indices called one after the other: none, or only indices the workspace lacks,
+    // are refused (before and after good runs, `out` left alone); any other order, even an
+    // index called twice or one left out, runs every item once: items are claimed, not
+    // assigned, and the result is the reference's bits.
     for round in 0..2 {
-        assert_eq!(
-            workspace.run(&plan, &q, &mut out, |_| {}),
-            Err(Error::IncompleteRun),
-            "round {round}"
-        );
-        assert_eq!(
-            workspace.run(&plan, &q, &mut out, |work| {
-                work(0, 2);
-                work(0, 2);
-            }),
-            Err(Error::IncompleteRun),
-            "round {round}"
-        );
+        for (schedule, ok) in [
+            (&[][..], false),
+            (&[2, usize::MAX], false),
+            (&[1, 0], true),
+            (&[0, 0], true),
+            (&[1], true),
+            (&[5, 1], true),
+        ] {
+            let mut out = vec![7.0; q.len()];
+            let result = workspace.run(&plan, &q, &mut out, |work| {
+                for &thread in schedule {
+                    work(thread, 2);
+                }
+            });
+            if ok {
+                assert_eq!(result, Ok(()), "round {round} {schedule:?}");
+                assert_eq!(out, reference, "round {round} {schedule:?}");
+            } else {
+                assert_eq!(result, Err(Error::IncompleteRun), "round {round}");
+                assert!(out.iter().all(|&x| x == 7.0));
+            }
+        }
+    }
+}
+
+/// Threads that claim items at different speeds: two start together and share the items
+/// (each runs some, in an order no one chose), a third starts late and finds few or none;
+/// the result is still the one-thread run's bits.
+#[test]
+fn a_workspace_balances_items_between_uneven_threads() {
+    use kvcache::attention::AttentionWorkspace;
+    let mut spec = CacheSpec::new(1, 8, 2, 64);
+    spec.max_seq_tokens = 4000;
+    let layout = Layout::new(spec).unwrap();
+    let mut arena = vec![0u8; layout.arena_bytes(250).unwrap()];
+    let mut cache = KvCache::new(spec, &mut arena).unwrap();
+    let seq = cache.add_sequence().unwrap();
+    let mut rng = Rng(8);
+    append(&mut cache, seq, 4000, &mut rng);
+    let entries = [BatchEntry {
+        seq,
+        first_position: 3999,
+        tokens: 1,
+    }];
+    let q = rng.vec(8 * 64);
+    let options = AttentionOptions {
+        splits: 25,
+        ..AttentionOptions::default()
+    };
+    let plan = AttentionPlan::new(&cache, 0, &entries, &options).unwrap();
+    let mut reference = vec![0.0; q.len()];
+    AttentionWorkspace::new(1)
+        .run(&plan, &q, &mut reference, |work| work(0, 1))
+        .unwrap();
+    let mut workspace = AttentionWorkspace::new(3);
+    for _ in 0..3 {
+        let mut out = vec![0.0; q.len()];
         workspace
             .run(&plan, &q, &mut out, |work| {
-                work(1, 2);
-                work(0, 2);
+                let start = std::sync::Barrier::new(2);
+                std::thread::scope(|scope| {
+                    scope.spawn(|| {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        work(1, 3);
+                    });
+                    scope.spawn(|| {
+                        start.wait();
+                        work(2, 3);
+                    });
+                    start.wait();
+                    work(0, 3);
+                });
             })
             .unwrap();
         assert_eq!(out, reference);
