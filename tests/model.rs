@@ -286,6 +286,73 @@ fn cli(args: &[&str]) -> (i32, String) {
     (output.status.code().unwrap_or(-1), stderr)
 }
 
+/// `bench attention --kv f16,int8,int4` runs the three in one process: a report per format
+/// (each its own format's bytes per step: int8 and int4 below f16), then the ratios against
+/// the first; the same keys and values in each cache, so a float format listed twice gives
+/// the same output element. A bad name in the list is refused.
+#[test]
+fn bench_attention_takes_a_list_of_formats() {
+    let output = Command::new(env!("CARGO_BIN_EXE_kvcache"))
+        .args([
+            "bench",
+            "attention",
+            "--ctx",
+            "40",
+            "--steps",
+            "2",
+            "--threads",
+            "1",
+        ])
+        .args(["--kv", "f16,int8,int4,f16"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let field = |line: &str, name: &str| -> String {
+        let at = line.find(&format!("\"{name}\":")).unwrap() + name.len() + 3;
+        line[at..]
+            .split([',', '}'])
+            .next()
+            .unwrap()
+            .trim_matches('"')
+            .to_string()
+    };
+    let reports: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("{\"shape\""))
+        .collect();
+    let kinds: Vec<String> = reports.iter().map(|l| field(l, "kv")).collect();
+    assert_eq!(kinds, ["f16", "int8", "int4", "f16"]);
+    let megabytes: Vec<f64> = stdout
+        .lines()
+        .filter_map(|l| l.split("K+V bytes per step: ").nth(1))
+        .map(|rest| rest.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        megabytes[0] > megabytes[1] && megabytes[1] > megabytes[2] && megabytes[2] > 0.0,
+        "{megabytes:?}"
+    );
+    assert_eq!(megabytes[0], megabytes[3]);
+    let outs: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split("out[0] = ").nth(1))
+        .collect();
+    assert_eq!(outs.len(), 4);
+    assert_eq!(outs[0], outs[3]);
+    assert_ne!(outs[0], outs[1]);
+    let against = stdout.lines().last().unwrap();
+    assert!(against.starts_with("{\"against\":\"f16\""), "{against}");
+    for kind in ["int8", "int4", "f16"] {
+        assert!(
+            against.contains(&format!("\"{kind}\":{{\"per_round\":")),
+            "{against}"
+        );
+    }
+    let (code, err) = cli(&["bench", "attention", "--kv", "f16,int9"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unknown --kv format `int9`"), "{err}");
+}
+
 /// Output to a reader that is gone (`kvcache memory | head`) or to a full disk ends the
 /// process without a panic: status 141 (as SIGPIPE would) or 1 with a message. `--help` and
 /// `-h` print the usage with any command, and every option the usage shows is accepted.

@@ -39,6 +39,8 @@ usage:
                              feed the rest one token at a time, as decoding does)
   kvcache bench decode [--depth 0] [-n 64] [--chunk 512] [--no-cache]
   kvcache bench attention [--shape smollm2|llama3-8b|llama2-7b] [--ctx 2048] [--batch 1] [--steps S]
+                             (--kv f16,int8,int4: the formats' steps alternate in one
+                             run, and each is reported as a ratio of the first's)
   kvcache demo               the built-in synthetic model through the cache
   kvcache memory [--shape smollm2|llama3-8b|llama2-7b] [--batch 1]
                              cache bytes by context length and format
