@@ -672,13 +672,16 @@ pub fn attention(
 }
 
 /// Buffers for running a plan's work items on several threads (`std`): per thread, its
-/// scratch and the partial states of the items it ran. Reused across calls; grows, never
-/// shrinks.
+/// scratch and one item's partial state; per item, a slot its state is stored to. Reused
+/// across calls; grows, never shrinks.
 #[cfg(feature = "std")]
 #[derive(Default)]
 pub struct AttentionWorkspace {
     threads: std::vec::Vec<std::sync::Mutex<ThreadBuffers>>,
-    /// Every item's partial state in item order, gathered from the threads for the merge.
+    /// Every item's partial state in item order, as `f32` bits, stored by whichever thread
+    /// ran it (relaxed stores: `execute`'s return orders them before the merge reads them).
+    slots: std::vec::Vec<core::sync::atomic::AtomicU32>,
+    /// The slots read back as `f32`, for the merge.
     partials: std::vec::Vec<f32>,
 }
 
@@ -686,12 +689,27 @@ pub struct AttentionWorkspace {
 #[derive(Default)]
 struct ThreadBuffers {
     scratch: std::vec::Vec<f32>,
-    /// The partial states of the items this thread ran in the current call, in the order it
-    /// ran them (room for every item of the plan: a thread may end up running all of them).
-    partials: std::vec::Vec<f32>,
-    /// The items whose states `partials` holds, in the same order.
-    items: std::vec::Vec<usize>,
+    /// The partial state of the item being run.
+    partial: std::vec::Vec<f32>,
+    /// Items this thread ran in the current call.
+    ran: usize,
     result: Option<Error>,
+}
+
+/// Resizes `buffer` to `needed` elements, refusing (rather than aborting on) a size that
+/// cannot be allocated; no allocation when it is already that large.
+#[cfg(feature = "std")]
+fn resize_buffer<T>(
+    buffer: &mut std::vec::Vec<T>,
+    needed: usize,
+    fill: impl FnMut() -> T,
+) -> Result<(), Error> {
+    let available = buffer.len();
+    if needed > available && buffer.try_reserve(needed - available).is_err() {
+        return Err(Error::ScratchTooSmall { needed, available });
+    }
+    buffer.resize_with(needed, fill);
+    Ok(())
 }
 
 #[cfg(feature = "std")]
@@ -703,16 +721,18 @@ impl AttentionWorkspace {
             .collect();
         AttentionWorkspace {
             threads,
+            slots: std::vec::Vec::new(),
             partials: std::vec::Vec::new(),
         }
     }
 
     /// Runs every work item of `plan` and merges them into `out`. `execute` must call the
-    /// function it is given for thread indices `0..n` (with `n` at most the workspace's thread
-    /// count), possibly concurrently, and return when all calls have returned: a thread pool's
-    /// "run on every thread". The threads claim items one at a time from a shared counter, so
-    /// a thread that runs slower (a busy core, a late start) takes fewer of them; the merge is
-    /// in item order, so the result is the same bits whichever thread ran which item, and for
+    /// function it is given with thread indices `0..n` (`n` at most the workspace's thread
+    /// count; the second argument is not used), possibly concurrently, and return when all
+    /// calls have returned: a thread pool's "run on every thread". The threads claim items one
+    /// at a time from a shared counter, so a thread that runs slower (a busy core, a late
+    /// start) takes fewer of them; each item's state goes to its own slot and the merge is in
+    /// item order, so the result is the same bits whichever thread ran which item, and for
     /// every `n`. Fails with [`Error::IncompleteRun`] when `execute` returned with items unrun
     /// (it called no thread index of the workspace).
     pub fn run(
@@ -722,6 +742,7 @@ impl AttentionWorkspace {
         out: &mut [f32],
         execute: impl FnOnce(&(dyn Fn(usize, usize) + Sync)),
     ) -> Result<(), Error> {
+        use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
         if queries.len() != plan.queries_len() {
             return Err(Error::BadShape("queries"));
         }
@@ -733,28 +754,17 @@ impl AttentionWorkspace {
         // `items × partial_len` fits (checked by the plan). Sizes from huge options are
         // refused here rather than aborting on allocation; once warm, nothing allocates.
         for cell in &mut self.threads {
+            cell.clear_poison();
             let buffers = cell.get_mut().unwrap_or_else(|e| e.into_inner());
             buffers.result = None;
-            buffers.items.clear();
-            if buffers.items.try_reserve(items).is_err() {
-                return Err(Error::ScratchTooSmall {
-                    needed: items,
-                    available: buffers.items.capacity(),
-                });
-            }
-            for (buffer, needed) in [
-                (&mut buffers.scratch, plan.scratch_len()),
-                (&mut buffers.partials, items * partial_len),
-            ] {
-                let available = buffer.len();
-                if needed > available && buffer.try_reserve(needed - available).is_err() {
-                    return Err(Error::ScratchTooSmall { needed, available });
-                }
-                buffer.resize(needed, 0.0);
-            }
+            buffers.ran = 0;
+            resize_buffer(&mut buffers.scratch, plan.scratch_len(), || 0.0)?;
+            resize_buffer(&mut buffers.partial, partial_len, || 0.0)?;
         }
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let buffers = &self.threads;
+        resize_buffer(&mut self.slots, items * partial_len, || AtomicU32::new(0))?;
+        resize_buffer(&mut self.partials, items * partial_len, || 0.0)?;
+        let next = AtomicUsize::new(0);
+        let (buffers, slots) = (&self.threads, &self.slots);
         let work = |thread: usize, _threads: usize| {
             let Some(cell) = buffers.get(thread) else {
                 return;
@@ -762,33 +772,26 @@ impl AttentionWorkspace {
             let Ok(mut guard) = cell.lock() else { return };
             let buffers = &mut *guard;
             while buffers.result.is_none() {
-                let item = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let item = next.fetch_add(1, Relaxed);
                 if item >= items {
                     break;
                 }
-                // This thread has run fewer than all the items (it claimed this one), so the
-                // slot is inside `partials`.
-                let at = buffers.items.len() * partial_len;
-                let Some(partial) = buffers.partials.get_mut(at..at + partial_len) else {
-                    buffers.result = Some(Error::IncompleteRun);
+                if let Err(e) =
+                    plan.run_item(item, queries, &mut buffers.partial, &mut buffers.scratch)
+                {
+                    buffers.result = Some(e);
                     break;
-                };
-                match plan.run_item(item, queries, partial, &mut buffers.scratch) {
-                    // Within the capacity reserved above: no allocation.
-                    Ok(()) => buffers.items.push(item),
-                    Err(e) => buffers.result = Some(e),
                 }
+                // `item < items`, and the slots hold `items × partial_len`.
+                let slot = &slots[item * partial_len..(item + 1) * partial_len];
+                for (slot, value) in slot.iter().zip(&buffers.partial) {
+                    slot.store(value.to_bits(), Relaxed);
+                }
+                buffers.ran += 1;
             }
         };
         execute(&work);
-        // Every call has returned: the buffers are reached without locking, and gathered into
-        // one array in item order (no allocation once the workspace is warm).
-        let needed = items * partial_len;
-        let available = self.partials.len();
-        if needed > available && self.partials.try_reserve(needed - available).is_err() {
-            return Err(Error::ScratchTooSmall { needed, available });
-        }
-        self.partials.resize(needed, 0.0);
+        // Every call has returned: the buffers are reached without locking.
         let mut ran = 0;
         for cell in &mut self.threads {
             let buffers = cell
@@ -797,15 +800,14 @@ impl AttentionWorkspace {
             if let Some(error) = buffers.result {
                 return Err(error);
             }
-            for (k, &item) in buffers.items.iter().enumerate() {
-                self.partials[item * partial_len..(item + 1) * partial_len]
-                    .copy_from_slice(&buffers.partials[k * partial_len..(k + 1) * partial_len]);
-            }
-            ran += buffers.items.len();
+            ran += buffers.ran;
         }
         // Each item is claimed once, so `ran == items` means every one of them ran.
         if ran != items {
             return Err(Error::IncompleteRun);
+        }
+        for (value, slot) in self.partials.iter_mut().zip(&self.slots) {
+            *value = f32::from_bits(slot.load(Relaxed));
         }
         let partials = &self.partials;
         plan.merge_with(
@@ -840,9 +842,10 @@ pub fn attention_threaded(
     })
 }
 
-/// Key splits per (sequence, KV head) for decode on `threads` threads: every thread gets the
-/// same number of work items and at least four, and no split is smaller than one block
-/// (`blocks`: the longest sequence's blocks).
+/// Key splits per (sequence, KV head) for decode on `threads` threads: the work items are a
+/// multiple of the thread count and at least four per thread (so that threads claiming them
+/// can even out), and no split is smaller than one block (`blocks`: the longest sequence's
+/// blocks).
 pub fn auto_splits(batch: usize, kv_heads: usize, threads: usize, blocks: usize) -> usize {
     let base = batch.saturating_mul(kv_heads).max(1);
     let threads = threads.max(1);

@@ -54,6 +54,9 @@ pub fn attention(args: &Args) -> Result<(), String> {
         };
         formats.push((format, key_tail));
     }
+    if formats.iter().all(|(format, _)| format.is_float()) && args.string("key-tail").is_some() {
+        return Err("--key-tail needs int8 or int4 keys".into());
+    }
     let ctx: usize = args.value("ctx", 2048)?;
     let batch: usize = args.value("batch", 1)?;
     let default_threads = std::thread::available_parallelism().map_or(1, |n| n.get());

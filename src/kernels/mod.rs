@@ -24,8 +24,8 @@
 //! - the cargo feature `force-scalar`, or (under `std`) the environment variable
 //!   `KVCACHE_FORCE_SCALAR` set to anything but `""` or `"0"` when the first cache is built
 //!   (or the first kernel runs, if that comes first), forces the scalar kernels. Reading the
-//!   variable allocates a copy of its value when it is set: the one allocation the cache ever
-//!   makes, once per process, during construction.
+//!   variable allocates a copy of its value when it is set (so does `KVCACHE_NO_VNNI`, below):
+//!   the only allocations the cache ever makes, once per process, during construction.
 //!
 //! The integer dot products of the attention path ([`dot_rows_prepared`]) also use the 256-bit
 //! AVX-512 VNNI instruction `vpdpbusd` where the CPU has it ([`quant_avx2::Vnni`]; chosen the
@@ -123,8 +123,9 @@ fn vnni() -> Option<quant_avx2::Vnni> {
 }
 
 /// Makes the kernel choice now rather than at the first kernel call: under `std` that choice
-/// reads the environment, which allocates when `KVCACHE_FORCE_SCALAR` is set. Building a
-/// [`crate::KvCache`] calls it, so that nothing allocates after construction.
+/// reads the environment, which allocates a copy of `KVCACHE_FORCE_SCALAR` or
+/// `KVCACHE_NO_VNNI` when it is set. Building a [`crate::KvCache`] calls it, so that nothing
+/// allocates after construction.
 pub(crate) fn choose() {
     #[cfg(all(target_arch = "x86_64", not(feature = "force-scalar"), feature = "std"))]
     let _ = simd();
