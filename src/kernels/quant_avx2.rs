@@ -957,16 +957,30 @@ unsafe fn int4_weights<const G: usize>(
     let rb = shape.row_bytes;
     let at = shape.head_dim / 2 + 4 * g;
     let masks = [first_lanes(n.min(8)), first_lanes(n.saturating_sub(8))];
-    // The (scale, min) pairs of group `g`, one `u32` per row (zero past `n`).
-    let mut params = [0u32; 16];
-    for (i, p) in params.iter_mut().enumerate().take(n) {
-        // SAFETY: row `i < n` is whole; its pair of group `g` lies inside it.
-        *p = core::ptr::read_unaligned(base.add(i * rb + at).cast::<u32>());
-    }
-    let pv = [
-        _mm256_loadu_si256(params.as_ptr().cast()),
-        _mm256_loadu_si256(params.as_ptr().add(8).cast()),
-    ];
+    // The (scale, min) pairs of group `g`, one `u32` per row (zero past `n`), read as integers
+    // straight into lanes: through a stack array, the vector loads would wait for the stores
+    // to leave the store buffer.
+    let word = |i: usize| {
+        if i < n {
+            // SAFETY: row `i < n` is whole; its pair of group `g` lies inside it.
+            core::ptr::read_unaligned(base.add(i * rb + at).cast::<i32>())
+        } else {
+            0
+        }
+    };
+    let eight = |i: usize| {
+        _mm256_setr_epi32(
+            word(i),
+            word(i + 1),
+            word(i + 2),
+            word(i + 3),
+            word(i + 4),
+            word(i + 5),
+            word(i + 6),
+            word(i + 7),
+        )
+    };
+    let pv = [eight(0), eight(8)];
     let scale = pv.map(|p| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(p)));
     let hi16 = _mm256_set1_epi32(0xffff_0000u32 as i32);
     let min = pv.map(|p| _mm256_castsi256_ps(_mm256_and_si256(p, hi16)));
