@@ -817,13 +817,12 @@ fn active_isa_is_consistent() {
     assert_eq!(isa, want);
 }
 
-/// `KVCACHE_NO_VNNI=1` leaves the AVX2 kernels in use but without `vpdpbusd`: rerun
-/// [`active_isa_is_consistent`] in a child process with the variable set.
-#[test]
-fn no_vnni_env_var() {
+/// Reruns test `name` of this binary in a child process with `variable=1` in its environment
+/// (the kernel choice is cached per process), and checks that it ran and passed.
+fn rerun_with(name: &str, variable: &str) {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "active_isa_is_consistent", "--test-threads", "1"])
-        .env("KVCACHE_NO_VNNI", "1")
+        .args(["--exact", name, "--test-threads", "1"])
+        .env(variable, "1")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -831,22 +830,20 @@ fn no_vnni_env_var() {
     assert!(stdout.contains("1 passed"), "child ran nothing: {stdout}");
 }
 
-/// `KVCACHE_FORCE_SCALAR=1` must switch the dispatcher off: rerun [`active_isa_is_consistent`]
-/// in a child process with the variable set (the choice is cached per process).
+/// `KVCACHE_NO_VNNI=1` leaves the AVX2 kernels in use but without `vpdpbusd`.
+#[test]
+fn no_vnni_env_var() {
+    rerun_with("active_isa_is_consistent", "KVCACHE_NO_VNNI");
+}
+
+/// `KVCACHE_FORCE_SCALAR=1` must switch the dispatcher off.
 #[test]
 fn force_scalar_env_var() {
     if std::env::var_os("KVCACHE_FORCE_SCALAR").is_some() {
         assert_eq!(kernels::active_isa(), "scalar");
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "force_scalar_env_var", "--test-threads", "1"])
-        .env("KVCACHE_FORCE_SCALAR", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "child failed: {stdout}");
-    assert!(stdout.contains("1 passed"), "child ran nothing: {stdout}");
+    rerun_with("force_scalar_env_var", "KVCACHE_FORCE_SCALAR");
 }
 
 // ------------------------------------------------------------------------------------------
