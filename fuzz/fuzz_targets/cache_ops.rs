@@ -2,16 +2,55 @@
 //! included) and checks after every step: the structural invariants, and every stored row of
 //! every sequence against a plain model (a `Vec` of token tags per sequence, with the window's
 //! evictions replayed). A failed operation must change nothing. Sequences are also saved and
-//! restored (`export_sequence` / `import_sequence`), intact or damaged. With int8 keys and a
-//! key tail, the keys the model says the tail holds must read back exact (the values are exact
-//! in `f16`), the others within int8's half step.
+//! restored (`export_sequence` / `import_sequence`), intact or damaged. Keys and values take
+//! any of the five formats. With int8 / int4 keys and a key tail, the keys the model says the
+//! tail holds must read back from their `f16` copies (exact for the model's values); other int8
+//! rows within int8's half step. int4 rows must read back as the format's own steps replayed
+//! on the model's values ([`int4_row`]): per-channel key offsets fixed by the sequence's first
+//! write, the Hadamard rotation, and each sequence's first key and value held exact; so a fork,
+//! a truncation or a restore that loses any of them shows.
 #![no_main]
 
 use kvcache::cache::NO_BLOCK;
 use kvcache::half::{bf16_to_f32, f16_to_f32};
 use kvcache::spec::Kind;
+use kvcache::{kernels, quant};
 use kvcache::{CacheSpec, Error, KvCache, KvFormat, Layout, SeqId};
 use libfuzzer_sys::fuzz_target;
+
+/// What `read_row` gives for an int4 row whose model values are `x`, replaying the cache's
+/// steps: rotated (when `head_dim` is a power of two from 2), less the key offsets `mu` (zero
+/// for values), then held exact (the sequence's first row), in the key tail's `f16`, or as an
+/// int4 row; the offsets added back and the rotation undone.
+fn int4_row(x: &[f32], mu: &[f32], first: bool, tail: bool) -> Vec<f32> {
+    let head_dim = x.len();
+    let mut y = x.to_vec();
+    if quant::rotated(KvFormat::Int4, head_dim) {
+        quant::hadamard(&mut y);
+    }
+    let mut out = vec![0.0f32; head_dim];
+    if first {
+        for ((o, &v), &m) in out.iter_mut().zip(&y).zip(mu) {
+            *o = v - m;
+        }
+    } else if tail {
+        let shifted: Vec<f32> = y.iter().zip(mu).map(|(&v, &m)| v - m).collect();
+        let mut bytes = vec![0u8; 2 * head_dim];
+        kernels::encode_row(KvFormat::F16, &shifted, &mut bytes);
+        kernels::decode_row(KvFormat::F16, &bytes, &mut out);
+    } else {
+        let mut bytes = vec![0u8; KvFormat::Int4.row_bytes(head_dim).unwrap()];
+        quant::encode_int4_shifted(&y, |d| mu[d], &mut bytes);
+        kernels::decode_row(KvFormat::Int4, &bytes, &mut out);
+    }
+    for (o, &m) in out.iter_mut().zip(mu) {
+        *o += m;
+    }
+    if quant::rotated(KvFormat::Int4, head_dim) {
+        quant::hadamard(&mut out);
+    }
+    out
+}
 
 /// Exact in f32, f16 and bf16: multiples of 1/4 in [-32, 32).
 fn value(tag: u32, layer: usize, kind: Kind, element: usize) -> f32 {
@@ -128,18 +167,35 @@ impl Fuzz<'_> {
                                 continue;
                             }
                             result.expect("read");
-                            // int8 keys outside the tail: within half a step of their group's
-                            // scale (at most 32 / 127).
-                            let quantized = kind == Kind::K
-                                && self.spec.k_format == KvFormat::Int8
-                                && !held.contains(&position);
-                            for (d, &got) in row.iter().enumerate() {
-                                let want = value(tag, layer, kind, head * elems + d);
-                                if quantized {
-                                    assert!((got - want).abs() <= 32.0 / 127.0 / 2.0 * 1.0001, "{got} vs {want}");
-                                } else {
-                                    assert_eq!(got, want);
+                            let want: Vec<f32> = (0..elems).map(|d| value(tag, layer, kind, head * elems + d)).collect();
+                            let format = match kind {
+                                Kind::K => self.spec.k_format,
+                                Kind::V => self.spec.v_format,
+                            };
+                            let tail = kind == Kind::K && held.contains(&position);
+                            match format {
+                                // Outside the tail: within half a step of the group's scale
+                                // (at most 32 / 127).
+                                KvFormat::Int8 if !tail => {
+                                    for (&got, &want) in row.iter().zip(&want) {
+                                        assert!((got - want).abs() <= 32.0 / 127.0 / 2.0 * 1.0001, "{got} vs {want}");
+                                    }
                                 }
+                                KvFormat::Int4 => {
+                                    let mut mu = vec![0.0f32; elems];
+                                    if kind == Kind::K {
+                                        let set = self.cache.key_offsets(seq.id, layer, head, &mut mu).expect("offsets");
+                                        assert!(set, "int4 key offsets unset for a written sequence");
+                                    }
+                                    let expected = int4_row(&want, &mu, position == 0, tail);
+                                    for (d, (&got, &e)) in row.iter().zip(&expected).enumerate() {
+                                        assert!(
+                                            (got - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                                            "int4 {kind:?} layer {layer} head {head} position {position} element {d}: {got} vs {e}"
+                                        );
+                                    }
+                                }
+                                _ => assert_eq!(row, want),
                             }
                         }
                     }
@@ -157,17 +213,16 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 6 {
         return;
     }
-    let formats = [KvFormat::F32, KvFormat::F16, KvFormat::Bf16];
+    let formats = [KvFormat::F32, KvFormat::F16, KvFormat::Bf16, KvFormat::Int8, KvFormat::Int4];
     let mut spec = CacheSpec::new(1 + data[0] as usize % 2, 2, 1 + data[1] as usize % 2, 1 + data[2] as usize % 4);
     spec.q_heads = spec.kv_heads * (1 + data[1] as usize / 2 % 3);
     spec.block_tokens = 1 + data[3] as usize % 5;
-    spec.k_format = formats[data[4] as usize % 3];
-    // int8 keys with a key tail of 1..=6 tokens for some inputs.
-    if data[3] >= 0xc0 {
-        spec.k_format = KvFormat::Int8;
+    spec.k_format = formats[data[4] as usize % 5];
+    spec.v_format = formats[data[4] as usize / 5 % 5];
+    // Quantized keys with a key tail of 1..=6 tokens for some inputs.
+    if data[3] >= 0xc0 && !spec.k_format.is_float() {
         spec.key_tail_tokens = 1 + data[3] as usize % 6;
     }
-    spec.v_format = formats[data[4] as usize / 3 % 3];
     spec.max_seqs = 4;
     spec.max_seq_tokens = 24;
     spec.window = if data[5] % 3 == 0 { 1 + data[5] as usize / 3 % 10 } else { 0 };
