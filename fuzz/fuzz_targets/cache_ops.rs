@@ -3,12 +3,13 @@
 //! every sequence against a plain model (a `Vec` of token tags per sequence, with the window's
 //! evictions replayed). A failed operation must change nothing. Sequences are also saved and
 //! restored (`export_sequence` / `import_sequence`), intact or damaged. Keys and values take
-//! any of the five formats. With int8 / int4 keys and a key tail, the keys the model says the
-//! tail holds must read back from their `f16` copies (exact for the model's values); other int8
-//! rows within int8's half step. int4 rows must read back as the format's own steps replayed
-//! on the model's values ([`int4_row`]): per-channel key offsets fixed by the sequence's first
-//! write, the Hadamard rotation, and each sequence's first key and value held exact; so a fork,
-//! a truncation or a restore that loses any of them shows.
+//! any of the five formats. With int8 / int4 keys and a key tail, the tail must hold the
+//! positions the model says. int8 keys it holds read back exact (`f16` holds the model's
+//! values exactly), other int8 rows within int8's half step. int4 rows, held or not, must read
+//! back as the format's own steps replayed on the model's values ([`int4_row`]): per-channel
+//! key offsets fixed by the sequence's first write, the Hadamard rotation, the tail's `f16`,
+//! and each sequence's first key and value held exact; so a fork, a truncation or a restore
+//! that loses any of them shows.
 #![no_main]
 
 use kvcache::cache::NO_BLOCK;
