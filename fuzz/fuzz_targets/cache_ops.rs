@@ -6,10 +6,13 @@
 //! any of the five formats. With int8 / int4 keys and a key tail, the tail must hold the
 //! positions the model says. int8 keys it holds read back exact (`f16` holds the model's
 //! values exactly), other int8 rows within int8's half step. int4 rows, held or not, must read
-//! back as the format's own steps replayed on the model's values ([`int4_row`]): per-channel
-//! key offsets fixed by the sequence's first write, the Hadamard rotation, the tail's `f16`,
-//! and each sequence's first key and value held exact; so a fork, a truncation or a restore
-//! that loses any of them shows.
+//! back as the format's own steps replayed on the model's values ([`int4_row`]), bit for bit:
+//! the Hadamard rotation, the tail's `f16`, each sequence's first key and value held exact,
+//! and the per-channel key offsets, themselves checked against the mean of the run of tokens
+//! the model says set them (the first write after `add_sequence` or a truncation to 0, kept
+//! through forks and restores). Writes after a reserve are one run per layer, so offsets and
+//! first keys differ; a fork, a truncation or a restore that loses or keeps the wrong state
+//! shows.
 #![no_main]
 
 use kvcache::cache::NO_BLOCK;
@@ -66,6 +69,8 @@ struct ModelSeq {
     evict_end: usize,
     /// The key tail holds `max(tail_from, len - key_tail_tokens)..len`.
     tail_from: usize,
+    /// The tags of the run whose keys set the int4 key offsets (`None` until the first write).
+    offset_tags: Option<Vec<u32>>,
 }
 
 struct Fuzz<'a> {
@@ -91,14 +96,42 @@ impl Fuzz<'_> {
         block >= self.sink_blocks() && block < seq.evict_end
     }
 
-    fn write_token(&mut self, id: SeqId, position: usize, tag: u32) -> Result<(), Error> {
+    /// Writes the tokens `tags` from `position` on, one run per layer, and records them as
+    /// the run that sets the key offsets if nothing has yet.
+    fn write_tokens(&mut self, index: usize, position: usize, tags: &[u32]) -> Result<(), Error> {
+        if tags.is_empty() {
+            return Ok(()); // the cache refuses an empty run as a bad shape
+        }
         let elems = self.spec.kv_heads * self.spec.head_dim;
+        let id = self.seqs[index].id;
         for layer in 0..self.spec.layers {
-            let k: Vec<f32> = (0..elems).map(|e| value(tag, layer, Kind::K, e)).collect();
-            let v: Vec<f32> = (0..elems).map(|e| value(tag, layer, Kind::V, e)).collect();
-            self.cache.write(id, layer, position, &k, &v)?;
+            let run = |kind| -> Vec<f32> {
+                tags.iter().flat_map(|&tag| (0..elems).map(move |e| value(tag, layer, kind, e))).collect()
+            };
+            self.cache.write_run(id, layer, position, &run(Kind::K), &run(Kind::V))?;
+        }
+        let seq = &mut self.seqs[index];
+        if seq.offset_tags.is_none() {
+            seq.offset_tags = Some(tags.to_vec());
         }
         Ok(())
+    }
+
+    /// The int4 key offsets the cache must hold for `seq`'s `layer` and `head`: the mean of
+    /// the run that set them, summed in `f64` in token order, rounded to `f32`, rotated.
+    fn expected_offsets(&self, seq: &ModelSeq, layer: usize, head: usize) -> Vec<f32> {
+        let head_dim = self.spec.head_dim;
+        let tags = seq.offset_tags.as_deref().expect("offsets set by a write");
+        let mut mu: Vec<f32> = (0..head_dim)
+            .map(|d| {
+                let sum: f64 = tags.iter().map(|&tag| value(tag, layer, Kind::K, head * head_dim + d) as f64).sum();
+                (sum / tags.len() as f64) as f32
+            })
+            .collect();
+        if quant::rotated(KvFormat::Int4, head_dim) {
+            quant::hadamard(&mut mu);
+        }
+        mu
     }
 
     /// What the cache's window drops when sequence `index` grows from `old_len` by `n` tokens
@@ -175,11 +208,11 @@ impl Fuzz<'_> {
                             };
                             let tail = kind == Kind::K && held.contains(&position);
                             match format {
-                                // Outside the tail: within half a step of the group's scale
-                                // (at most 32 / 127).
+                                // Outside the tail: within half a step of the group's scale,
+                                // at most 32 / 127 rounded up to bfloat16 (0.25390625).
                                 KvFormat::Int8 if !tail => {
                                     for (&got, &want) in row.iter().zip(&want) {
-                                        assert!((got - want).abs() <= 32.0 / 127.0 / 2.0 * 1.0001, "{got} vs {want}");
+                                        assert!((got - want).abs() <= 0.253_906_25 / 2.0, "{got} vs {want}");
                                     }
                                 }
                                 KvFormat::Int4 => {
@@ -187,14 +220,10 @@ impl Fuzz<'_> {
                                     if kind == Kind::K {
                                         let set = self.cache.key_offsets(seq.id, layer, head, &mut mu).expect("offsets");
                                         assert!(set, "int4 key offsets unset for a written sequence");
+                                        assert_eq!(mu, self.expected_offsets(seq, layer, head), "int4 key offsets");
                                     }
                                     let expected = int4_row(&want, &mu, position == 0, tail);
-                                    for (d, (&got, &e)) in row.iter().zip(&expected).enumerate() {
-                                        assert!(
-                                            (got - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                                            "int4 {kind:?} layer {layer} head {head} position {position} element {d}: {got} vs {e}"
-                                        );
-                                    }
+                                    assert_eq!(row, expected, "int4 {kind:?} layer {layer} head {head} position {position}");
                                 }
                                 _ => assert_eq!(row, want),
                             }
@@ -245,7 +274,7 @@ fuzz_target!(|data: &[u8]| {
         let pick = |n: usize| if n == 0 { 0 } else { arg % n };
         match op % 9 {
             0 => match fuzz.cache.add_sequence() {
-                Ok(id) => fuzz.seqs.push(ModelSeq { id, tags: Vec::new(), evict_end: 0, tail_from: 0 }),
+                Ok(id) => fuzz.seqs.push(ModelSeq { id, tags: Vec::new(), evict_end: 0, tail_from: 0, offset_tags: None }),
                 Err(e) => assert_eq!(e, Error::TooManySequences),
             },
             1 | 2 if !fuzz.seqs.is_empty() => {
@@ -257,12 +286,10 @@ fuzz_target!(|data: &[u8]| {
                     Ok(range) => {
                         assert_eq!(range, old_len..old_len + n);
                         fuzz.replay_eviction(index, old_len, n);
-                        for position in range {
-                            fuzz.next_tag += 1;
-                            let tag = fuzz.next_tag;
-                            fuzz.write_token(id, position, tag).expect("write after reserve");
-                            fuzz.seqs[index].tags.push(tag);
-                        }
+                        let tags: Vec<u32> = (1..=n as u32).map(|i| fuzz.next_tag + i).collect();
+                        fuzz.next_tag += n as u32;
+                        fuzz.write_tokens(index, old_len, &tags).expect("write after reserve");
+                        fuzz.seqs[index].tags.extend(&tags);
                     }
                     Err(Error::OutOfBlocks { .. }) => {}
                     Err(Error::TooLong { .. }) => assert!(old_len + n > spec.max_seq_tokens),
@@ -271,11 +298,11 @@ fuzz_target!(|data: &[u8]| {
             }
             3 if !fuzz.seqs.is_empty() => {
                 let index = pick(fuzz.seqs.len());
-                let (id, len) = (fuzz.seqs[index].id, fuzz.seqs[index].tags.len());
+                let len = fuzz.seqs[index].tags.len();
                 let position = arg / 4 % (len + 2);
                 fuzz.next_tag += 1;
                 let tag = fuzz.next_tag;
-                match fuzz.write_token(id, position, tag) {
+                match fuzz.write_tokens(index, position, &[tag]) {
                     Ok(()) => fuzz.seqs[index].tags[position] = tag,
                     Err(Error::BadPosition { .. }) => assert!(position >= len),
                     Err(Error::Evicted { .. }) => assert!(fuzz.evicted(&fuzz.seqs[index], position)),
@@ -289,7 +316,8 @@ fuzz_target!(|data: &[u8]| {
                     Ok(id) => {
                         let parent = &fuzz.seqs[index];
                         let (tags, evict_end, tail_from) = (parent.tags.clone(), parent.evict_end, parent.tail_from);
-                        fuzz.seqs.push(ModelSeq { id, tags, evict_end, tail_from });
+                        let offset_tags = parent.offset_tags.clone();
+                        fuzz.seqs.push(ModelSeq { id, tags, evict_end, tail_from, offset_tags });
                     }
                     Err(e) => assert_eq!(e, Error::TooManySequences),
                 }
@@ -304,6 +332,10 @@ fuzz_target!(|data: &[u8]| {
                         let from = fuzz.held(&fuzz.seqs[index]).start.min(keep);
                         fuzz.seqs[index].tail_from = from;
                         fuzz.seqs[index].tags.truncate(keep);
+                        // Truncating to nothing clears the int4 state; the next write sets it.
+                        if keep == 0 {
+                            fuzz.seqs[index].offset_tags = None;
+                        }
                     }
                     Err(Error::BadPosition { .. }) => assert!(keep > len),
                     Err(Error::Evicted { .. }) => assert!(fuzz.seqs[index].evict_end > fuzz.sink_blocks()),
@@ -325,15 +357,12 @@ fuzz_target!(|data: &[u8]| {
                 }
                 let lens: Vec<usize> = fuzz.seqs.iter().map(|s| s.tags.len()).collect();
                 if fuzz.cache.reserve_batch(&requests).is_ok() {
-                    for (index, &(id, n)) in requests.iter().enumerate().take(fuzz.seqs.len()) {
+                    for (index, &(_, n)) in requests.iter().enumerate().take(fuzz.seqs.len()) {
                         fuzz.replay_eviction(index, lens[index], n);
-                        for _ in 0..n {
-                            fuzz.next_tag += 1;
-                            let tag = fuzz.next_tag;
-                            let position = fuzz.seqs[index].tags.len();
-                            fuzz.write_token(id, position, tag).expect("write after batch reserve");
-                            fuzz.seqs[index].tags.push(tag);
-                        }
+                        let tags: Vec<u32> = (1..=n as u32).map(|i| fuzz.next_tag + i).collect();
+                        fuzz.next_tag += n as u32;
+                        fuzz.write_tokens(index, lens[index], &tags).expect("write after batch reserve");
+                        fuzz.seqs[index].tags.extend(&tags);
                     }
                 }
             }
@@ -360,7 +389,8 @@ fuzz_target!(|data: &[u8]| {
                                 let tags = fuzz.seqs[source].tags.clone();
                                 // The restored tail holds what the source's held.
                                 let tail_from = fuzz.held(&fuzz.seqs[source]).start;
-                                fuzz.seqs.push(ModelSeq { id: restored, tags, evict_end: 0, tail_from });
+                                let offset_tags = fuzz.seqs[source].offset_tags.clone();
+                                fuzz.seqs.push(ModelSeq { id: restored, tags, evict_end: 0, tail_from, offset_tags });
                             }
                             Err(Error::TooManySequences | Error::OutOfBlocks { .. }) => {}
                             Err(e) => assert!(flip || cut > 0, "intact bytes refused: {e}"),
